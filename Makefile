@@ -1,0 +1,38 @@
+# All set-up happens here: `make demo` and `make test` work on a fresh clone.
+#
+# A user whose Python already imports torch (say a CUDA build) keeps it: the
+# virtual environment then sees the system's site-packages. Where no torch is
+# importable we install torch==2.13.0, which on the project's machines is a CPU
+# build on disk (a plain `pip install torch` could pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.memfit-installed
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(PY):
+	if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+	fi
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/memfit profile cifar-cnn --batch-size 64
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/tracker_overhead.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,33 @@
+"""memfit: make PyTorch training fit in GPU memory.
+
+Measure a training step's memory truthfully (:func:`track`, :func:`measure`),
+exercise out-of-memory without a GPU (:func:`simulate_budget`), and work in
+int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_bytes`).
+"""
+
+from memfit import presets
+from memfit.budget import simulate_budget
+from memfit.errors import MemfitError, UsageError
+from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
+from memfit.tracker import MemoryTracker, track
+from memfit.units import format_bytes, parse_bytes
+from memfit.workload import Workload, measure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CATEGORIES",
+    "PHASES",
+    "MemfitError",
+    "MemoryReport",
+    "MemoryTracker",
+    "TimelineEntry",
+    "UsageError",
+    "Workload",
+    "format_bytes",
+    "measure",
+    "parse_bytes",
+    "presets",
+    "simulate_budget",
+    "track",
+]

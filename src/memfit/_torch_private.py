@@ -1,0 +1,40 @@
+"""The few private torch APIs memfit needs, in one place.
+
+Checked on torch 2.6 through 2.13. Each has a fallback so that a torch release
+that renames one degrades a feature instead of breaking memfit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["in_backward", "active_fake_mode", "is_fake"]
+
+# Which autograd graph task runs on this thread, -1 outside backward. There is
+# no public equivalent; FSDP and torch.utils.checkpoint use the same call.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread."""
+    if _graph_task_id is None:  # pragma: no cover - future torch
+        return False
+    return _graph_task_id() != -1
+
+
+def active_fake_mode():
+    """The FakeTensorMode active on this thread, or None."""
+    try:
+        from torch._guards import detect_fake_mode
+    except ImportError:  # pragma: no cover - future torch
+        return None
+    return detect_fake_mode()
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """True for a FakeTensor (torch._subclasses is private; checked on 2.6-2.13)."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover - future torch
+        return False
+    return isinstance(t, FakeTensor)

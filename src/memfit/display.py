@@ -1,0 +1,169 @@
+"""Rendering of memfit's results for people: rich tables as text, matplotlib plots.
+
+Nothing here measures anything, and nothing here prints: functions return
+text or write the file they are asked to write. rich and matplotlib are
+imported lazily so that measuring never pays for them.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from memfit.errors import UsageError
+from memfit.report import CATEGORIES, PHASES
+from memfit.units import format_bytes
+
+if TYPE_CHECKING:
+    from memfit.report import MemoryReport
+
+__all__ = ["render_report", "plot_report", "PLOT_SUFFIXES"]
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def render_report(report: MemoryReport, *, top: int = 10, width: int = 100) -> str:
+    """The report as plain text: a summary line, categories, phases and the top modules."""
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None, highlight=False)
+    where = f"{report.peak_phase}" + (f", in {report.peak_module or '<root>'}" if report.peak_module is not None else "")
+    kind = "fake tensors (no memory used)" if report.fake else report.device
+    console.print(
+        f"Peak {format_bytes(report.peak)} ({report.peak:,} bytes) on {kind}, "
+        f"over {report.steps} optimizer step(s); reached by {report.peak_op} during {where}."
+    )
+
+    categories = Table(title="Memory by category", title_justify="left", min_width=64)
+    categories.add_column("category")
+    categories.add_column("at peak", justify="right")
+    categories.add_column("share", justify="right")
+    categories.add_column("own max", justify="right")
+    categories.add_column("at end", justify="right")
+    for name in CATEGORIES:
+        categories.add_row(
+            name,
+            format_bytes(report.at_peak[name]),
+            _share(report.at_peak[name], report.peak),
+            format_bytes(report.peak_by_category[name]),
+            format_bytes(report.at_end[name]),
+        )
+    categories.add_row("total", format_bytes(report.peak), "100%", "", format_bytes(sum(report.at_end.values())))
+    console.print(categories)
+
+    phases = Table(title="Peak by phase", title_justify="left", min_width=64)
+    phases.add_column("phase")
+    phases.add_column("peak", justify="right")
+    for name in PHASES:
+        phases.add_row(name, format_bytes(report.peak_by_phase[name]))
+    console.print(phases)
+
+    if report.by_module:
+        modules = Table(title="Top modules: bytes their forward and backward allocated", title_justify="left", min_width=64)
+        modules.add_column("module")
+        modules.add_column("peak allocated", justify="right")
+        ranked = sorted(report.by_module.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        for path, nbytes in ranked:
+            modules.add_row(path or "<root>", format_bytes(nbytes))
+        console.print(modules)
+    return buffer.getvalue()
+
+
+def plot_report(report: MemoryReport, path: str | Path) -> Path:
+    """Categories stacked over the op timeline, the peak marked, top-level modules labelled.
+
+    The format follows the suffix: ``.png``, ``.svg`` or ``.pdf``.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"cannot plot to {str(path)!r}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
+        raise UsageError("plotting needs matplotlib: pip install matplotlib") from exc
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    timeline = report.timeline
+    xs = [e.index for e in timeline]
+    scale, unit = _plot_unit(report.peak)
+    ys = [[e.live[name] / scale for e in timeline] for name in CATEGORIES]
+
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    try:
+        if timeline:
+            ax.stackplot(xs, ys, labels=CATEGORIES, step="post", alpha=0.85)
+            _shade_phases(ax, timeline)
+            _label_modules(ax, timeline, report.peak / scale)
+            ax.axvline(report.peak_index, color="black", linestyle="--", linewidth=1)
+            ax.annotate(
+                f"peak {format_bytes(report.peak)}",
+                xy=(report.peak_index, report.peak / scale),
+                xytext=(8, 6),
+                textcoords="offset points",
+                fontsize=9,
+            )
+        ax.set_xlabel("op index")
+        ax.set_ylabel(f"live memory ({unit})")
+        source = "fake tensors" if report.fake else report.device
+        ax.set_title(f"memfit: memory over {len(timeline)} ops on {source}, peak {format_bytes(report.peak)}")
+        ax.set_ylim(0, max(report.peak / scale, 1e-9) * 1.25)
+        ax.margins(x=0)
+        ax.legend(loc="upper left", fontsize=8, ncol=4)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _plot_unit(peak: int) -> tuple[int, str]:
+    for factor, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if peak >= factor:
+            return factor, unit
+    return 1, "bytes"
+
+
+def _spans(timeline, key):
+    """Runs of consecutive entries with the same key: (key, first index, last index)."""
+    spans: list[tuple[object, int, int]] = []
+    for entry in timeline:
+        k = key(entry)
+        if spans and spans[-1][0] == k:
+            spans[-1] = (k, spans[-1][1], entry.index)
+        else:
+            spans.append((k, entry.index, entry.index))
+    return spans
+
+
+def _shade_phases(ax, timeline) -> None:
+    colors = {"forward": "#ffffff", "backward": "#eef3fb", "optimizer": "#fbf3e6"}
+    for phase, start, end in _spans(timeline, lambda e: e.phase):
+        if phase != "forward":
+            ax.axvspan(start, end + 1, color=colors[phase], zorder=0)
+
+
+def _label_modules(ax, timeline, top: float) -> None:
+    """Mark where each top-level submodule's work starts, with its name."""
+
+    def top_level(entry):
+        if not entry.module:
+            return None
+        return entry.module.split(".")[0]
+
+    spans = [s for s in _spans(timeline, top_level) if s[0] is not None]
+    width = max(timeline[-1].index, 1)
+    last_x = -width
+    for name, start, _end in spans:
+        ax.axvline(start, color="grey", linewidth=0.4, alpha=0.5, zorder=1)
+        if start - last_x >= width / 40:  # keep labels from piling on each other
+            ax.text(start, top * 1.02, str(name), rotation=90, fontsize=6, va="bottom", ha="center", color="dimgrey")
+            last_x = start

@@ -1,0 +1,602 @@
+"""MemoryTracker: counts every tensor storage of a training step, by category and module.
+
+How it counts (and why this way):
+
+* A ``TorchDispatchMode`` sees every aten op below autograd, so it sees the
+  outputs of forward, backward and optimizer ops alike, on real tensors, on
+  ``FakeTensorMode`` tensors (no memory used) and on CUDA. Each new output
+  storage is registered once; views and in-place results share a storage and
+  add nothing. A weak reference to the storage tells when it is freed, so a
+  storage freed mid-step leaves the count at once.
+* Storages are keyed by their ``UntypedStorage`` Python object, which torch
+  keeps alive exactly as long as the storage (PyObject preservation), as
+  torch's own MemTracker does.
+* Categories are roles: the model's parameters and buffers, gradients (seen by
+  ``register_post_accumulate_grad_hook`` and before each optimizer step), the
+  optimizer's state (seen after each step, so lazily created state counts),
+  activations (tensors autograd saves for backward, seen by a
+  ``saved_tensors_hooks`` pack hook, and tensors that a checkpoint recomputes
+  in backward and keeps), inputs (the batch) and temporaries (the rest). A
+  storage that takes several roles gets the strongest for its whole life
+  (parameters > buffers > optimizer_state > gradients > inputs > activations >
+  temporaries): the bytes of a gradient are a gradient from the backward op
+  that allocated them, even though autograd only names them ``.grad`` later.
+* Each allocation is attributed to the innermost module whose forward (module
+  hooks) or backward (``register_multi_grad_hook`` on its outputs and inputs)
+  was running.
+
+Known limitations:
+
+* Only storages created while the tracker is entered count, plus the model's
+  and optimizer's tensors and the tensors passed to the model's forward (the
+  batch). Other tensors created before entry do not.
+* Memory that no tensor owns (CUDA context, cuBLAS workspace, allocator
+  fragmentation and cache) is not counted: this is the figure of
+  ``torch.cuda.max_memory_allocated``, not of ``nvidia-smi``. Scratch memory
+  inside one kernel is invisible too.
+* ``UntypedStorage.resize_`` called directly (FSDP's parameter storage) is not
+  seen; ``Tensor.resize_`` is.
+* The activation pack hook is shadowed by any ``saved_tensors_hooks`` the user
+  enters inside the tracker (only the innermost pair runs): tensors saved under
+  those hooks count as temporaries. ``torch.utils.checkpoint`` is handled.
+* Only one tracker should be entered at a time.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from memfit import _torch_private
+from memfit.errors import MemfitError
+from memfit.report import CATEGORIES, PHASES, MemoryReport, build_report
+
+__all__ = ["MemoryTracker", "track", "CATEGORIES"]
+
+PARAMETERS, BUFFERS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, INPUTS, TEMPORARIES = range(7)
+# Strength of each role; a storage keeps the strongest role it ever took.
+_RANK = {PARAMETERS: 6, BUFFERS: 5, OPTIMIZER_STATE: 4, GRADIENTS: 3, INPUTS: 2, ACTIVATIONS: 1, TEMPORARIES: 0}
+_FORWARD, _BACKWARD, _OPTIMIZER = range(3)
+assert PHASES == ("forward", "backward", "optimizer")
+# PyTorch's CUDA caching allocator rounds every block up to 512 bytes
+# (kMinBlockSize in c10/cuda/CUDACachingAllocator.cpp); max_memory_allocated counts that.
+_CUDA_BLOCK = 512
+
+
+class _Storage:
+    """A live storage: its serial id, current size and role, and the weak reference."""
+
+    __slots__ = ("sid", "nbytes", "cat", "ref")
+
+    def __init__(self, sid: int, nbytes: int, cat: int, ref: weakref.ref) -> None:
+        self.sid = sid
+        self.nbytes = nbytes
+        self.cat = cat
+        self.ref = ref
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in any nesting of tuples, lists and dicts (aten outputs, batches)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict) or (hasattr(obj, "items") and hasattr(obj, "keys")):
+        # dict and Mapping-likes such as transformers' BatchEncoding.
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _normalize_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        # Tensors report "cuda:0", never bare "cuda"; compare like with like.
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        device = torch.device("cuda", index)
+    return device
+
+
+class _Mode(TorchDispatchMode):
+    """Sees each aten op's outputs and hands them to the tracker."""
+
+    def __init__(self, tracker: MemoryTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return self.tracker._after_op(func, out)
+
+
+class MemoryTracker:
+    """Counts the memory of tensor storages on one device, by category and module.
+
+    Use it through :func:`track`. Every figure is int bytes.
+
+    Args:
+        model: the module whose parameters, buffers and gradients count and
+            whose submodules get allocations attributed (dotted paths as in
+            ``model.named_modules()``, the root being ``""``).
+        optimizer: the optimizer whose state counts, including state created
+            lazily by its first ``step()``.
+        device: the device to count; by default the model's (or optimizer's)
+            device, else CUDA when available, else CPU.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> with track(model) as tracker:
+        ...     model(torch.ones(8, 4)).sum().backward()
+        >>> tracker.report().peak_by_category["gradients"]
+        40
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise MemfitError(f"track(model=...) takes a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise MemfitError(f"track(optimizer=...) takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.device = _normalize_device(device if device is not None else self._infer_device())
+        self._round = _CUDA_BLOCK if self.device.type == "cuda" else 1
+        self._limit: int | None = None  # set by memfit.simulate_budget
+
+        self._recs: dict[int, _Storage] = {}  # id(storage object) -> live storage
+        self._live = 0
+        self._live_cat = [0] * len(CATEGORIES)
+        self._peak = 0
+        self._peak_event = 0
+        self._peak_op = 0
+        # Append-only history, replayed by report(): per storage (by sid) its final role
+        # and module; events (op index, sid, byte delta); ops (aten op, module, phase, step).
+        self._sid_cat: list[int] = []
+        self._sid_module: list[int] = []
+        self._events: list[tuple[int, int, int]] = []
+        self._ops: list[tuple[Any, int, int, int]] = []
+
+        self._paths: list[str] = []
+        self._module_ids: dict[int, int] = {}
+        if model is not None:
+            for path, module in model.named_modules():
+                self._module_ids[id(module)] = len(self._paths)
+                self._paths.append(path)
+        self._root = 0 if model is not None else -1
+        self._fw_stack: list[int] = []
+        self._bw_stack: list[int] = []
+        self._in_optimizer = False
+        self._steps = 0
+        self._recompute: dict[int, None] = {}  # storages a checkpoint recomputed in this segment
+        self._quiet = 0  # >0 while memfit itself runs ops (detach in the pack hook)
+        self._fake = False
+        self._active = False
+        self._handles: list[Any] = []
+        self._hooked_params: set[int] = set()
+        self._mode: _Mode | None = None
+        self._saved_hooks: saved_tensors_hooks | None = None
+
+    # ------------------------------------------------------------------ public
+
+    def __enter__(self) -> MemoryTracker:
+        if self._active:
+            raise MemfitError("this MemoryTracker is already entered; use one `with` block at a time")
+        self._active = True
+        try:
+            self._install_hooks()
+            self._scan_states()
+        except BaseException:
+            self._remove_hooks()
+            self._active = False
+            raise
+        # Saved-tensor hooks first, dispatch mode second: they leave in reverse order.
+        self._saved_hooks = saved_tensors_hooks(self._pack, self._unpack)
+        self._saved_hooks.__enter__()
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._mode is not None:
+                self._mode.__exit__(*exc)
+            if self._saved_hooks is not None:
+                self._saved_hooks.__exit__(*exc)
+        finally:
+            self._mode = None
+            self._saved_hooks = None
+            self._promote_recomputed()
+            self._remove_hooks()
+            self._fw_stack.clear()
+            self._bw_stack.clear()
+            self._in_optimizer = False
+            self._active = False
+
+    def mark_inputs(self, batch: Any) -> None:
+        """Count the tensors of ``batch`` (any nesting) as ``inputs``.
+
+        The tensors passed to the model's forward are marked automatically; use
+        this for the rest of the batch, such as labels the loss reads.
+        """
+        for t in _tensors(batch):
+            self._mark(t, INPUTS)
+
+    @property
+    def peak(self) -> int:
+        """The highest live bytes seen so far."""
+        return self._peak
+
+    def live_bytes(self) -> int:
+        """Bytes of counted storages alive now."""
+        return self._live
+
+    def live_by_category(self) -> dict[str, int]:
+        """Bytes alive now, by category (roles as known at this moment)."""
+        return dict(zip(CATEGORIES, self._live_cat))
+
+    def report(self) -> MemoryReport:
+        """Everything measured so far, as a :class:`~memfit.report.MemoryReport`."""
+        return build_report(
+            device=str(self.device),
+            fake=self._fake,
+            steps=self._steps,
+            paths=self._paths,
+            sid_cat=self._sid_cat,
+            sid_module=self._sid_module,
+            events=self._events,
+            ops=self._ops,
+            peak=self._peak,
+            peak_event=self._peak_event,
+            peak_op=self._peak_op,
+            live_cat=self._live_cat,
+        )
+
+    # ------------------------------------------------------------ registration
+
+    def _infer_device(self) -> torch.device:
+        if self.model is not None:
+            for t in self.model.parameters():
+                return t.device
+            for t in self.model.buffers():
+                return t.device
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    return p.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _size(self, storage: torch.UntypedStorage) -> int:
+        n = int(storage.nbytes())
+        r = self._round
+        return n if r == 1 else -(-n // r) * r
+
+    def _storage(self, t: torch.Tensor) -> torch.UntypedStorage | None:
+        # On a FakeTensor, .device and .untyped_storage() are themselves dispatched
+        # (prim.device): keep memfit's own queries out of the op timeline.
+        self._quiet += 1
+        try:
+            if t.device != self.device:
+                return None
+            return t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return None  # sparse, nested or wrapper-subclass tensors without one storage
+        finally:
+            self._quiet -= 1
+
+    def _mark(self, t: torch.Tensor | None, cat: int) -> None:
+        """Give ``t``'s storage the role ``cat``, registering it if it is new."""
+        if t is None:
+            return
+        st = self._storage(t)
+        if st is None:
+            return
+        rec = self._recs.get(id(st))
+        if rec is None:
+            if not self._fake and _torch_private.is_fake(t):
+                self._fake = True
+            nbytes = self._size(st)
+            if self._limit is not None and self._live + nbytes > self._limit:
+                self._over_budget(nbytes)
+            self._add(st, nbytes, cat, self._current_module())
+            self._note_peak()
+        elif _RANK[cat] > _RANK[rec.cat]:
+            self._recategorize(rec, cat)
+
+    def _add(self, st: torch.UntypedStorage, nbytes: int, cat: int, module: int) -> _Storage:
+        key = id(st)
+        sid = len(self._sid_cat)
+        self._sid_cat.append(cat)
+        self._sid_module.append(module)
+        rec = _Storage(sid, nbytes, cat, weakref.ref(st, lambda _, key=key: self._on_free(key)))
+        self._recs[key] = rec
+        self._live += nbytes
+        self._live_cat[cat] += nbytes
+        self._events.append((len(self._ops), sid, nbytes))
+        return rec
+
+    def _note_peak(self) -> None:
+        if self._live > self._peak:
+            self._peak = self._live
+            self._peak_event = len(self._events)
+            self._peak_op = len(self._ops)
+
+    def _recategorize(self, rec: _Storage, cat: int) -> None:
+        self._live_cat[rec.cat] -= rec.nbytes
+        self._live_cat[cat] += rec.nbytes
+        rec.cat = cat
+        self._sid_cat[rec.sid] = cat
+
+    def _on_free(self, key: int) -> None:
+        # Called by the weak reference when the storage is deallocated, wherever that happens.
+        rec = self._recs.pop(key, None)
+        if rec is None:
+            return
+        self._live -= rec.nbytes
+        self._live_cat[rec.cat] -= rec.nbytes
+        self._events.append((len(self._ops), rec.sid, -rec.nbytes))
+
+    def _over_budget(self, nbytes: int) -> None:
+        """Called before an allocation that would cross ``_limit``; simulate_budget raises here."""
+
+    # --------------------------------------------------------------- the op hook
+
+    def _after_op(self, func: Any, out: Any) -> Any:
+        if self._quiet or _is_metadata_query(func):
+            return out
+        in_bw = _torch_private.in_backward()
+        if not in_bw:
+            if self._bw_stack:
+                self._bw_stack.clear()
+            if self._recompute:
+                self._promote_recomputed()
+        elif not torch.is_grad_enabled() and self._recompute:
+            # Back to plain backward ops: what the checkpoint recomputed and still keeps
+            # alive is saved for backward, i.e. activations.
+            self._promote_recomputed()
+        module = self._current_module()
+        new: dict[int, tuple[torch.UntypedStorage, int, torch.Tensor]] = {}
+        new_bytes = 0
+        recs = self._recs
+        for t in _tensors(out):
+            st = self._storage(t)
+            if st is None:
+                continue
+            key = id(st)
+            rec = recs.get(key)
+            if rec is None:
+                if key not in new:
+                    nbytes = self._size(st)
+                    new[key] = (st, nbytes, t)
+                    new_bytes += nbytes
+            else:
+                nbytes = self._size(st)
+                if nbytes != rec.nbytes:  # Tensor.resize_ / set_ changed a known storage
+                    delta = nbytes - rec.nbytes
+                    rec.nbytes = nbytes
+                    self._live += delta
+                    self._live_cat[rec.cat] += delta
+                    self._events.append((len(self._ops), rec.sid, delta))
+        if new:
+            if self._limit is not None and self._live + new_bytes > self._limit:
+                self._over_budget(new_bytes)
+            recompute = in_bw and torch.is_grad_enabled()
+            for key, (st, nbytes, t) in new.items():
+                if not self._fake and _torch_private.is_fake(t):
+                    self._fake = True
+                self._add(st, nbytes, TEMPORARIES, module)
+                if recompute:
+                    self._recompute[key] = None
+        self._note_peak()
+        phase = _OPTIMIZER if self._in_optimizer else (_BACKWARD if in_bw else _FORWARD)
+        self._ops.append((func, module, phase, self._steps))
+        return out
+
+    def _promote_recomputed(self) -> None:
+        for key in self._recompute:
+            rec = self._recs.get(key)
+            if rec is not None and _RANK[ACTIVATIONS] > _RANK[rec.cat]:
+                self._recategorize(rec, ACTIVATIONS)
+        self._recompute.clear()
+
+    def _current_module(self) -> int:
+        if self._fw_stack:
+            return self._fw_stack[-1]
+        if self._bw_stack:
+            return self._bw_stack[-1]
+        return -1
+
+    # -------------------------------------------------------------------- hooks
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        # Autograd saves ``t`` for backward: its storage is an activation (unless it
+        # has a stronger role, such as a weight saved by a matmul).
+        if self._active:
+            self._mark_existing(t, ACTIVATIONS)
+        # Return a detached alias, never ``t`` itself: a saved output that holds its
+        # own grad_fn would be a reference cycle that outlives an abandoned graph.
+        self._quiet += 1
+        try:
+            return t.detach()
+        finally:
+            self._quiet -= 1
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _mark_existing(self, t: torch.Tensor, cat: int) -> None:
+        st = self._storage(t)
+        if st is None:
+            return
+        rec = self._recs.get(id(st))
+        if rec is not None and _RANK[cat] > _RANK[rec.cat]:
+            self._recategorize(rec, cat)
+
+    def _scan_states(self) -> None:
+        """(Re)register the model's and optimizer's tensors with their roles."""
+        if self.model is not None:
+            for p in self.model.parameters():
+                self._mark(p, PARAMETERS)
+                self._mark(p.grad, GRADIENTS)
+                self._hook_param(p)
+            for b in self.model.buffers():
+                self._mark(b, BUFFERS)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    self._mark(p, PARAMETERS)
+                    self._mark(p.grad, GRADIENTS)
+                    self._hook_param(p)
+            self._scan_optimizer_state()
+
+    def _scan_optimizer_state(self) -> None:
+        for state in self.optimizer.state.values():
+            for t in _tensors(state):
+                self._mark(t, OPTIMIZER_STATE)
+
+    def _hook_param(self, p: torch.Tensor) -> None:
+        if not p.requires_grad or id(p) in self._hooked_params:
+            return
+        self._hooked_params.add(id(p))
+        self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if self._active:
+            self._mark(p.grad, GRADIENTS)
+
+    def _install_hooks(self) -> None:
+        if self.model is not None:
+            for module in self.model.modules():
+                mid = self._module_ids.get(id(module))
+                if mid is None:  # a submodule added after the tracker was made
+                    continue
+                self._handles.append(module.register_forward_pre_hook(self._pre_forward_hook(mid), with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_hook(self._post_forward_hook(mid), with_kwargs=True, always_call=True)
+                )
+        if self.optimizer is not None:
+            self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._post_step))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked_params.clear()
+
+    def _pre_forward_hook(self, mid: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not self._active:
+                return
+            if mid == self._root and not self._fw_stack:
+                self._in_optimizer = False  # a step that raised never ran its post-hook
+                # The root's arguments are the batch; new parameters (a lazy
+                # module, a dtype cast inside the tracker) take their role too.
+                for t in _tensors((args, kwargs)):
+                    self._mark(t, INPUTS)
+                self._scan_states()
+            self._fw_stack.append(mid)
+            if torch.is_grad_enabled() and not _torch_private.in_backward():
+                inputs = [t for t in _tensors((args, kwargs)) if t.requires_grad]
+                if inputs:
+                    # The module's backward ends when the grads of its inputs exist.
+                    register_multi_grad_hook(inputs, self._bw_exit(mid), mode="any")
+
+        return hook
+
+    def _post_forward_hook(self, mid: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self._active:
+                return
+            stack = self._fw_stack
+            if mid in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(mid) :]
+            if torch.is_grad_enabled() and not _torch_private.in_backward():
+                outputs = [t for t in _tensors(output) if t.requires_grad]
+                if outputs:
+                    # The module's backward starts when the first grad of its outputs exists.
+                    register_multi_grad_hook(outputs, self._bw_enter(mid), mode="any")
+
+        return hook
+
+    def _bw_enter(self, mid: int):
+        def hook(grad: Any) -> None:
+            if not self._active:
+                return
+            stack = self._bw_stack
+            path = self._paths[mid]
+            # Backward of siblings does not interleave: entries that are not
+            # ancestors of this module have finished (their inputs may not need grad).
+            while stack and not _is_ancestor(self._paths[stack[-1]], path):
+                stack.pop()
+            stack.append(mid)
+
+        return hook
+
+    def _bw_exit(self, mid: int):
+        def hook(grad: Any) -> None:
+            if not self._active:
+                return
+            stack = self._bw_stack
+            if mid in stack:
+                del stack[stack.index(mid) :]
+
+        return hook
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                self._mark(p.grad, GRADIENTS)
+        self._in_optimizer = True
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._active:
+            return
+        self._in_optimizer = False
+        self._scan_optimizer_state()
+        self._steps += 1
+
+
+_METADATA_QUERIES: dict[Any, bool] = {}
+
+
+def _is_metadata_query(func: Any) -> bool:
+    """prim.device, aten.sym_size and the like: dispatched for FakeTensors only, never allocate."""
+    skip = _METADATA_QUERIES.get(func)
+    if skip is None:
+        name = getattr(func, "__name__", "")
+        skip = _METADATA_QUERIES[func] = getattr(func, "namespace", "") == "prim" or name.startswith("sym_")
+    return skip
+
+
+def _is_ancestor(parent: str, child: str) -> bool:
+    return parent == "" or child == parent or child.startswith(parent + ".")
+
+
+def track(
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> MemoryTracker:
+    """Track a training step's memory: ``with memfit.track(model, opt) as t: ...``.
+
+    Returns a :class:`MemoryTracker` to use as a context manager; after the
+    block, ``t.report()`` gives peak, categories, modules and the timeline in
+    int bytes. Works on real tensors, under ``FakeTensorMode`` (enter the fake
+    mode first) and on CUDA; one tracker may be entered again for more steps.
+    """
+    return MemoryTracker(model, optimizer, device=device)

@@ -18,7 +18,7 @@ from torch import nn
 from memfit.errors import UsageError
 from memfit.workload import Workload
 
-__all__ = ["load", "names", "describe", "SeedCNN"]
+__all__ = ["load", "names", "describe", "resolve", "SeedCNN"]
 
 
 class SeedCNN(nn.Module):
@@ -183,3 +183,66 @@ def _get(name: str) -> _Preset:
     if preset is None:
         raise UsageError(f"unknown preset {name!r}; the presets are: {', '.join(names())}")
     return preset
+
+
+def resolve(spec: str, **overrides) -> Workload:
+    """A workload from a spec: a preset name, ``path/to/file.py:function`` or ``package.module:function``.
+
+    The function is called with the overrides as keyword arguments and must
+    return a :class:`~memfit.workload.Workload`.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise UsageError(f"bad workload spec {spec!r}: {_SPEC_FORMS}")
+    if spec in _PRESETS:
+        return load(spec, **overrides)
+    if ":" not in spec:
+        raise UsageError(f"unknown workload {spec!r}: {_SPEC_FORMS}")
+    target, _, func_name = spec.rpartition(":")
+    if not target or not func_name.isidentifier():
+        raise UsageError(f"bad workload spec {spec!r}: {_SPEC_FORMS}")
+    module = _import_target(spec, target)
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        defined = sorted(n for n, v in vars(module).items() if inspect.isfunction(v) and not n.startswith("_"))
+        raise UsageError(
+            f"{target} has no function {func_name!r}"
+            + (f"; it defines: {', '.join(defined)}" if defined else "")
+        )
+    try:
+        workload = factory(**overrides)
+    except TypeError as exc:
+        if overrides and "unexpected keyword argument" in str(exc):
+            raise UsageError(f"{spec} does not take {', '.join(overrides)}: {exc}") from exc
+        raise
+    if not isinstance(workload, Workload):
+        raise UsageError(f"{spec} returned {type(workload).__name__}, expected a memfit.Workload")
+    return workload
+
+
+_SPEC_FORMS = "expected a preset (" + ", ".join(sorted(_PRESETS)) + "), path/to/file.py:function or package.module:function"
+
+
+def _import_target(spec: str, target: str):
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise UsageError(f"workload file {target!r} not found (from spec {spec!r})")
+        name = f"_memfit_workload_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UsageError(f"cannot load {target!r} as Python: {_SPEC_FORMS}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        module_spec.loader.exec_module(module)
+        return module
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name and target.startswith(exc.name):
+            raise UsageError(f"cannot import module {target!r} (from spec {spec!r}): {exc}") from exc
+        raise

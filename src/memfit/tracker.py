@@ -534,13 +534,19 @@ class MemoryTracker:
         def hook(grad: Any) -> None:
             if not self._active:
                 return
-            stack = self._bw_stack
-            path = self._paths[mid]
-            # Backward of siblings does not interleave: entries that are not
-            # ancestors of this module have finished (their inputs may not need grad).
-            while stack and not _is_ancestor(self._paths[stack[-1]], path):
-                stack.pop()
-            stack.append(mid)
+            paths = self._paths
+            path = paths[mid]
+            # Backward of siblings does not interleave: entries that are neither
+            # ancestors nor descendants of this module have finished (a module
+            # whose inputs need no grad never reports its end).
+            stack = [m for m in self._bw_stack if _is_ancestor(paths[m], path) or _is_ancestor(path, paths[m])]
+            # A parent and its last child share an output, so their hooks fire
+            # together (child first): keep the innermost module on top.
+            position = len(stack)
+            while position > 0 and _is_ancestor(path, paths[stack[position - 1]]):
+                position -= 1
+            stack.insert(position, mid)
+            self._bw_stack = stack
 
         return hook
 
@@ -574,11 +580,13 @@ _METADATA_QUERIES: dict[Any, bool] = {}
 
 
 def _is_metadata_query(func: Any) -> bool:
-    """prim.device, aten.sym_size and the like: dispatched for FakeTensors only, never allocate."""
+    """Ops that never allocate device memory: prim.device and aten.sym_size (dispatched for
+    FakeTensors only) and the profiler's record_function markers (optimizer steps)."""
     skip = _METADATA_QUERIES.get(func)
     if skip is None:
         name = getattr(func, "__name__", "")
-        skip = _METADATA_QUERIES[func] = getattr(func, "namespace", "") == "prim" or name.startswith("sym_")
+        namespace = getattr(func, "namespace", "")
+        skip = _METADATA_QUERIES[func] = namespace in ("prim", "profiler") or name.startswith("sym_")
     return skip
 
 

@@ -19,7 +19,7 @@ from memfit.errors import MemfitError, UsageError
 from memfit.report import MemoryReport
 from memfit.tracker import track
 
-__all__ = ["Workload", "measure", "move_batch", "step_loss", "batch_size_of"]
+__all__ = ["Workload", "measure", "run_steps", "move_batch", "step_loss", "batch_size_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,17 +127,38 @@ def measure(workload: Workload, micro_batch: int, steps: int = 2, device: torch.
     model.train()
     optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
     with track(model, optimizer, device=device) as tracker:
-        for _ in range(steps):
-            batch = move_batch(workload.batch(micro_batch), device)
-            tracker.mark_inputs(batch)
-            loss = step_loss(workload.loss(model, batch))
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                model.zero_grad(set_to_none=True)
-            # Drop the step's references now so the next step starts from a clean slate.
-            del batch, loss
+        run_steps(workload, model, optimizer, micro_batch, steps, tracker=tracker, device=device)
     report = tracker.report()
     return dataclasses.replace(report, extra={"workload": workload.name, "micro_batch": micro_batch})
+
+
+def run_steps(
+    workload: Workload,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    micro_batch: int,
+    steps: int,
+    *,
+    tracker=None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Run ``steps`` plain training steps: batch, forward and loss, backward, step, zero_grad.
+
+    The same loop serves real runs and fake-tensor runs (enter ``FakeTensorMode``
+    before building the model), so both count the same storages.
+    """
+    for _ in range(steps):
+        batch = workload.batch(micro_batch)
+        if device is not None:
+            batch = move_batch(batch, device)
+        if tracker is not None:
+            tracker.mark_inputs(batch)
+        loss = step_loss(workload.loss(model, batch))
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+        # Drop the step's references now so the next step starts from a clean slate.
+        del batch, loss

@@ -1,0 +1,65 @@
+import pytest
+
+from memfit import UsageError, format_bytes, parse_bytes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("24GiB", 24 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5 GiB", 3 * 2**29),
+        ("24GB", 24 * 10**9),
+        ("100KB", 100_000),
+        ("1.1GB", 1_100_000_000),
+        ("2kib", 2048),
+        ("7", 7),
+        (" 8 B ", 8),
+        (123, 123),
+        (0, 0),
+    ],
+)
+def test_parse_bytes_accepts(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["24 gigs", "-1GiB", "", "12XB", "GiB", "1.2.3MiB", -1, 1.5, None, True])
+def test_parse_bytes_rejects_with_the_accepted_forms(bad):
+    with pytest.raises(ValueError, match="bad byte quantity") as info:
+        parse_bytes(bad)
+    assert isinstance(info.value, UsageError)
+
+
+def test_parse_bytes_error_names_forms():
+    with pytest.raises(ValueError, match=r'"24GiB".*KiB, MiB, GiB'):
+        parse_bytes("24 gigs")
+    with pytest.raises(ValueError, match="must not be negative"):
+        parse_bytes("-1GiB")
+
+
+@pytest.mark.parametrize(
+    "n, text, decimal_text",
+    [
+        (0, "0 B", "0 B"),
+        (1023, "1023 B", "1.02 KB"),
+        (1024, "1.00 KiB", "1.02 KB"),
+        (1536, "1.50 KiB", "1.54 KB"),
+        (2**20, "1.00 MiB", "1.05 MB"),
+        (24 * 2**30, "24.00 GiB", "25.77 GB"),
+        (10**9, "953.67 MiB", "1.00 GB"),
+        (-2048, "-2.00 KiB", "-2.05 KB"),
+    ],
+)
+def test_format_bytes(n, text, decimal_text):
+    assert format_bytes(n) == text
+    assert format_bytes(n, decimal=True) == decimal_text
+
+
+def test_round_trip_of_formatted_binary_units():
+    for n in (2**10, 3 * 2**20, 24 * 2**30):
+        assert parse_bytes(format_bytes(n).replace(" ", "")) == n
+
+
+def test_format_bytes_rejects_floats():
+    with pytest.raises(TypeError):
+        format_bytes(1.5)

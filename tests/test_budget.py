@@ -1,0 +1,117 @@
+"""simulate_budget: raises CUDA's OOM exactly when the counted bytes cross the budget."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+import memfit
+from memfit import simulate_budget
+from memfit.workload import run_steps
+
+
+def _run(workload, n, budget):
+    model = workload.model()
+    optimizer = workload.optimizer(model.parameters())
+    with simulate_budget(budget, model, optimizer) as sim:
+        run_steps(workload, model, optimizer, n, 2, tracker=sim)
+    return sim
+
+
+@pytest.mark.parametrize("name", memfit.presets.names())
+def test_budget_equal_to_the_peak_passes_and_one_kib_less_raises(name):
+    workload = memfit.presets.load(name)
+    peak = memfit.measure(workload, 8).peak
+    assert _run(workload, 8, peak).report().peak == peak
+    with pytest.raises(torch.OutOfMemoryError, match=r"^CUDA out of memory\. Tried to allocate"):
+        _run(workload, 8, peak - 1024)
+
+
+def test_message_names_the_simulated_budget():
+    model = nn.Linear(1024, 1024)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        with simulate_budget("5MiB", model):
+            model(torch.ones(512, 1024))
+    message = str(info.value)
+    assert message.startswith("CUDA out of memory. Tried to allocate 2.00 MiB.")
+    assert "Simulated budget of 5.00 MiB" in message
+    assert "memfit.simulate_budget" in message
+
+
+def test_budget_takes_strings_and_ints_and_rejects_nonsense():
+    assert simulate_budget("1.5 GiB").budget == 3 * 2**29
+    assert simulate_budget(1000).budget == 1000
+    with pytest.raises(ValueError, match="bad byte quantity"):
+        simulate_budget("24 gigs")
+
+
+def test_oom_in_backward_keeps_its_type_and_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 256))
+    x = torch.randn(64, 256)
+    with memfit.track(model) as t:
+        model(x).pow(2).mean().backward()
+    report = t.report()
+    model.zero_grad(set_to_none=True)
+    assert report.peak_by_phase["backward"] > report.peak_by_phase["forward"]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(torch.OutOfMemoryError):
+        with simulate_budget(report.peak_by_phase["forward"] + 1, model) as sim:
+            loss = model(x).pow(2).mean()
+            reached_backward = True
+            loss.backward()
+    assert reached_backward
+    assert sim.report().peak <= report.peak_by_phase["forward"] + 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_process_goes_on_normally_after_the_error():
+    model = nn.Linear(64, 64)
+    with pytest.raises(torch.OutOfMemoryError):
+        with simulate_budget(20_000, model):
+            model(torch.randn(1000, 64))
+    assert _get_current_dispatch_mode() is None
+    big = torch.zeros(10**6)  # no budget outside the block
+    assert big.numel() == 10**6
+    assert model(torch.randn(1000, 64)).shape == (1000, 64)
+
+
+def test_model_states_alone_over_budget_raise_on_entry():
+    model = nn.Linear(1000, 1000)
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
+        with simulate_budget("1MiB", model):
+            pass
+    assert _get_current_dispatch_mode() is None
+
+
+def test_lightning_and_accelerate_recognise_the_error():
+    from accelerate.utils.memory import should_reduce_batch_size
+    from lightning.pytorch.utilities.memory import is_oom_error
+
+    model = nn.Linear(64, 64)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        with simulate_budget(20_000, model):
+            model(torch.randn(1000, 64))
+    assert is_oom_error(info.value)
+    assert should_reduce_batch_size(info.value)
+
+
+def test_accelerate_find_executable_batch_size_backs_off_under_the_budget():
+    from accelerate.utils import find_executable_batch_size
+
+    workload = memfit.presets.load("cifar-cnn")
+    budget = memfit.measure(workload, 16).peak
+    tried = []
+
+    @find_executable_batch_size(starting_batch_size=128)
+    def train(batch_size):
+        tried.append(batch_size)
+        _run(workload, batch_size, budget)
+        return batch_size
+
+    found = train()
+    # Accelerate shrinks by 0.9x per OOM; every size above 16 must have failed.
+    assert tried[0] == 128 and tried[-1] == found
+    assert all(a > b for a, b in zip(tried, tried[1:]))
+    assert found <= 16 < tried[-2]
+    assert memfit.measure(workload, found).peak <= budget

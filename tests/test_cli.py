@@ -1,0 +1,113 @@
+"""The memfit command line: output, JSON schema, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memfit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["-h"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "profile" in out and "presets" in out
+    with pytest.raises(SystemExit):
+        main(["profile", "-h"])
+    out = capsys.readouterr().out
+    for flag in ("--batch-size", "--steps", "--device", "--plot", "--json"):
+        assert flag in out
+
+
+def test_profile_prints_the_table(capsys, tmp_path):
+    plot = tmp_path / "t.svg"
+    code, out, err = run(capsys, "profile", "cifar-cnn", "--batch-size", "8", "--plot", str(plot))
+    assert code == 0, err
+    assert "Memory by category" in out and "optimizer_state" in out
+    assert plot.read_bytes().startswith(b"<?xml")
+    assert f"Plot written to {plot}" in out
+
+
+def test_profile_json_is_only_json_with_the_report_schema(capsys):
+    code, out, err = run(capsys, "profile", "gpt2-tiny", "-b", "2", "--seq-len", "16", "--steps", "1", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert set(data) == {
+        "device", "peak", "at_peak", "peak_by_category", "peak_by_phase", "by_module", "at_end",
+        "peak_index", "peak_op", "peak_module", "peak_phase", "steps", "fake", "extra",
+    }  # fmt: skip
+    assert data["peak"] == sum(data["at_peak"].values())
+    assert data["steps"] == 1 and data["extra"]["micro_batch"] == 2
+    code, out, _ = run(capsys, "profile", "cifar-cnn", "-b", "2", "--json", "--timeline")
+    assert len(json.loads(out)["timeline"]) > 10
+
+
+def test_presets_command(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0 and "cifar-cnn:" in out and "gpt2-tiny:" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile", "gpt5", "-b", "4"], "unknown workload 'gpt5'"),
+        (["profile", "cifar-cnn", "-b", "0"], "--batch-size takes a positive whole number, got '0'"),
+        (["profile", "cifar-cnn", "-b", "many"], "--batch-size takes a positive whole number, got 'many'"),
+        (["profile", "cifar-cnn"], "required: --batch-size"),
+        (["profile", "cifar-cnn", "-b", "4", "--steps", "-1"], "--steps takes a positive whole number"),
+        (["profile", "cifar-cnn", "-b", "4", "--plot", "out.jpg"], ".png, .svg, .pdf"),
+        (["profile", "cifar-cnn", "-b", "4", "--seq-len", "8"], "takes no option 'seq_len'"),
+        (["profile", "cifar-cnn", "-b", "4", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["profile", "missing_file.py:make", "-b", "4"], "workload file 'missing_file.py' not found"),
+        (["profile", "os:getcwd", "-b", "4"], "os:getcwd returned str, expected a memfit.Workload"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("memfit: error: ")
+    assert message in err
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "usage: memfit" in err
+
+
+def test_console_script_exit_code_without_traceback(tmp_path):
+    bad = tmp_path / "wl.py"
+    bad.write_text("def make():\n    return 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "memfit", "profile", f"{bad}:make", "--batch-size", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"memfit: error: {bad}:make returned int, expected a memfit.Workload"
+    assert "Traceback" not in result.stderr
+
+
+def test_a_crashing_workload_is_one_line_unless_traceback_is_asked(tmp_path, capsys):
+    crash = tmp_path / "crash.py"
+    crash.write_text(
+        "import torch, memfit\n"
+        "def make():\n"
+        "    return memfit.Workload(lambda: torch.nn.Linear(4, 2), lambda n: torch.ones(n, 3),\n"
+        "                          lambda m, b: m(b).sum(), None)\n"
+    )
+    code, _, err = run(capsys, "profile", f"{crash}:make", "-b", "2")
+    assert code == 2 and err.count("\n") == 1
+    assert "RuntimeError" in err and "--traceback" in err
+    with pytest.raises(RuntimeError):
+        main(["--traceback", "profile", f"{crash}:make", "-b", "2"])

@@ -27,7 +27,7 @@ def test_report_is_frozen_plain_int_data(report):
     assert all(report.peak_by_category[c] >= report.at_peak[c] for c in CATEGORIES)
     assert report.timeline[report.peak_index].total == report.peak
     assert report.peak_phase == report.timeline[report.peak_index].phase
-    assert report.extra == {"workload": "cifar-cnn", "micro_batch": 16}
+    assert report.extra == {"workload": "cifar-cnn", "micro_batch": 16, "precision": "32-true"}
 
 
 def test_json_round_trip(report):

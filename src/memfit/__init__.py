@@ -1,13 +1,16 @@
 """memfit: make PyTorch training fit in GPU memory.
 
 Measure a training step's memory truthfully (:func:`track`, :func:`measure`),
+estimate it without a GPU on fake tensors (:func:`estimate`, :class:`Config`),
 exercise out-of-memory without a GPU (:func:`simulate_budget`), and work in
 int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_bytes`).
 """
 
 from memfit import presets
 from memfit.budget import simulate_budget
+from memfit.config import PRECISIONS, Config
 from memfit.errors import MemfitError, UsageError
+from memfit.estimator import Estimate, estimate
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
 from memfit.units import format_bytes, parse_bytes
@@ -18,6 +21,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CATEGORIES",
     "PHASES",
+    "PRECISIONS",
+    "Config",
+    "Estimate",
+    "estimate",
     "MemfitError",
     "MemoryReport",
     "MemoryTracker",

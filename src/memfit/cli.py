@@ -9,11 +9,15 @@ full traceback of an unexpected error instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from memfit.config import PRECISIONS
 from memfit.errors import MemfitError
 
 __all__ = ["main", "build_parser"]
@@ -50,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog="memfit",
-        description="Make PyTorch training fit in GPU memory: measure a training step's memory, "
-        "by category and module, on CPU, CUDA or fake tensors.",
+        description="Make PyTorch training fit in GPU memory: measure a training step's memory "
+        "by category and module, or estimate it on fake tensors without a GPU.",
     )
     parser.add_argument("--version", action="version", version=f"memfit {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an unexpected error")
@@ -77,6 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--json", action="store_true", help="print only JSON")
     profile.add_argument("--timeline", action="store_true", help="with --json, include the per-op timeline")
 
+    estimate = commands.add_parser(
+        "estimate",
+        help="predict a training step's memory without a GPU",
+        description="Predict the memory of a training step on fake tensors (no memory used, no GPU needed): "
+        "categories at the peak, phase peaks, top modules and the memory a device needs.",
+    )
+    estimate.add_argument("spec", metavar="SPEC", help="a preset, path/to/file.py:function or package.module:function")
+    estimate.add_argument("--batch-size", "-b", required=True, type=_positive_int("--batch-size"), help="micro-batch size")
+    estimate.add_argument("--seq-len", type=_positive_int("--seq-len"), help="sequence length, for language-model presets")
+    estimate.add_argument("--precision", default="32-true", metavar="P",
+                          help=f"one of {', '.join(PRECISIONS)} (default 32-true)")
+    estimate.add_argument("--checkpoint", nargs="+", default=[], metavar="GLOB",
+                          help="module-path globs to recompute in backward ('transformer.h.*'), 'all' for every block, or 'none'")
+    estimate.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
+    estimate.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                          help="the target to estimate for (default cuda; no GPU is needed)")
+    estimate.add_argument("--steps", type=_positive_int("--steps"), default=2, help="training steps to simulate (default 2)")
+    estimate.add_argument("--budget", metavar="BYTES", help="say whether the step fits in this much memory, e.g. 24GiB")
+    estimate.add_argument("--json", action="store_true", help="print only JSON")
+
     commands.add_parser("presets", help="list the built-in workloads", description="List the built-in workloads.")
     return parser
 
@@ -92,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         if args.command == "presets":
             return _presets()
+        if args.command == "estimate":
+            return _estimate(args)
         return _profile(args)
     except _UsageExit as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -150,6 +176,65 @@ def _profile(args: argparse.Namespace) -> int:
         if args.plot is not None:
             print(f"Plot written to {args.plot}")
     return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from memfit import presets
+    from memfit.config import Config
+    from memfit.estimator import estimate
+    from memfit.units import format_bytes, parse_bytes
+
+    budget = parse_bytes(args.budget) if args.budget is not None else None
+    if args.precision not in PRECISIONS:
+        raise MemfitError(f"--precision {args.precision}: expected one of {', '.join(PRECISIONS)}")
+    checkpoint = tuple(args.checkpoint)
+    if checkpoint == ("none",):
+        checkpoint = ()
+    elif "none" in checkpoint:
+        raise MemfitError("--checkpoint none cannot be combined with globs")
+    config = Config(
+        micro_batch=args.batch_size,
+        precision=args.precision,
+        checkpoint=checkpoint,
+        offload_activations=args.offload_activations,
+    )
+    overrides = {"seq_len": args.seq_len} if args.seq_len is not None else {}
+    workload = presets.resolve(args.spec, **overrides)
+    with _progress(f"Estimating {workload.name} on fake tensors"):
+        est = estimate(workload, config, steps=args.steps, device=args.device)
+    fits = None if budget is None else est.required <= budget
+    if args.json:
+        data = est.to_dict()
+        data["budget"] = budget
+        data["fits"] = fits
+        print(json.dumps(data, indent=2))
+        return 0
+    print(est.table(), end="")
+    if budget is not None:
+        verdict = "fits" if fits else "does NOT fit"
+        print(f"Budget {format_bytes(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
+              f"{format_bytes(abs(budget - est.required))} {'to spare' if fits else 'short'}).")
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(message: str, delay: float = 1.0):
+    """A spinner on stderr once work has taken more than ``delay`` seconds (terminals only)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    status = console.status(message + "...")
+    timer = threading.Timer(delay, status.start)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        status.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,9 +16,10 @@ from memfit.report import CATEGORIES, PHASES
 from memfit.units import format_bytes
 
 if TYPE_CHECKING:
+    from memfit.estimator import Estimate
     from memfit.report import MemoryReport
 
-__all__ = ["render_report", "plot_report", "PLOT_SUFFIXES"]
+__all__ = ["render_report", "render_estimate", "plot_report", "PLOT_SUFFIXES"]
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -71,6 +72,60 @@ def render_report(report: MemoryReport, *, top: int = 10, width: int = 100) -> s
         modules.add_column("peak allocated", justify="right")
         ranked = sorted(report.by_module.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
         for path, nbytes in ranked:
+            modules.add_row(path or "<root>", format_bytes(nbytes))
+        console.print(modules)
+    return buffer.getvalue()
+
+
+def render_estimate(est: Estimate, *, top: int = 10, width: int = 100) -> str:
+    """An estimate as plain text: what it needs, categories at the peak, phases, top modules."""
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None, highlight=False)
+    report = est.report
+    console.print(
+        f"Estimate for {est.extra.get('workload', 'workload')} ({est.parameters:,} parameters) on {est.device}: "
+        f"{est.config.describe()}."
+    )
+    if est.allocator is not None:
+        console.print(
+            f"Needs {format_bytes(est.required)}: tensors peak at {format_bytes(est.peak)}, "
+            f"{format_bytes(est.allocator.allocated)} allocated with cuBLAS workspaces, "
+            f"{format_bytes(est.allocator.reserved)} reserved by the caching allocator, "
+            f"+ {format_bytes(est.context)} CUDA context."
+        )
+    else:
+        console.print(f"Needs {format_bytes(est.required)} ({est.required:,} bytes) at the peak.")
+    if est.checkpointed:
+        shown = ", ".join(est.checkpointed[:6]) + (f" and {len(est.checkpointed) - 6} more" if len(est.checkpointed) > 6 else "")
+        console.print(f"Checkpointed: {shown}.")
+    console.print(f"Peak reached by {report.peak_op} during {report.peak_phase}" + (f", in {report.peak_module or '<root>'}." if report.peak_module is not None else "."))
+
+    categories = Table(title="Memory at the peak", title_justify="left", min_width=64)
+    categories.add_column("category")
+    categories.add_column("at peak", justify="right")
+    categories.add_column("share", justify="right")
+    categories.add_column("own max", justify="right")
+    for name in CATEGORIES:
+        categories.add_row(name, format_bytes(est.at_peak[name]), _share(est.at_peak[name], est.peak), format_bytes(report.peak_by_category[name]))
+    categories.add_row("total", format_bytes(est.peak), "100%", "")
+    console.print(categories)
+
+    phases = Table(title="Peak by phase", title_justify="left", min_width=64)
+    phases.add_column("phase")
+    phases.add_column("first step", justify="right")
+    phases.add_column("steady state", justify="right")
+    for name in (*PHASES, "step"):
+        phases.add_row(name, format_bytes(est.phases["first"][name]), format_bytes(est.phases["steady"][name]))
+    console.print(phases)
+
+    if est.by_module:
+        modules = Table(title="Top modules: bytes their forward and backward allocated", title_justify="left", min_width=64)
+        modules.add_column("module")
+        modules.add_column("peak allocated", justify="right")
+        for path, nbytes in sorted(est.by_module.items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
             modules.add_row(path or "<root>", format_bytes(nbytes))
         console.print(modules)
     return buffer.getvalue()

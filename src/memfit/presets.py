@@ -1,8 +1,10 @@
 """Ready-made workloads: ``memfit.presets.load("cifar-cnn")``.
 
 Models are built from code or from transformers config classes with random
-weights; nothing is ever downloaded. Each preset's keyword overrides are listed
-by :func:`describe`.
+weights; nothing is ever downloaded. Language-model presets take ``seq_len``.
+Each preset's keyword overrides are listed by :func:`describe`. The large ones
+(Llama 70B) are meant for :func:`memfit.estimate`, which builds them on fake
+tensors; building them for real needs the memory they describe.
 """
 
 from __future__ import annotations
@@ -84,6 +86,42 @@ def _token_batch(vocab_size: int, seq_len: int):
     return batch
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UsageError("the language-model presets need transformers: pip install 'memfit[presets]'") from exc
+    return transformers
+
+
+def _gpt2_workload(name: str, *, seq_len: int, vocab_size: int, n_embd: int, n_layer: int, n_head: int,
+                   n_positions: int, dropout: float, lr: float) -> Workload:
+    transformers = _transformers()
+    if seq_len > n_positions:
+        raise UsageError(f"preset {name!r}: seq_len {seq_len} exceeds GPT-2's {n_positions} learned positions")
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        # GPT-2's token ids (50256) must lie inside the vocabulary.
+        bos_token_id=min(50256, vocab_size - 1),
+        eos_token_id=min(50256, vocab_size - 1),
+        use_cache=False,  # training keeps no key/value cache
+    )
+    return Workload(
+        model=lambda: transformers.GPT2LMHeadModel(config),
+        batch=_token_batch(vocab_size, seq_len),
+        loss=causal_lm_loss,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+        name=name,
+    )
+
+
 def _gpt2_tiny(
     *,
     seq_len: int = 64,
@@ -94,40 +132,70 @@ def _gpt2_tiny(
     dropout: float = 0.1,
     lr: float = 3e-4,
 ) -> Workload:
-    """A 2-layer GPT-2 (transformers GPT2LMHeadModel, random weights), token-level loss, AdamW."""
-    try:
-        from transformers import GPT2Config, GPT2LMHeadModel
-    except ImportError as exc:
-        raise UsageError("the gpt2 presets need transformers: pip install 'memfit[presets]'") from exc
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=max(seq_len, 1),
-        n_embd=n_embd,
-        n_layer=n_layer,
-        n_head=n_head,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-        # GPT-2's token ids (50256) lie outside a small vocabulary; keep them inside it.
-        bos_token_id=vocab_size - 1,
-        eos_token_id=vocab_size - 1,
-    )
-    return Workload(
-        model=lambda: GPT2LMHeadModel(config),
-        batch=_token_batch(vocab_size, seq_len),
-        loss=causal_lm_loss,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
-        name="gpt2-tiny",
-    )
+    return _gpt2_workload("gpt2-tiny", seq_len=seq_len, vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer,
+                          n_head=n_head, n_positions=max(seq_len, 64), dropout=dropout, lr=lr)
+
+
+# Published GPT-2 shapes (Radford et al. 2019; the released checkpoints): width, layers, heads.
+_GPT2_SHAPES = {
+    "gpt2": (768, 12, 12),
+    "gpt2-medium": (1024, 24, 16),
+    "gpt2-large": (1280, 36, 20),
+    "gpt2-xl": (1600, 48, 25),
+}
+
+
+def _gpt2_family(name: str):
+    n_embd, n_layer, n_head = _GPT2_SHAPES[name]
+
+    def build(*, seq_len: int = 1024, dropout: float = 0.1, lr: float = 3e-4) -> Workload:
+        return _gpt2_workload(name, seq_len=seq_len, vocab_size=50257, n_embd=n_embd, n_layer=n_layer,
+                              n_head=n_head, n_positions=1024, dropout=dropout, lr=lr)
+
+    return build
+
+
+# Llama 2 shapes (Touvron et al. 2023, the released configs): width, MLP width, layers, heads, key/value heads.
+_LLAMA_SHAPES = {
+    "llama-7b": (4096, 11008, 32, 32, 32),
+    "llama-13b": (5120, 13824, 40, 40, 40),
+    "llama-70b": (8192, 28672, 80, 64, 8),
+}
+
+
+def _llama_family(name: str):
+    hidden, intermediate, layers, heads, kv_heads = _LLAMA_SHAPES[name]
+
+    def build(*, seq_len: int = 4096, lr: float = 3e-4) -> Workload:
+        transformers = _transformers()
+        config = transformers.LlamaConfig(
+            vocab_size=32000,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            # Rotary positions have no parameters: any length is allowed.
+            max_position_embeddings=max(4096, seq_len),
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            use_cache=False,
+        )
+        return Workload(
+            model=lambda: transformers.LlamaForCausalLM(config),
+            batch=_token_batch(32000, seq_len),
+            loss=causal_lm_loss,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+            name=name,
+        )
+
+    return build
 
 
 @dataclass(frozen=True, slots=True)
 class _Preset:
     build: Callable[..., Workload]
-
-    @property
-    def description(self) -> str:
-        return (self.build.__doc__ or "").strip().splitlines()[0]
+    description: str
 
     @property
     def options(self) -> dict[str, object]:
@@ -139,8 +207,15 @@ class _Preset:
 
 
 _PRESETS: dict[str, _Preset] = {
-    "cifar-cnn": _Preset(_cifar_cnn),
-    "gpt2-tiny": _Preset(_gpt2_tiny),
+    "cifar-cnn": _Preset(_cifar_cnn, "The seed article's CIFAR-10 CNN on 3x32x32 images, cross-entropy, SGD with momentum 0.9."),
+    "gpt2-tiny": _Preset(_gpt2_tiny, "A 2-layer GPT-2 (transformers GPT2LMHeadModel, random weights), token-level loss, AdamW."),
+    "gpt2": _Preset(_gpt2_family("gpt2"), "GPT-2 small, 124M parameters (12 layers, width 768), AdamW."),
+    "gpt2-medium": _Preset(_gpt2_family("gpt2-medium"), "GPT-2 medium, 355M parameters (24 layers, width 1024), AdamW."),
+    "gpt2-large": _Preset(_gpt2_family("gpt2-large"), "GPT-2 large, 774M parameters (36 layers, width 1280), AdamW."),
+    "gpt2-xl": _Preset(_gpt2_family("gpt2-xl"), "GPT-2 XL, 1.56B parameters (48 layers, width 1600), AdamW."),
+    "llama-7b": _Preset(_llama_family("llama-7b"), "Llama 2 7B shapes, 6.74B parameters (32 layers, width 4096), AdamW."),
+    "llama-13b": _Preset(_llama_family("llama-13b"), "Llama 2 13B shapes, 13.0B parameters (40 layers, width 5120), AdamW."),
+    "llama-70b": _Preset(_llama_family("llama-70b"), "Llama 2 70B shapes, 69.0B parameters (80 layers, width 8192, 8 KV heads), AdamW."),
 }
 
 

@@ -128,6 +128,9 @@ class MemoryTracker:
             lazily by its first ``step()``.
         device: the device to count; by default the model's (or optimizer's)
             device, else CUDA when available, else CPU.
+        round_to: each storage's bytes are rounded up to a multiple of this;
+            by default 512 on CUDA (the caching allocator's block) and 1 elsewhere.
+            memfit's estimator passes 512 when fake CPU tensors stand for CUDA.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -143,6 +146,7 @@ class MemoryTracker:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         device: torch.device | str | None = None,
+        round_to: int | None = None,
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise MemfitError(f"track(model=...) takes a torch.nn.Module, got {type(model).__name__}")
@@ -151,7 +155,11 @@ class MemoryTracker:
         self.model = model
         self.optimizer = optimizer
         self.device = _normalize_device(device if device is not None else self._infer_device())
-        self._round = _CUDA_BLOCK if self.device.type == "cuda" else 1
+        if round_to is None:
+            round_to = _CUDA_BLOCK if self.device.type == "cuda" else 1
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise MemfitError(f"round_to must be a positive int (bytes), got {round_to!r}")
+        self._round = round_to
         self._limit: int | None = None  # set by memfit.simulate_budget
 
         self._recs: dict[int, _Storage] = {}  # id(storage object) -> live storage
@@ -244,6 +252,62 @@ class MemoryTracker:
     def live_by_category(self) -> dict[str, int]:
         """Bytes alive now, by category (roles as known at this moment)."""
         return dict(zip(CATEGORIES, self._live_cat))
+
+    def mark(self) -> tuple[int, int, int, int]:
+        """A position in the history, for :meth:`repeat_since`."""
+        return len(self._events), len(self._ops), len(self._sid_cat), self._steps
+
+    def repeat_since(self, mark: tuple[int, int, int, int], times: int = 1) -> bool:
+        """Append ``times`` copies of the training step(s) recorded since ``mark``, without running them.
+
+        A later step of a training loop repeats the allocations of the first
+        except those of the storages the first created and kept (optimizer
+        state, a GradScaler's scale): these exist from the copy's start. The
+        copies are appended to the history (ops, events, peak) as if run.
+
+        Returns False, appending nothing, when the recorded window cannot be
+        repeated that way: it freed or resized a storage created before it.
+        ``memfit.estimate`` then runs the steps instead; its tests check that
+        repeated and run steps give identical timelines.
+        """
+        e0, o0, sid0, steps0 = mark
+        window = self._events[e0:]
+        if any(sid < sid0 for _, sid, _ in window):
+            return False
+        kept = {rec.sid for rec in self._recs.values() if rec.sid >= sid0}
+        ops = self._ops[o0:]
+        steps_per_copy = self._steps - steps0
+        for _ in range(times):
+            base = len(self._ops)
+            step_offset = self._steps - steps0
+            self._ops.extend((func, module, phase, step + step_offset) for func, module, phase, step in ops)
+            new_sid: dict[int, int] = {}
+            for op, sid, delta in window:
+                if sid in kept:
+                    continue
+                copy = new_sid.get(sid)
+                if copy is None:
+                    copy = new_sid[sid] = len(self._sid_cat)
+                    self._sid_cat.append(self._sid_cat[sid])
+                    self._sid_module.append(self._sid_module[sid])
+                cat = self._sid_cat[copy]
+                self._live += delta
+                self._live_cat[cat] += delta
+                self._events.append((base + op - o0, copy, delta))
+                if delta > 0 and self._live > self._peak:
+                    self._peak = self._live
+                    self._peak_event = len(self._events)
+                    self._peak_op = base + op - o0
+            self._steps += steps_per_copy
+        return True
+
+    def allocation_events(self) -> list[tuple[int, int, int]]:
+        """The raw history: (op index, storage serial, byte delta) per allocation, free or resize.
+
+        Each storage's first event is its allocation (positive), a negative one its
+        free. The allocator model of :mod:`memfit.allocator` replays this.
+        """
+        return list(self._events)
 
     def report(self) -> MemoryReport:
         """Everything measured so far, as a :class:`~memfit.report.MemoryReport`."""
@@ -423,6 +487,10 @@ class MemoryTracker:
         # has a stronger role, such as a weight saved by a matmul).
         if self._active:
             self._mark_existing(t, ACTIVATIONS)
+        if self._fake and _torch_private.is_fake(t):
+            # A FakeTensor owns no memory, and detach() costs a fake dispatch
+            # (a quarter of the tracker's time on Llama): keep it as is.
+            return t
         # Return a detached alias, never ``t`` itself: a saved output that holds its
         # own grad_fn would be a reference cycle that outlives an abandoned graph.
         self._quiet += 1
@@ -599,6 +667,7 @@ def track(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     device: torch.device | str | None = None,
+    round_to: int | None = None,
 ) -> MemoryTracker:
     """Track a training step's memory: ``with memfit.track(model, opt) as t: ...``.
 
@@ -607,4 +676,4 @@ def track(
     int bytes. Works on real tensors, under ``FakeTensorMode`` (enter the fake
     mode first) and on CUDA; one tracker may be entered again for more steps.
     """
-    return MemoryTracker(model, optimizer, device=device)
+    return MemoryTracker(model, optimizer, device=device, round_to=round_to)

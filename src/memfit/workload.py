@@ -7,6 +7,8 @@ the model, the batch and the optimizer anywhere: on a device, or under
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
 from memfit.report import MemoryReport
+from memfit.strategies import Recipe
 from memfit.tracker import track
 
-__all__ = ["Workload", "measure", "run_steps", "move_batch", "step_loss", "batch_size_of"]
+__all__ = ["Workload", "measure", "run_steps", "build_model", "move_batch", "step_loss", "batch_size_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +39,9 @@ class Workload:
         ... )
     """
 
-    model: Callable[[], nn.Module]
-    """Builds the model (on the CPU or the current default device; measure() moves it)."""
+    model: Callable[[], nn.Module] | nn.Module
+    """Builds the model (on the default device; measure() moves it). A model instance
+    (real, or on the meta device for estimate()) is accepted too: it is copied, never changed."""
     batch: Callable[[int], Any]
     """``n -> batch``: any nesting of tuples, lists and dicts of tensors, batch dimension 0."""
     loss: Callable[[nn.Module, Any], Any]
@@ -102,34 +107,74 @@ def step_loss(output: Any) -> torch.Tensor:
     )
 
 
-def measure(workload: Workload, micro_batch: int, steps: int = 2, device: torch.device | str = "cpu") -> MemoryReport:
-    """Run ``steps`` real training steps at ``micro_batch`` under a tracker; return the report.
+def measure(
+    workload: Workload,
+    micro_batch: int | None = None,
+    steps: int = 2,
+    device: torch.device | str = "cpu",
+    *,
+    config: Config | None = None,
+) -> MemoryReport:
+    """Run ``steps`` real training steps under a tracker; return the report.
 
-    Each step is: build a batch, forward and loss, backward, ``optimizer.step()``,
-    ``zero_grad(set_to_none=True)``. The model is built before tracking starts and
-    counted from the start (parameters, buffers). Two steps by default, because
+    Give either ``micro_batch`` (a plain fp32 step) or ``config`` (micro-batch,
+    precision, checkpointing, offload: the same terms as :func:`memfit.estimate`,
+    so estimate and measurement compare like for like).
+
+    Each step is: build a batch, forward and loss (under autocast for ``*-mixed``),
+    backward (through a GradScaler for ``16-mixed``), ``optimizer.step()``,
+    ``zero_grad(set_to_none=True)``. The model is built and prepared before
+    tracking starts and counted from the start. Two steps by default, because
     optimizers create their state lazily in the first step: the second shows the
     steady state.
     """
     if not isinstance(workload, Workload):
         raise UsageError(f"measure() takes a memfit.Workload, got {type(workload).__name__}")
-    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-        raise UsageError(f"micro_batch must be a positive int, got {micro_batch!r}")
+    config = _resolve_config(micro_batch, config)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive int, got {steps!r}")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("device 'cuda' was asked for but torch.cuda.is_available() is False; use device='cpu'")
-    model = workload.model()
-    if not isinstance(model, nn.Module):
-        raise MemfitError(f"the workload's model factory returned {type(model).__name__}, expected a torch.nn.Module")
-    model = model.to(device)
+    recipe = Recipe(config, device.type)
+    model = build_model(workload)
+    model = recipe.apply(model.to(device))
     model.train()
     optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
     with track(model, optimizer, device=device) as tracker:
-        run_steps(workload, model, optimizer, micro_batch, steps, tracker=tracker, device=device)
+        run_steps(workload, model, optimizer, config.micro_batch, steps, tracker=tracker, device=device, recipe=recipe)
     report = tracker.report()
-    return dataclasses.replace(report, extra={"workload": workload.name, "micro_batch": micro_batch})
+    return dataclasses.replace(report, extra={"workload": workload.name, "micro_batch": config.micro_batch, "precision": config.precision})
+
+
+def _resolve_config(micro_batch: int | None, config: Config | None) -> Config:
+    if config is not None:
+        if not isinstance(config, Config):
+            raise UsageError(f"config must be a memfit.Config, got {type(config).__name__}")
+        if micro_batch is not None and micro_batch != config.micro_batch:
+            raise UsageError(
+                f"micro_batch={micro_batch!r} disagrees with config.micro_batch={config.micro_batch}; give one of them"
+            )
+        return config
+    if micro_batch is None:
+        raise UsageError("give micro_batch=N or config=memfit.Config(micro_batch=N, ...)")
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise UsageError(f"micro_batch must be a positive int, got {micro_batch!r}")
+    return Config(micro_batch=micro_batch)
+
+
+def build_model(workload: Workload) -> nn.Module:
+    """Call the workload's model factory and check what it returns.
+
+    A model instance in place of the factory is deep-copied, so that casting and
+    checkpointing never change the caller's model.
+    """
+    if isinstance(workload.model, nn.Module):
+        return copy.deepcopy(workload.model)
+    model = workload.model()
+    if not isinstance(model, nn.Module):
+        raise MemfitError(f"the workload's model factory returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
 
 
 def run_steps(
@@ -141,24 +186,37 @@ def run_steps(
     *,
     tracker=None,
     device: torch.device | str | None = None,
+    recipe: Recipe | None = None,
 ) -> None:
     """Run ``steps`` plain training steps: batch, forward and loss, backward, step, zero_grad.
 
     The same loop serves real runs and fake-tensor runs (enter ``FakeTensorMode``
-    before building the model), so both count the same storages.
+    before building the model), so both count the same storages. ``recipe``
+    adds autocast, activation offload and a GradScaler as its Config asks.
     """
+    scaler = recipe.scaler() if recipe is not None and optimizer is not None else None
+    forward_context = recipe.forward_context if recipe is not None else contextlib.nullcontext
     for _ in range(steps):
         batch = workload.batch(micro_batch)
         if device is not None:
             batch = move_batch(batch, device)
+        if recipe is not None:
+            batch = recipe.precision.convert_input(batch)
         if tracker is not None:
             tracker.mark_inputs(batch)
-        loss = step_loss(workload.loss(model, batch))
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
+        with forward_context():
+            loss = step_loss(workload.loss(model, batch))
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         else:
-            model.zero_grad(set_to_none=True)
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                model.zero_grad(set_to_none=True)
         # Drop the step's references now so the next step starts from a clean slate.
         del batch, loss

@@ -1,0 +1,72 @@
+"""Config: the memory-relevant settings of a training step (micro-batch, precision, checkpointing, offload)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memfit.errors import UsageError
+
+__all__ = ["Config", "PRECISIONS"]
+
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+"""Precision names, as Lightning spells them: ``*-mixed`` keeps fp32 weights and runs
+autocast (``16-mixed`` adds a GradScaler); ``*-true`` casts the model itself."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    """How one training step is run, as far as memory is concerned.
+
+    Example:
+        >>> Config(micro_batch=8, precision="bf16-mixed", checkpoint=("transformer.h.*",))
+    """
+
+    micro_batch: int
+    """Samples per forward/backward pass (the micro-batch, not the effective batch)."""
+    precision: str = "32-true"
+    """One of :data:`PRECISIONS`."""
+    checkpoint: tuple[str, ...] = ()
+    """Module-path globs whose forward is recomputed in backward (torch.utils.checkpoint,
+    ``use_reentrant=False``). ``*`` matches within one path component, ``**`` across
+    components; ``"all"`` means every block of the model's largest ``nn.ModuleList``.
+    A module inside another matched module is not checkpointed twice."""
+    offload_activations: bool = False
+    """Keep tensors saved for backward in CPU memory (``torch.autograd.graph.save_on_cpu``)."""
+
+    def __post_init__(self) -> None:
+        mb = self.micro_batch
+        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
+            raise UsageError(f"Config.micro_batch must be a positive int, got {mb!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(
+                f"Config.precision {self.precision!r} is not one of {', '.join(PRECISIONS)} "
+                "(Lightning's names: *-mixed keeps fp32 weights under autocast, *-true casts the model)"
+            )
+        checkpoint = self.checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = (checkpoint,)
+        if checkpoint is None or checkpoint == ("none",):
+            checkpoint = ()
+        if not isinstance(checkpoint, (tuple, list)) or not all(isinstance(g, str) and g.strip() for g in checkpoint):
+            raise UsageError(
+                f"Config.checkpoint must be module-path globs such as ('transformer.h.*',) or 'all', got {self.checkpoint!r}"
+            )
+        if "all" in checkpoint and len(checkpoint) > 1:
+            raise UsageError(f"Config.checkpoint: 'all' cannot be combined with other globs, got {tuple(checkpoint)!r}")
+        self.checkpoint = tuple(checkpoint)
+        if not isinstance(self.offload_activations, bool):
+            raise UsageError(f"Config.offload_activations must be True or False, got {self.offload_activations!r}")
+
+    @property
+    def mixed(self) -> bool:
+        """True for ``*-mixed`` precisions (fp32 weights, autocast)."""
+        return self.precision.endswith("-mixed")
+
+    def describe(self) -> str:
+        """One line for tables and messages."""
+        parts = [f"micro-batch {self.micro_batch}", self.precision]
+        if self.checkpoint:
+            parts.append("checkpoint " + ",".join(self.checkpoint))
+        if self.offload_activations:
+            parts.append("activations offloaded")
+        return ", ".join(parts)

@@ -1,0 +1,272 @@
+"""estimate(): peak training memory without a GPU, by running the step on fake tensors.
+
+The model, optimizer and batch are built under ``FakeTensorMode``: every tensor
+has its shape, dtype and storage size but no memory, so a 70B-parameter model
+costs nothing. The same training loop as :func:`memfit.measure` runs under the
+same tracker, with the Config's precision, checkpointing and offload applied,
+so an estimate and a measurement of a run that fits agree byte for byte on CPU.
+
+For ``device="cuda"`` the fake tensors still live on CPU (fake CUDA tensors can
+abort a CPU-only torch build), and memfit emulates what differs on CUDA:
+storages rounded to 512 bytes, the optimizers' foreach implementation (CUDA's
+default), autocast with the CPU autocast's op lists (an approximation: the CUDA
+lists differ in a few ops), and the caching allocator (:mod:`memfit.allocator`)
+for the reserved figure.
+
+Known limitations: memory inside one kernel (cuDNN/cuBLAS scratch, fused
+attention's workspace) is not counted; CUDA-only kernels (flash attention) are
+represented by their CPU counterparts' outputs; see also :mod:`memfit.tracker`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.allocator import CUDA_CONTEXT_BYTES, AllocatorEstimate, simulate_caching_allocator
+from memfit.config import Config
+from memfit.errors import MemfitError, UsageError
+from memfit.report import PHASES, MemoryReport
+from memfit.strategies import Recipe
+from memfit.tracker import track
+from memfit.workload import Workload, build_model, run_steps
+
+__all__ = ["Estimate", "estimate"]
+
+_TARGETS = ("cpu", "cuda")
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Predicted memory of a training step under a Config. All figures are int bytes.
+
+    Example:
+        >>> est = memfit.estimate(memfit.presets.load("llama-7b", seq_len=2048),
+        ...                       memfit.Config(micro_batch=1, precision="bf16-true"), device="cuda")
+        >>> memfit.format_bytes(est.required)
+    """
+
+    config: Config
+    """The Config estimated."""
+    device: str
+    """The target device type: ``"cpu"`` or ``"cuda"``."""
+    peak: int
+    """Peak bytes of tensor storages (``max_memory_allocated`` without cuBLAS workspaces)."""
+    at_peak: dict[str, int]
+    """Bytes by category at the peak."""
+    phases: dict[str, dict[str, int]]
+    """``{"first": ..., "steady": ...}``, each the peak of ``forward``, ``backward``,
+    ``optimizer`` and the whole ``step``: the first step allocates optimizer state
+    lazily, the steady state carries it."""
+    by_module: dict[str, int]
+    """Module path -> peak bytes allocated by its forward and backward."""
+    report: MemoryReport
+    """The full report of the fake run (timeline included)."""
+    parameters: int
+    """Number of parameters (tied weights counted once)."""
+    checkpointed: tuple[str, ...] = ()
+    """Module paths whose forward is recomputed in backward."""
+    allocator: AllocatorEstimate | None = None
+    """CUDA only: the caching allocator's view (allocated with workspaces, reserved)."""
+    context: int = 0
+    """CUDA only: device memory of the CUDA context (outside the allocator)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reserved(self) -> int | None:
+        """CUDA only: predicted ``max_memory_reserved``."""
+        return self.allocator.reserved if self.allocator is not None else None
+
+    @property
+    def required(self) -> int:
+        """The memory a device needs for this step: reserved + context on CUDA, the peak on CPU."""
+        if self.allocator is not None:
+            return self.allocator.reserved + self.context
+        return self.peak
+
+    @property
+    def model_states(self) -> int:
+        """Parameters + buffers + gradients + optimizer state at their own maxima."""
+        own = self.report.peak_by_category
+        return own["parameters"] + own["buffers"] + own["gradients"] + own["optimizer_state"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (the report without its timeline)."""
+        report = self.report.to_dict()
+        del report["timeline"]
+        return {
+            "config": dataclasses.asdict(self.config),
+            "device": self.device,
+            "peak": self.peak,
+            "required": self.required,
+            "reserved": self.reserved,
+            "context": self.context if self.allocator is not None else None,
+            "allocator": dataclasses.asdict(self.allocator) if self.allocator is not None else None,
+            "at_peak": dict(self.at_peak),
+            "phases": {k: dict(v) for k, v in self.phases.items()},
+            "by_module": dict(self.by_module),
+            "model_states": self.model_states,
+            "parameters": self.parameters,
+            "checkpointed": list(self.checkpointed),
+            "extra": dict(self.extra),
+            "report": report,
+        }
+
+    def table(self, *, top: int = 10, width: int = 100) -> str:
+        """The estimate as text tables: categories at the peak, phases, top modules, the budget needed."""
+        from memfit.display import render_estimate
+
+        return render_estimate(self, top=top, width=width)
+
+
+def estimate(
+    workload: Workload,
+    config: Config,
+    steps: int = 2,
+    device: torch.device | str = "cpu",
+    *,
+    capability: tuple[int, int] | None = None,
+    run_all_steps: bool = False,
+) -> Estimate:
+    """Estimate the memory of ``steps`` training steps under ``config`` on fake tensors.
+
+    Args:
+        workload: factories of the step; ``workload.model`` may also be a model
+            instance (real, or built on the meta device): it is copied to fake
+            tensors, its weights untouched.
+        config: micro-batch, precision, checkpointing, offload.
+        steps: training steps to run (2 shows the steady state after the
+            optimizer creates its state).
+        device: the target, ``"cpu"`` or ``"cuda"`` (no GPU needed for either).
+        capability: CUDA compute capability for the allocator model (cuBLAS
+            workspace size); by default the local GPU's, else (9, 0) (Hopper).
+        run_all_steps: run every step on fake tensors. By default only the first
+            runs and later ones are derived from its trace (a later step repeats
+            the first's allocations, its optimizer state existing from the
+            start), which halves the time of the default two steps; the tests
+            check that both give identical timelines.
+
+    Raises:
+        UsageError: a bad config, a checkpoint glob that matches no module, a
+            model factory that puts tensors on a GPU.
+    """
+    if not isinstance(workload, Workload):
+        raise UsageError(f"estimate() takes a memfit.Workload, got {type(workload).__name__}")
+    if not isinstance(config, Config):
+        raise UsageError(f"estimate() takes a memfit.Config, got {type(config).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps must be a positive int, got {steps!r}")
+    target = torch.device(device).type if isinstance(device, (str, torch.device)) else device
+    if target not in _TARGETS:
+        raise UsageError(f"device {device!r} is not a target memfit estimates; use one of {', '.join(_TARGETS)}")
+    recipe = Recipe(config, target, fake=True)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode()
+    with fake_mode:
+        model = _fake_model(workload, fake_mode)
+        parameters = sum(p.numel() for p in model.parameters())
+        model.train()
+        recipe.apply(model)
+        optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
+        if optimizer is not None:
+            recipe.tune_optimizer(optimizer)
+        with track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
+            start = tracker.mark()
+            run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe)
+            # Later steps repeat the first minus what it created and kept (optimizer
+            # state): derive them from its trace, unless asked to run them all or the
+            # trace cannot be repeated (then they run).
+            remaining = steps - 1
+            if remaining and (run_all_steps or not tracker.repeat_since(start, remaining)):
+                run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker, recipe=recipe)
+    report = tracker.report()
+
+    allocator = None
+    if target == "cuda":
+        if capability is None:
+            capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        allocator = simulate_caching_allocator(tracker.allocation_events(), capability=capability)
+    report = dataclasses.replace(report, extra={"workload": workload.name, "estimated": True, "target": target})
+    return Estimate(
+        config=config,
+        device=target,
+        peak=report.peak,
+        at_peak=dict(report.at_peak),
+        phases=_phases(report, steps),
+        by_module=dict(report.by_module),
+        report=report,
+        parameters=parameters,
+        checkpointed=tuple(recipe.checkpointed),
+        allocator=allocator,
+        context=CUDA_CONTEXT_BYTES if target == "cuda" else 0,
+        extra={"workload": workload.name, "steps": steps},
+    )
+
+
+def _phases(report: MemoryReport, steps: int) -> dict[str, dict[str, int]]:
+    # Ops after the last optimizer step (GradScaler.update, zero_grad) count as part of it.
+    last = min(max((e.step for e in report.timeline), default=0), steps - 1)
+    out = {}
+    for label, step in (("first", 0), ("steady", last)):
+        peaks = dict.fromkeys(PHASES, 0)
+        for e in report.timeline:
+            if min(e.step, last) == step:
+                total = e.total
+                if total > peaks[e.phase]:
+                    peaks[e.phase] = total
+        peaks["step"] = max(peaks.values())
+        out[label] = peaks
+    return out
+
+
+def _fake_model(workload: Workload, fake_mode) -> nn.Module:
+    """The workload's model on fake CPU tensors (built by its factory, or copied from an instance)."""
+    if isinstance(workload.model, nn.Module):
+        model = _fake_copy(workload.model, fake_mode)
+    else:
+        with torch.device("cpu"):
+            model = build_model(workload)
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.device.type != "cpu":
+            raise UsageError(
+                f"the model factory put {name} on {t.device}; memfit estimates on fake CPU tensors. "
+                "Build the model on the default device (no .cuda() or device=... in the factory) "
+                "and pass the target as estimate(..., device='cuda')"
+            )
+    return model
+
+
+def _fake_copy(model: nn.Module, fake_mode) -> nn.Module:
+    """Copy a real or meta-device model with every tensor replaced by a fake CPU one of the same shape."""
+    memo: dict[int, Any] = {}
+
+    def fake_of(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+            if isinstance(t, nn.Parameter):
+                fake = nn.Parameter(fake, requires_grad=t.requires_grad)
+            memo[id(t)] = fake
+        return memo[id(t)]
+
+    for module in model.modules():
+        for t in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if t is not None:
+                fake_of(t)
+        for value in vars(module).values():  # tensors kept as plain attributes
+            if isinstance(value, torch.Tensor):
+                fake_of(value)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - say which model could not be copied
+        raise MemfitError(
+            f"cannot copy {type(model).__name__} to fake tensors ({type(exc).__name__}: {exc}); "
+            "give the workload a model factory instead (model=lambda: MyModel(...))"
+        ) from exc

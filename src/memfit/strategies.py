@@ -1,0 +1,267 @@
+"""The memory strategies of a Config, each one small object with one ``apply``.
+
+* :class:`Precision`: ``*-true`` casts the model; ``*-mixed`` runs autocast over
+  fp32 weights (and a GradScaler for ``16-mixed``).
+* :class:`Checkpointing`: recomputes the forward of chosen modules in backward
+  (``torch.utils.checkpoint``, ``use_reentrant=False``, RNG state preserved so
+  dropout recomputes the same mask); ``state_dict()`` keys do not change.
+* :class:`OffloadActivations`: keeps tensors saved for backward in CPU memory.
+
+:class:`Recipe` puts them together for one device, real or emulated under
+fake tensors (memfit always fakes on CPU tensors: some ops abort the process
+when fake tensors sit on "cuda" in a CPU-only torch build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from memfit import _torch_private
+from memfit.config import Config
+from memfit.errors import UsageError
+
+__all__ = ["Precision", "Checkpointing", "OffloadActivations", "Recipe", "cast_module"]
+
+_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16, "32": torch.float32}
+
+
+def cast_module(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating-point parameters and buffers to ``dtype`` in place, keeping tied weights tied.
+
+    Does what ``model.to(dtype)`` does, by replacing each parameter with a new
+    one: ``Module.to`` swaps tensors, which fails on FakeTensors (the fake mode
+    holds weak references to them), and this way real and fake runs take the same path.
+    """
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if id(p) not in new:
+                with torch.no_grad():
+                    new[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            module._parameters[name] = new[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
+    return model
+
+
+class Precision:
+    """Lightning's precision names applied to a model and a step."""
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or "-" not in name or name.split("-")[0] not in _DTYPES:
+            raise UsageError(f"unknown precision {name!r}")
+        self.name = name
+        bits, mode = name.split("-", 1)
+        self.dtype = _DTYPES[bits]
+        self.mixed = mode == "mixed"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Cast the model for ``*-true``; leave fp32 weights for ``*-mixed``."""
+        if not self.mixed and self.dtype != torch.float32:
+            cast_module(model, self.dtype)
+        return model
+
+    def convert_input(self, batch):
+        """For ``*-true``, the batch's floating-point tensors in the model's dtype (as Lightning does)."""
+        if self.mixed or self.dtype == torch.float32:
+            return batch
+        return _map_float(batch, self.dtype)
+
+    def autocast(self, device_type: str):
+        """The autocast context of the forward pass (a no-op outside ``*-mixed``)."""
+        if not self.mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device_type, dtype=self.dtype)
+
+    def scaler(self, device_type: str, *, fake: bool = False):
+        """A GradScaler for ``16-mixed`` (fp16 gradients underflow without one), else None."""
+        if self.name != "16-mixed":
+            return None
+        if fake:
+            return _torch_private.fake_friendly_grad_scaler(device_type)
+        return torch.amp.GradScaler(device_type)
+
+
+def _map_float(obj, dtype: torch.dtype):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_map_float(o, dtype) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_float(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return type(obj)({k: _map_float(v, dtype) for k, v in obj.items()})
+    if hasattr(obj, "items") and hasattr(obj, "keys"):  # transformers BatchEncoding
+        for k in list(obj.keys()):
+            obj[k] = _map_float(obj[k], dtype)
+    return obj
+
+
+def _glob_regex(glob: str) -> re.Pattern:
+    # '*' stays within one path component, '**' crosses them: "transformer.h.*"
+    # names each block, not every module inside them.
+    out = []
+    i = 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^.]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    """Paths of the children of the model's largest nn.ModuleList (the transformer blocks)."""
+    best: tuple[int, str] | None = None
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and (best is None or len(module) > best[0]):
+            best = (len(module), path)
+    if best is None:
+        raise UsageError(
+            "checkpoint 'all' means every block of the model's largest nn.ModuleList, and this model has none; "
+            "name the modules with globs instead, e.g. checkpoint=('encoder.*',)"
+        )
+    prefix = best[1] + "." if best[1] else ""
+    return [prefix + name for name, _ in model.get_submodule(best[1]).named_children()]
+
+
+class Checkpointing:
+    """Recompute the forward of the modules matching ``globs`` during backward."""
+
+    def __init__(self, globs: tuple[str, ...]) -> None:
+        self.globs = tuple(globs)
+
+    def select(self, model: nn.Module) -> list[str]:
+        """The paths to checkpoint: outermost matches only. A glob that matches nothing is an error."""
+        if not self.globs:
+            return []
+        if self.globs == ("all",):
+            return _blocks(model)
+        paths = [p for p, _ in model.named_modules() if p]
+        chosen: set[str] = set()
+        for glob in self.globs:
+            regex = _glob_regex(glob)
+            hits = [p for p in paths if regex.match(p)]
+            if not hits:
+                hint = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
+                raise UsageError(
+                    f"checkpoint glob {glob!r} matches no module; module paths look like: {hint} "
+                    "('*' matches one path component, '**' several)"
+                )
+            chosen.update(hits)
+        # A module inside a checkpointed one is recomputed already.
+        return [p for p in paths if p in chosen and not any(p.startswith(q + ".") for q in chosen)]
+
+    def apply(self, model: nn.Module) -> list[str]:
+        """Wrap each selected module's forward in a checkpoint; returns the paths."""
+        paths = self.select(model)
+        for path in paths:
+            _wrap(model.get_submodule(path))
+        return paths
+
+
+def _wrap(module: nn.Module) -> None:
+    if "forward" in module.__dict__ and getattr(module.forward, "_memfit_checkpoint", False):
+        return  # already wrapped
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return inner(*args, **kwargs)
+        return _checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    forward._memfit_checkpoint = True
+    # An instance attribute: module hooks still run, state_dict() keys do not change.
+    module.forward = forward
+
+
+class OffloadActivations:
+    """Keep tensors saved for backward off the device until backward needs them."""
+
+    def context(self, device_type: str, *, fake: bool):
+        if device_type == "cpu":
+            raise UsageError(
+                "offload_activations moves saved tensors from an accelerator to CPU memory; "
+                "it means nothing on device='cpu' (estimate for device='cuda' instead)"
+            )
+        if fake:
+            # Fake tensors stand for the device on CPU: park saved tensors on "meta", which
+            # the tracker does not count, and bring them back in backward as save_on_cpu does.
+            return torch.autograd.graph.saved_tensors_hooks(_park, _unpark)
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+
+def _park(t: torch.Tensor):
+    return t.device, t.to("meta")
+
+
+def _unpark(packed) -> torch.Tensor:
+    device, t = packed
+    return t.to(device)
+
+
+class Recipe:
+    """A Config's strategies for one device type (``"cpu"`` or ``"cuda"``), real or fake."""
+
+    def __init__(self, config: Config, device_type: str, *, fake: bool = False) -> None:
+        self.config = config
+        self.device_type = device_type
+        self.fake = fake
+        self.precision = Precision(config.precision)
+        self.checkpointing = Checkpointing(config.checkpoint)
+        self.offload = OffloadActivations() if config.offload_activations else None
+        if self.offload is not None:
+            self.offload.context(device_type, fake=fake)  # fail early on a CPU target
+        self.checkpointed: list[str] = []
+        self._scaler = None
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Cast and wrap the model (before the optimizer is built)."""
+        self.precision.apply(model)
+        self.checkpointed = self.checkpointing.apply(model)
+        return model
+
+    def tune_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """On fake CPU tensors standing for CUDA, pick the implementation CUDA would pick.
+
+        PyTorch's optimizers default to the foreach implementation on CUDA and to
+        the per-tensor loop on CPU; their temporaries differ, so an emulated CUDA
+        step must run the foreach one unless the user chose.
+        """
+        if self.fake and self.device_type == "cuda":
+            for group in optimizer.param_groups:
+                if group.get("foreach", False) is None and not group.get("fused") and not group.get("differentiable"):
+                    group["foreach"] = True
+
+    def scaler(self):
+        """The GradScaler of the run (``16-mixed`` only): one for all steps, as its scale is state."""
+        if self._scaler is None:
+            self._scaler = self.precision.scaler(self.device_type if not self.fake else "cpu", fake=self.fake)
+        return self._scaler
+
+    @contextlib.contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """Autocast and activation offload around forward and loss."""
+        autocast_device = "cpu" if self.fake else self.device_type
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.precision.autocast(autocast_device))
+            if self.offload is not None:
+                stack.enter_context(self.offload.context(self.device_type, fake=self.fake))
+            yield

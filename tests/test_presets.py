@@ -42,7 +42,7 @@ def test_gpt2_tiny_is_a_two_layer_gpt2_with_a_token_level_loss():
 
 
 def test_bad_names_and_overrides():
-    with pytest.raises(UsageError, match="unknown preset 'gpt5'; the presets are: cifar-cnn, gpt2-tiny"):
+    with pytest.raises(UsageError, match="unknown preset 'gpt5'; the presets are: cifar-cnn, gpt2, gpt2-large, gpt2-medium, gpt2-tiny, gpt2-xl, llama-13b"):
         presets.load("gpt5")
     with pytest.raises(UsageError, match="takes no option 'seq_len'"):
         presets.load("cifar-cnn", seq_len=4)

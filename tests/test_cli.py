@@ -111,3 +111,39 @@ def test_a_crashing_workload_is_one_line_unless_traceback_is_asked(tmp_path, cap
     assert "RuntimeError" in err and "--traceback" in err
     with pytest.raises(RuntimeError):
         main(["--traceback", "profile", f"{crash}:make", "-b", "2"])
+
+
+def test_estimate_prints_what_it_needs(capsys):
+    code, out, err = run(capsys, "estimate", "gpt2-tiny", "-b", "4", "--precision", "bf16-mixed",
+                         "--checkpoint", "all", "--budget", "24GiB")
+    assert code == 0, err
+    assert "Needs" in out and "CUDA context" in out and "Checkpointed: transformer.h.0, transformer.h.1" in out
+    assert "Budget 24.00 GiB: the step fits" in out
+
+
+def test_estimate_json_schema(capsys):
+    code, out, err = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--seq-len", "32", "--device", "cpu",
+                         "--budget", "1MiB", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert {"config", "device", "peak", "required", "reserved", "at_peak", "phases", "by_module",
+            "model_states", "parameters", "checkpointed", "budget", "fits", "report"} <= set(data)  # fmt: skip
+    assert data["device"] == "cpu" and data["reserved"] is None and data["fits"] is False
+    assert data["config"]["micro_batch"] == 2 and data["required"] == data["peak"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["estimate", "gpt2-tiny", "-b", "2", "--precision", "fp8"], "--precision fp8: expected one of 32-true"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--checkpoint", "decoder.*"], "checkpoint glob 'decoder.*' matches no module"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--budget", "24 gigs"], "bad byte quantity '24 gigs'"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--checkpoint", "none", "h.*"], "--checkpoint none cannot be combined"),
+        (["estimate", "gpt2", "-b", "2", "--seq-len", "4096"], "exceeds GPT-2's 1024 learned positions"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--device", "cpu", "--offload-activations"], "means nothing on device='cpu'"),
+    ],
+)
+def test_estimate_bad_input(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert message in err

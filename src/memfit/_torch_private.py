@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["in_backward", "active_fake_mode", "is_fake", "fake_friendly_grad_scaler"]
+__all__ = ["in_backward", "active_fake_mode", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -56,3 +56,9 @@ def fake_friendly_grad_scaler(device_type: str):
             return super()._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
 
     return _FakeFriendlyGradScaler(device_type)
+
+
+def grad_scaler_state(scaler) -> list[torch.Tensor]:
+    """The tensors a GradScaler keeps across steps (its private ``_scale`` and ``_growth_tracker``)."""
+    return [t for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)) if t is not None]
+

@@ -162,16 +162,20 @@ def estimate(
         raise UsageError(f"estimate() takes a memfit.Config, got {type(config).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive int, got {steps!r}")
-    target = torch.device(device).type if isinstance(device, (str, torch.device)) else device
+    try:
+        target = torch.device(device).type
+    except (RuntimeError, TypeError):
+        target = device
     if target not in _TARGETS:
         raise UsageError(f"device {device!r} is not a target memfit estimates; use one of {', '.join(_TARGETS)}")
     recipe = Recipe(config, target, fake=True)
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    source = _source_model(workload)
     fake_mode = FakeTensorMode()
     with fake_mode:
-        model = _fake_model(workload, fake_mode)
+        model = _fake_copy(source, fake_mode)
         parameters = sum(p.numel() for p in model.parameters())
         model.train()
         recipe.apply(model)
@@ -179,7 +183,7 @@ def estimate(
         if optimizer is not None:
             recipe.tune_optimizer(optimizer)
         with track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
-            start = tracker.mark()
+            start = tracker.position()
             run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe)
             # Later steps repeat the first minus what it created and kept (optimizer
             # state): derive them from its trace, unless asked to run them all or the
@@ -227,15 +231,19 @@ def _phases(report: MemoryReport, steps: int) -> dict[str, dict[str, int]]:
     return out
 
 
-def _fake_model(workload: Workload, fake_mode) -> nn.Module:
-    """The workload's model on fake CPU tensors (built by its factory, or copied from an instance)."""
+def _source_model(workload: Workload) -> nn.Module:
+    """The model to copy onto fake tensors: the workload's instance, or its factory's model built on meta.
+
+    A factory runs on the meta device, before the fake mode is entered, and the
+    model is then copied to fake tensors: ``Module.to()`` (a factory's
+    ``.half()``) swaps tensors, which FakeTensorMode refuses, while meta tensors allow it.
+    """
     if isinstance(workload.model, nn.Module):
-        model = _fake_copy(workload.model, fake_mode)
-    else:
-        with torch.device("cpu"):
-            model = build_model(workload)
+        return workload.model
+    with torch.device("meta"):
+        model = build_model(workload)
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if t.device.type != "cpu":
+        if t.device.type not in ("meta", "cpu"):
             raise UsageError(
                 f"the model factory put {name} on {t.device}; memfit estimates on fake CPU tensors. "
                 "Build the model on the default device (no .cuda() or device=... in the factory) "

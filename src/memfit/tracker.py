@@ -237,8 +237,19 @@ class MemoryTracker:
         The tensors passed to the model's forward are marked automatically; use
         this for the rest of the batch, such as labels the loss reads.
         """
-        for t in _tensors(batch):
-            self._mark(t, INPUTS)
+        self.mark(batch, "inputs")
+
+    def mark(self, tensors: Any, category: str) -> None:
+        """Give the tensors in ``tensors`` (any nesting) the role ``category``.
+
+        For state the tracker cannot see on its own, such as a GradScaler's
+        scale (``"optimizer_state"``). A storage keeps its strongest role.
+        """
+        if category not in CATEGORIES:
+            raise MemfitError(f"unknown category {category!r}; the categories are: {', '.join(CATEGORIES)}")
+        cat = CATEGORIES.index(category)
+        for t in _tensors(tensors):
+            self._mark(t, cat)
 
     @property
     def peak(self) -> int:
@@ -253,12 +264,12 @@ class MemoryTracker:
         """Bytes alive now, by category (roles as known at this moment)."""
         return dict(zip(CATEGORIES, self._live_cat))
 
-    def mark(self) -> tuple[int, int, int, int]:
+    def position(self) -> tuple[int, int, int, int]:
         """A position in the history, for :meth:`repeat_since`."""
         return len(self._events), len(self._ops), len(self._sid_cat), self._steps
 
-    def repeat_since(self, mark: tuple[int, int, int, int], times: int = 1) -> bool:
-        """Append ``times`` copies of the training step(s) recorded since ``mark``, without running them.
+    def repeat_since(self, position: tuple[int, int, int, int], times: int = 1) -> bool:
+        """Append ``times`` copies of the training step(s) recorded since ``position``, without running them.
 
         A later step of a training loop repeats the allocations of the first
         except those of the storages the first created and kept (optimizer
@@ -270,7 +281,7 @@ class MemoryTracker:
         ``memfit.estimate`` then runs the steps instead; its tests check that
         repeated and run steps give identical timelines.
         """
-        e0, o0, sid0, steps0 = mark
+        e0, o0, sid0, steps0 = position
         window = self._events[e0:]
         if any(sid < sid0 for _, sid, _ in window):
             return False

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit import _torch_private
 from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
 from memfit.report import MemoryReport
@@ -211,6 +212,8 @@ def run_steps(
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if tracker is not None:  # the scale is training state, like the optimizer's
+                tracker.mark(_torch_private.grad_scaler_state(scaler), "optimizer_state")
         else:
             loss.backward()
             if optimizer is not None:

@@ -9,9 +9,10 @@ so an estimate and a measurement of a run that fits agree byte for byte on CPU.
 For ``device="cuda"`` the fake tensors still live on CPU (fake CUDA tensors can
 abort a CPU-only torch build), and memfit emulates what differs on CUDA:
 storages rounded to 512 bytes, the optimizers' foreach implementation (CUDA's
-default), autocast with the CPU autocast's op lists (an approximation: the CUDA
-lists differ in a few ops), and the caching allocator (:mod:`memfit.allocator`)
-for the reserved figure.
+default), fused attention with dropout (CPU falls back to a kernel that keeps
+the attention matrix, CUDA does not), autocast with the CPU autocast's op lists
+(an approximation: the CUDA lists differ in a few ops), and the caching
+allocator (:mod:`memfit.allocator`) for the reserved figure.
 
 Known limitations: memory inside one kernel (cuDNN/cuBLAS scratch, fused
 attention's workspace) is not counted; CUDA-only kernels (flash attention) are
@@ -182,7 +183,7 @@ def estimate(
         optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
         if optimizer is not None:
             recipe.tune_optimizer(optimizer)
-        with track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
+        with recipe.emulation(), track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
             start = tracker.position()
             run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe)
             # Later steps repeat the first minus what it created and kept (optimizer

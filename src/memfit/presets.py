@@ -1,7 +1,9 @@
 """Ready-made workloads: ``memfit.presets.load("cifar-cnn")``.
 
 Models are built from code or from transformers config classes with random
-weights; nothing is ever downloaded. Language-model presets take ``seq_len``.
+weights; nothing is ever downloaded. Language-model presets take ``seq_len``
+and ``attention`` ("sdpa", the default, a fused kernel that keeps no attention
+matrix, or "eager", which keeps the seq x seq scores and probabilities).
 Each preset's keyword overrides are listed by :func:`describe`. The large ones
 (Llama 70B) are meant for :func:`memfit.estimate`, which builds them on fake
 tensors; building them for real needs the memory they describe.
@@ -94,9 +96,18 @@ def _transformers():
     return transformers
 
 
+_ATTENTION = ("sdpa", "eager")
+
+
+def _check_attention(name: str, attention: str) -> None:
+    if attention not in _ATTENTION:
+        raise UsageError(f"preset {name!r}: attention must be one of {', '.join(_ATTENTION)}, got {attention!r}")
+
+
 def _gpt2_workload(name: str, *, seq_len: int, vocab_size: int, n_embd: int, n_layer: int, n_head: int,
-                   n_positions: int, dropout: float, lr: float) -> Workload:
+                   n_positions: int, dropout: float, lr: float, attention: str = "sdpa") -> Workload:
     transformers = _transformers()
+    _check_attention(name, attention)
     if seq_len > n_positions:
         raise UsageError(f"preset {name!r}: seq_len {seq_len} exceeds GPT-2's {n_positions} learned positions")
     config = transformers.GPT2Config(
@@ -112,6 +123,7 @@ def _gpt2_workload(name: str, *, seq_len: int, vocab_size: int, n_embd: int, n_l
         bos_token_id=min(50256, vocab_size - 1),
         eos_token_id=min(50256, vocab_size - 1),
         use_cache=False,  # training keeps no key/value cache
+        attn_implementation=attention,
     )
     return Workload(
         model=lambda: transformers.GPT2LMHeadModel(config),
@@ -131,9 +143,10 @@ def _gpt2_tiny(
     n_head: int = 4,
     dropout: float = 0.1,
     lr: float = 3e-4,
+    attention: str = "sdpa",
 ) -> Workload:
     return _gpt2_workload("gpt2-tiny", seq_len=seq_len, vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer,
-                          n_head=n_head, n_positions=max(seq_len, 64), dropout=dropout, lr=lr)
+                          n_head=n_head, n_positions=max(seq_len, 64), dropout=dropout, lr=lr, attention=attention)
 
 
 # Published GPT-2 shapes (Radford et al. 2019; the released checkpoints): width, layers, heads.
@@ -148,9 +161,9 @@ _GPT2_SHAPES = {
 def _gpt2_family(name: str):
     n_embd, n_layer, n_head = _GPT2_SHAPES[name]
 
-    def build(*, seq_len: int = 1024, dropout: float = 0.1, lr: float = 3e-4) -> Workload:
+    def build(*, seq_len: int = 1024, dropout: float = 0.1, lr: float = 3e-4, attention: str = "sdpa") -> Workload:
         return _gpt2_workload(name, seq_len=seq_len, vocab_size=50257, n_embd=n_embd, n_layer=n_layer,
-                              n_head=n_head, n_positions=1024, dropout=dropout, lr=lr)
+                              n_head=n_head, n_positions=1024, dropout=dropout, lr=lr, attention=attention)
 
     return build
 
@@ -166,8 +179,9 @@ _LLAMA_SHAPES = {
 def _llama_family(name: str):
     hidden, intermediate, layers, heads, kv_heads = _LLAMA_SHAPES[name]
 
-    def build(*, seq_len: int = 4096, lr: float = 3e-4) -> Workload:
+    def build(*, seq_len: int = 4096, lr: float = 3e-4, attention: str = "sdpa") -> Workload:
         transformers = _transformers()
+        _check_attention(name, attention)
         config = transformers.LlamaConfig(
             vocab_size=32000,
             hidden_size=hidden,
@@ -180,6 +194,7 @@ def _llama_family(name: str):
             rms_norm_eps=1e-5,
             tie_word_embeddings=False,
             use_cache=False,
+            attn_implementation=attention,
         )
         return Workload(
             model=lambda: transformers.LlamaForCausalLM(config),

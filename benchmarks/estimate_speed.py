@@ -1,0 +1,235 @@
+"""Wall time of memfit.estimate() over a plain FakeTensorMode run of the same steps, and over torch's MemTracker.
+
+Workload: the ``llama-7b`` preset (Llama 2 7B shapes, 6.74B parameters) at
+sequence 2048, micro-batch 1, ``bf16-true``, AdamW, estimated for CUDA, two
+training steps. Timed in one process, each from scratch (model built on fake
+tensors, cast, optimizer built, steps run):
+
+* (a) ``memfit.estimate(..., steps=2, device="cuda")``: everything included
+  (fake build, the first step under memfit's tracker, the second derived from
+  its trace, the report, the caching-allocator model);
+* (b) the plain fake run: the same build, cast and foreach AdamW, then two
+  ``run_steps`` without any tracking (one plain step's time is printed too);
+* (c) torch's ``MemTracker`` (``torch.distributed._tools.mem_tracker``) over the
+  same plain build and two steps (``reset_mod_stats()`` before each);
+* (d) ``memfit.estimate(..., run_all_steps=True)``: both steps run on fake tensors.
+
+Then ``llama-70b`` (same config) is estimated once, and ``llama-13b`` checks that
+the derived second step is exact: the default estimate and ``run_all_steps=True``
+must agree on peak, at_peak, peak_by_category, by_module, phases and reserved.
+A tiny Llama is run through every path first, so lazy imports are not timed.
+
+Targets: memfit estimate <= 2x the plain fake run; llama-70b estimate < 15 s.
+
+    python benchmarks/estimate_speed.py [--quick]   # --quick skips llama-70b and llama-13b
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+import warnings
+from collections import Counter
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import memfit
+from memfit.strategies import cast_module
+from memfit.workload import Workload, run_steps
+
+try:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+except ImportError:  # the llama presets say what to install
+    transformers = None
+
+warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\._tools")
+
+SEQ_LEN = 2048
+STEPS = 2
+CONFIG = memfit.Config(micro_batch=1, precision="bf16-true")
+
+
+def _tiny_llama() -> Workload:
+    """A 2-layer Llama for the warm-up: the same code paths as llama-7b, at no cost."""
+    base = memfit.presets.load("llama-7b", seq_len=64)
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, use_cache=False,
+    )
+
+    def batch(n: int) -> dict:
+        ids = torch.randint(0, 256, (n, 64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    return Workload(model=lambda: transformers.LlamaForCausalLM(config), batch=batch, loss=base.loss,
+                    optimizer=base.optimizer, name="tiny-llama")
+
+
+def _fake_build(workload: Workload):
+    """Model, cast to bf16, foreach AdamW: what memfit.estimate builds for a CUDA target (call under the fake mode)."""
+    model = workload.model()
+    model.train()
+    cast_module(model, torch.bfloat16)
+    optimizer = workload.optimizer(model.parameters())
+    for group in optimizer.param_groups:
+        group["foreach"] = True
+    return model, optimizer
+
+
+def plain_run(workload: Workload) -> dict[str, float]:
+    """(b) Build and run STEPS steps under FakeTensorMode without any tracking; seconds per part."""
+    times = {}
+    start = time.perf_counter()
+    with FakeTensorMode():
+        model, optimizer = _fake_build(workload)
+        times["build"] = time.perf_counter() - start
+        for i in range(STEPS):
+            t0 = time.perf_counter()
+            run_steps(workload, model, optimizer, CONFIG.micro_batch, 1)
+            times[f"step{i + 1}"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - start
+    return times
+
+
+def memtracker_run(workload: Workload) -> tuple[float, dict]:
+    """(c) The plain run under torch's MemTracker; seconds and its peak snapshot."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    start = time.perf_counter()
+    with FakeTensorMode():
+        model, optimizer = _fake_build(workload)
+        mt = MemTracker()
+        mt.track_external(model, optimizer)
+        with mt:
+            for _ in range(STEPS):
+                mt.reset_mod_stats()  # MemTracker refuses a second iteration otherwise
+                run_steps(workload, model, optimizer, CONFIG.micro_batch, 1)
+        peak = mt.get_tracker_snapshot("peak")
+    return time.perf_counter() - start, peak
+
+
+def timed_estimate(workload: Workload, **kwargs) -> tuple[float, memfit.Estimate]:
+    start = time.perf_counter()
+    est = memfit.estimate(workload, CONFIG, steps=STEPS, device="cuda", **kwargs)
+    return time.perf_counter() - start, est
+
+
+def _fmt_snapshot(snapshot: dict) -> str:
+    parts = []
+    for dev, by_type in snapshot.items():
+        total = by_type.get("Total", sum(v for k, v in by_type.items()))
+        kinds = ", ".join(
+            f"{getattr(k, 'value', k)} {memfit.format_bytes(v)}" for k, v in by_type.items() if v and k != "Total"
+        )
+        parts.append(f"{dev}: Total {memfit.format_bytes(total)} ({kinds})")
+    return "; ".join(parts)
+
+
+def check_derivation(name: str) -> bool:
+    """Default estimate (second step derived) vs run_all_steps=True: identical figures?"""
+    workload = memfit.presets.load(name, seq_len=SEQ_LEN)
+    t_derived, derived = timed_estimate(workload)
+    gc.collect()
+    t_run, run = timed_estimate(workload, run_all_steps=True)
+    fields = {
+        "peak": (derived.peak, run.peak),
+        "at_peak": (derived.at_peak, run.at_peak),
+        "peak_by_category": (derived.report.peak_by_category, run.report.peak_by_category),
+        "by_module": (derived.by_module, run.by_module),
+        "phases": (derived.phases, run.phases),
+        "reserved": (derived.reserved, run.reserved),
+    }
+    exact = all(a == b for a, b in fields.values())
+    print(f"{name}: estimate (derived) {t_derived:.2f} s, run_all_steps=True {t_run:.2f} s")
+    for label, (a, b) in fields.items():
+        if isinstance(a, int):
+            print(f"  {label:>16}: derived {a} B ({memfit.format_bytes(a)}), run {b} B -> {'same' if a == b else 'DIFFERENT'}")
+        else:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            print(f"  {label:>16}: {len(a)} entries -> {'same' if a == b else 'DIFFERENT in ' + ', '.join(map(str, diff[:8]))}")
+    # Not one of the figures above, but estimate()'s docstring promises identical timelines.
+    timeline_same = [(e.op, e.module, e.phase, e.step, e.live) for e in derived.report.timeline] == [
+        (e.op, e.module, e.phase, e.step, e.live) for e in run.report.timeline
+    ]
+    line = f"  {'timeline':>16}: derived {len(derived.report.timeline)} ops, run {len(run.report.timeline)} ops -> "
+    if timeline_same:
+        line += "same (op, module, phase, step, live bytes)"
+    else:
+        ops_d = Counter(e.op for e in derived.report.timeline)
+        ops_r = Counter(e.op for e in run.report.timeline)
+        extra = ", ".join(f"{op} x{n}" for op, n in sorted((ops_d - ops_r).items()))
+        missing = ", ".join(f"{op} x{n}" for op, n in sorted((ops_r - ops_d).items()))
+        line += f"DIFFERENT (only in derived: {extra or 'none'}; only in run: {missing or 'none'})"
+    print(line)
+    print(f"derivation exact on {name}: {exact} (peak {derived.peak} B, reserved {derived.reserved} B)")
+    return exact
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="skip llama-70b and the llama-13b derivation check")
+    args = parser.parse_args()
+    if transformers is None:
+        raise SystemExit("this benchmark needs transformers (the llama presets)")
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+
+    # Warm-up: lazy imports (transformers' Llama, optimizers, MemTracker) out of the timings.
+    tiny = _tiny_llama()
+    plain_run(tiny)
+    memtracker_run(tiny)
+    timed_estimate(tiny)
+    timed_estimate(tiny, run_all_steps=True)
+    gc.collect()
+
+    workload = memfit.presets.load("llama-7b", seq_len=SEQ_LEN)
+    print(f"workload: llama-7b, seq_len {SEQ_LEN}, {CONFIG.describe()}, AdamW (foreach), {STEPS} steps, target cuda")
+
+    t_memfit, est = timed_estimate(workload)
+    gc.collect()
+    plain = plain_run(workload)
+    gc.collect()
+    t_mt, mt_peak = memtracker_run(workload)
+    gc.collect()
+    t_all, est_all = timed_estimate(workload, run_all_steps=True)
+    gc.collect()
+
+    print(f"(a) memfit.estimate (step 2 derived):   {t_memfit:7.2f} s  peak {memfit.format_bytes(est.peak)}, "
+          f"reserved {memfit.format_bytes(est.reserved)}, {est.parameters / 1e9:.2f}B parameters")
+    print(f"(b) plain FakeTensorMode run, 2 steps:  {plain['total']:7.2f} s  (build {plain['build']:.2f} s, "
+          f"step 1 {plain['step1']:.2f} s, step 2 {plain['step2']:.2f} s)")
+    print(f"    plain FakeTensorMode, one step:     {plain['step1']:7.2f} s")
+    print(f"(c) torch MemTracker, 2 steps:          {t_mt:7.2f} s  peak {_fmt_snapshot(mt_peak)}")
+    print(f"(d) memfit.estimate, run_all_steps:     {t_all:7.2f} s  peak {memfit.format_bytes(est_all.peak)} "
+          f"({'same as' if est_all.peak == est.peak else 'DIFFERENT from'} (a)), "
+          f"{t_all / plain['total']:.2f}x the plain run")
+    print("    memfit at peak: " + ", ".join(f"{k} {memfit.format_bytes(v)}" for k, v in est.at_peak.items() if v)
+          + f" (peak in {est.report.peak_phase}, op {est.report.peak_op})")
+
+    t70 = None
+    if not args.quick:
+        gc.collect()
+        t70, est70 = timed_estimate(memfit.presets.load("llama-70b", seq_len=SEQ_LEN))
+        print(f"llama-70b memfit.estimate:              {t70:7.2f} s  peak {memfit.format_bytes(est70.peak)}, "
+              f"reserved {memfit.format_bytes(est70.reserved)}, {est70.parameters / 1e9:.2f}B parameters")
+        del est70
+        gc.collect()
+        check_derivation("llama-13b")
+
+    seventy = f"{t70:.1f} s" if t70 is not None else "skipped (--quick)"
+    print(
+        f"ratio: memfit estimate / plain fake run (same 2 steps) = {t_memfit / plain['total']:.2f}x (target <= 2x); "
+        f"MemTracker / plain = {t_mt / plain['total']:.2f}x; llama-70b estimate {seventy} (target < 15 s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -33,6 +33,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/tracker_overhead.py
+	$(PY) benchmarks/estimate_speed.py
+	$(PY) benchmarks/estimate_accuracy.py
+	$(PY) benchmarks/published_figures.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -17,9 +17,10 @@ from memfit.units import format_bytes
 
 if TYPE_CHECKING:
     from memfit.estimator import Estimate
+    from memfit.planner import Plan
     from memfit.report import MemoryReport
 
-__all__ = ["render_report", "render_estimate", "plot_report", "PLOT_SUFFIXES"]
+__all__ = ["render_report", "render_estimate", "render_plan", "plot_report", "PLOT_SUFFIXES"]
 
 PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -128,6 +129,33 @@ def render_estimate(est: Estimate, *, top: int = 10, width: int = 100) -> str:
         for path, nbytes in sorted(est.by_module.items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
             modules.add_row(path or "<root>", format_bytes(nbytes))
         console.print(modules)
+    return buffer.getvalue()
+
+
+def render_plan(plan: Plan, *, width: int = 100) -> str:
+    """A plan as text: the choice, why, and the alternatives considered."""
+    from rich.console import Console
+    from rich.table import Table
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None, highlight=False)
+    c = plan.config
+    steps = len(plan.accumulation)
+    split = f"{steps} x {c.micro_batch}" if len(set(plan.accumulation)) == 1 else f"{steps - 1} x {c.micro_batch} + {plan.accumulation[-1]}"
+    console.print(f"Plan for batch {plan.batch_size} in {format_bytes(plan.budget)}: {c.describe()}; "
+                  f"accumulate {split}.")
+    console.print(f"Predicted {format_bytes(plan.required)} needed, {format_bytes(plan.headroom)} headroom; "
+                  f"relative step cost {plan.step_cost:.2f} (1.00 = the whole batch at once, unconstrained).")
+    for reason in plan.reasons:
+        console.print(f"  - {reason}")
+    table = Table(title="Alternatives considered (fastest first)", title_justify="left", min_width=64)
+    for column in ("precision", "checkpoint", "micro-batch", "micro-steps", "needs", "cost"):
+        table.add_column(column, justify="right" if column not in ("precision", "checkpoint") else "left")
+    for a in plan.alternatives[:12]:
+        ckpt = f"{len(a.config.checkpoint)} blocks" if a.config.checkpoint else "none"
+        table.add_row(a.config.precision + (" +offload" if a.config.offload_activations else ""), ckpt,
+                      str(a.config.micro_batch), str(len(a.accumulation)), format_bytes(a.required), f"{a.step_cost:.2f}")
+    console.print(table)
     return buffer.getvalue()
 
 

@@ -16,7 +16,11 @@ allocator (:mod:`memfit.allocator`) for the reserved figure.
 
 Known limitations: memory inside one kernel (cuDNN/cuBLAS scratch, fused
 attention's workspace) is not counted; CUDA-only kernels (flash attention) are
-represented by their CPU counterparts' outputs; see also :mod:`memfit.tracker`.
+represented by their CPU counterparts' outputs; code that branches on tensor
+values takes its fake-tensor branch: transformers (5.x) then builds a causal mask
+of batch x seq x seq bools that real runs skip (it lives through backward when
+blocks are checkpointed: 4 MiB for Llama at seq 2048, batch 1); see also
+:mod:`memfit.tracker`.
 """
 
 from __future__ import annotations

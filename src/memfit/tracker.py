@@ -279,7 +279,9 @@ class MemoryTracker:
         Returns False, appending nothing, when the recorded window cannot be
         repeated that way: it freed or resized a storage created before it.
         ``memfit.estimate`` then runs the steps instead; its tests check that
-        repeated and run steps give identical timelines.
+        repeated and run steps give identical memory figures (peak, categories,
+        phases, modules, allocator). Op names may differ where an optimizer's
+        first step differs from later ones (SGD's clone vs mul_/add_).
         """
         e0, o0, sid0, steps0 = position
         window = self._events[e0:]
@@ -287,11 +289,24 @@ class MemoryTracker:
             return False
         kept = {rec.sid for rec in self._recs.values() if rec.sid >= sid0}
         ops = self._ops[o0:]
+        # Ops whose only effect was creating kept storages (AdamW's lazy zeros_like)
+        # do not run again in a later step: leave them out of the copies.
+        creating: dict[int, bool] = {}
+        for op, sid, _ in window:
+            creating[op] = creating.get(op, True) and sid in kept
+        skipped = {op - o0 for op, only_kept in creating.items() if only_kept}
+        index = []  # window op offset -> offset in a copy
+        for i in range(len(ops) + 1):
+            index.append(i - sum(1 for j in skipped if j < i))
         steps_per_copy = self._steps - steps0
         for _ in range(times):
             base = len(self._ops)
             step_offset = self._steps - steps0
-            self._ops.extend((func, module, phase, step + step_offset) for func, module, phase, step in ops)
+            self._ops.extend(
+                (func, module, phase, step + step_offset)
+                for i, (func, module, phase, step) in enumerate(ops)
+                if i not in skipped
+            )
             new_sid: dict[int, int] = {}
             for op, sid, delta in window:
                 if sid in kept:
@@ -304,11 +319,11 @@ class MemoryTracker:
                 cat = self._sid_cat[copy]
                 self._live += delta
                 self._live_cat[cat] += delta
-                self._events.append((base + op - o0, copy, delta))
+                self._events.append((base + index[op - o0], copy, delta))
                 if delta > 0 and self._live > self._peak:
                     self._peak = self._live
                     self._peak_event = len(self._events)
-                    self._peak_op = base + op - o0
+                    self._peak_op = base + index[op - o0]
             self._steps += steps_per_copy
         return True
 

@@ -1,0 +1,475 @@
+"""plan(): the configuration that fits a memory budget at the best predicted speed.
+
+The planner works from estimates only (fake tensors, no GPU): for each allowed
+precision and each candidate checkpoint set it finds the largest micro-batch
+that fits (a monotone search over estimates), splits the user's batch into
+micro-batches of at most that size (gradient accumulation keeps the effective
+batch and its math), and ranks the candidates by a cost model:
+
+    cost = sum over micro-batches mb of  flops(mb) * (1 + recompute share) * speed(precision) / efficiency(mb)
+
+* ``flops`` are forward + backward FLOPs counted by ``torch.utils.flop_counter``
+  on fake tensors; checkpointed modules add their forward FLOPs again.
+* ``efficiency(m) = m / (m + m_half)``: a device runs small micro-batches below
+  its peak throughput; ``m_half`` is the micro-batch at which it reaches half.
+  Default ``m_half = 2`` samples (a guess, stated as such); ``calibrate=True``
+  fits it (and the precision speeds) from timed real micro-steps on the device.
+* ``speed(precision)``: relative time of a step's arithmetic; by default 1.0 for
+  32-true and 0.5 for 16-bit on CUDA (tensor cores), 1.0 everywhere on CPU.
+
+It never changes the math the user asked for: the effective batch, the
+optimizer, and any precision outside ``precisions`` stay as they are.
+
+Known limitations: the cost model is a model (FLOPs, not a profile): use
+``calibrate=True`` on the target device for the efficiency curve; checkpoint
+candidates are the blocks of the model's largest ``nn.ModuleList``, chosen k
+at a time in the order that saves most activation bytes per recomputed FLOP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memfit.config import PRECISIONS, Config
+from memfit.errors import MemfitError, UsageError
+from memfit.estimator import Estimate, estimate
+from memfit.units import format_bytes, parse_bytes
+from memfit.workload import Workload
+
+__all__ = ["Plan", "Alternative", "PlanError", "plan", "find_batch_size", "accumulation_steps"]
+
+_DEFAULT_M_HALF = 2.0
+_CUDA_SPEED = {"32-true": 1.0, "16-mixed": 0.55, "bf16-mixed": 0.55, "16-true": 0.5, "bf16-true": 0.5}
+# A safety margin under "auto" budgets: the CUDA context of other libraries, NCCL
+# buffers and fragmentation the allocator model does not see.
+_AUTO_MARGIN = 0.05
+
+
+class PlanError(MemfitError):
+    """Nothing fits the budget. ``floor`` is the model states' bytes, ``levers`` what would move them."""
+
+    def __init__(self, message: str, *, floor: int, budget: int, levers: dict[str, int]) -> None:
+        super().__init__(message)
+        self.floor = floor
+        self.budget = budget
+        self.levers = levers
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    """One configuration the planner considered."""
+
+    config: Config
+    accumulation: tuple[int, ...]
+    required: int
+    """Bytes the device needs at this config's micro-batch."""
+    step_cost: float
+    """Predicted time of one logical batch, relative to the chosen plan's (1.0)."""
+    fits: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The chosen configuration for a budget. All byte figures are int bytes.
+
+    Example:
+        >>> p = memfit.plan(memfit.presets.load("gpt2", seq_len=512), "24GiB", batch_size=64,
+        ...                 precisions=("bf16-mixed",))
+        >>> p.config.micro_batch, p.accumulation[:3]
+    """
+
+    config: Config
+    accumulation: tuple[int, ...]
+    """Micro-batch sizes, summing exactly to the batch size (the last may be smaller)."""
+    batch_size: int
+    budget: int
+    required: int
+    """Predicted bytes the device needs (the estimate's ``required``)."""
+    step_cost: float
+    """Predicted relative time of one logical batch (1.0 = the batch in one micro-step, unconstrained)."""
+    reasons: tuple[str, ...]
+    alternatives: tuple[Alternative, ...]
+    estimate: Estimate
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def headroom(self) -> int:
+        """Budget minus the predicted requirement."""
+        return self.budget - self.required
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "accumulation": list(self.accumulation),
+            "batch_size": self.batch_size,
+            "budget": self.budget,
+            "required": self.required,
+            "headroom": self.headroom,
+            "step_cost": self.step_cost,
+            "reasons": list(self.reasons),
+            "alternatives": [
+                {
+                    "config": dataclasses.asdict(a.config),
+                    "accumulation_steps": len(a.accumulation),
+                    "required": a.required,
+                    "step_cost": a.step_cost,
+                    "fits": a.fits,
+                }
+                for a in self.alternatives
+            ],
+            "extra": dict(self.extra),
+        }
+
+    def table(self, *, width: int = 100) -> str:
+        from memfit.display import render_plan
+
+        return render_plan(self, width=width)
+
+
+def accumulation_steps(batch_size: int, micro_batch: int) -> tuple[int, ...]:
+    """Micro-batch sizes for ``batch_size`` samples at most ``micro_batch`` each: ``(7,)*14 + (2,)`` for 100, 7."""
+    if micro_batch < 1 or batch_size < 1:
+        raise UsageError(f"batch_size and micro_batch must be positive, got {batch_size} and {micro_batch}")
+    full, rest = divmod(batch_size, micro_batch)
+    return (micro_batch,) * full + ((rest,) if rest else ())
+
+
+def resolve_budget(budget: int | str, device: str) -> int:
+    """Int bytes from "24GiB", an int, or "auto" (free CUDA memory minus 5%)."""
+    if isinstance(budget, str) and budget.strip().lower() == "auto":
+        if device != "cuda" or not torch.cuda.is_available():
+            raise UsageError("budget 'auto' reads the free memory of a CUDA device, and none is available here; "
+                             "give a size such as '24GiB'")
+        free, _total = torch.cuda.mem_get_info()
+        return int(free * (1 - _AUTO_MARGIN))
+    return parse_bytes(budget)
+
+
+class _Searcher:
+    """Estimates with a cache, and the FLOP counts of the cost model."""
+
+    def __init__(self, workload: Workload, device: str, steps: int = 2) -> None:
+        self.workload = workload
+        self.device = device
+        self.steps = steps
+        self.cache: dict[tuple, Estimate] = {}
+        self.calls = 0
+
+    def estimate(self, config: Config) -> Estimate:
+        key = (config.micro_batch, config.precision, config.checkpoint, config.offload_activations)
+        if key not in self.cache:
+            self.calls += 1
+            self.cache[key] = estimate(self.workload, config, steps=self.steps, device=self.device)
+        return self.cache[key]
+
+    def fits(self, config: Config, budget: int) -> bool:
+        return self.estimate(config).required <= budget
+
+    def largest_micro_batch(self, base: Config, budget: int, limit: int) -> int:
+        """The largest micro-batch <= limit that fits (0 if 1 does not): doubling, then bisection.
+
+        Memory grows with the micro-batch, so the predicate is monotone.
+        """
+        def at(m: int) -> Config:
+            return dataclasses.replace(base, micro_batch=m)
+
+        if not self.fits(at(1), budget):
+            return 0
+        good, bad = 1, None
+        while bad is None:
+            trial = min(good * 2, limit)
+            if trial == good:
+                return good
+            if self.fits(at(trial), budget):
+                good = trial
+            else:
+                bad = trial
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if self.fits(at(mid), budget):
+                good = mid
+            else:
+                bad = mid
+        return good
+
+
+def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
+    """Forward+backward FLOPs of one micro-step and forward FLOPs per module, on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from memfit.estimator import _fake_copy, _source_model
+    from memfit.strategies import Recipe
+    from memfit.workload import step_loss
+
+    recipe = Recipe(Config(micro_batch=micro_batch, precision=precision), "cpu", fake=True)
+    source = _source_model(workload)
+    with FakeTensorMode() as mode:
+        model = _fake_copy(source, mode)
+        recipe.apply(model)
+        batch = recipe.precision.convert_input(workload.batch(micro_batch))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            with recipe.forward_context():
+                loss = step_loss(workload.loss(model, batch))
+            forward = counter.get_total_flops()
+            loss.backward()
+        total = counter.get_total_flops()
+        per_module: dict[str, int] = {}
+        root = type(model).__name__
+        for name, counts in counter.get_flop_counts().items():
+            path = name[len(root) + 1 :] if name.startswith(root + ".") else name
+            per_module[path] = int(sum(counts.values()))
+    del forward
+    return int(total), per_module
+
+
+def _blocks(workload: Workload) -> list[str]:
+    from memfit.estimator import _source_model
+    from memfit.strategies import _blocks as blocks_of
+
+    try:
+        return blocks_of(_source_model(workload))
+    except UsageError:
+        return []
+
+
+def plan(
+    workload: Workload,
+    budget: int | str,
+    batch_size: int,
+    *,
+    precisions: tuple[str, ...] | list[str] | None = None,
+    allow_checkpoint: bool = True,
+    allow_offload: bool = False,
+    device: str = "cuda",
+    m_half: float | None = None,
+    calibrate: bool = False,
+) -> Plan:
+    """The configuration that fits ``budget`` at the lowest predicted step cost, keeping ``batch_size``.
+
+    Args:
+        workload: the training step's factories.
+        budget: "24GiB", int bytes, or "auto" (free CUDA memory minus 5%).
+        batch_size: the effective batch the user trains with; the plan splits it
+            into micro-batches that sum to it exactly.
+        precisions: the precisions the planner may choose from (Lightning's names);
+            by default only "32-true", i.e. the model's own math.
+        allow_checkpoint: whether activation checkpointing of blocks may be used.
+        allow_offload: whether saved activations may be offloaded to CPU memory.
+        device: the target, "cuda" (default) or "cpu".
+        m_half: the efficiency curve's half-throughput micro-batch (default 2, or calibrated).
+        calibrate: time a few real micro-steps on ``device`` to fit ``m_half``.
+
+    Raises:
+        PlanError: nothing fits, with the floor and the levers that would move it.
+    """
+    if not isinstance(workload, Workload):
+        raise UsageError(f"plan() takes a memfit.Workload, got {type(workload).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive int (the effective batch), got {batch_size!r}")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    budget = resolve_budget(budget, device)
+    precisions = tuple(precisions) if precisions else ("32-true",)
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise UsageError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
+    if calibrate:
+        m_half = calibrate_efficiency(workload, device=device)
+    m_half = _DEFAULT_M_HALF if m_half is None else float(m_half)
+
+    searcher = _Searcher(workload, device)
+    blocks = _blocks(workload) if allow_checkpoint else []
+    # Every count of blocks up to 8; beyond, powers of two and all (each count costs a search).
+    counts = range(1, len(blocks) + 1) if len(blocks) <= 8 else sorted({2**i for i in range(len(blocks).bit_length()) if 2**i < len(blocks)} | {len(blocks)})
+    checkpoint_sets: list[tuple[str, ...]] = [()] + [tuple(blocks[:k]) for k in counts]
+    offloads = (False, True) if allow_offload and device == "cuda" else (False,)
+
+    flops_cache: dict[str, tuple[int, dict[str, int]]] = {}
+
+    def cost_of(config: Config) -> float:
+        if config.precision not in flops_cache:
+            flops_cache[config.precision] = _flops(workload, config.precision, 1)
+        total, per_module = flops_cache[config.precision]
+        recompute = sum(per_module.get(path, 0) for path in config.checkpoint)
+        speed = _CUDA_SPEED[config.precision] if device == "cuda" else 1.0
+        per_sample = (total + recompute) * speed
+        # time(mb) = flops(mb) / efficiency(mb) = per_sample * mb * (mb + m_half) / mb
+        return sum(per_sample * (mb + m_half) for mb in accumulation_steps(batch_size, config.micro_batch))
+
+    candidates: list[Alternative] = []
+    for precision in precisions:
+        for offload in offloads:
+            previous_best = 0
+            for ckpt in checkpoint_sets:
+                base = Config(micro_batch=1, precision=precision, checkpoint=ckpt, offload_activations=offload)
+                m = searcher.largest_micro_batch(base, budget, batch_size)
+                if m == 0:
+                    continue
+                if ckpt and m <= previous_best:
+                    continue  # more recomputation, no larger micro-batch: never cheaper
+                previous_best = m
+                config = dataclasses.replace(base, micro_batch=m)
+                candidates.append(
+                    Alternative(config, accumulation_steps(batch_size, m), searcher.estimate(config).required,
+                                cost_of(config), True)
+                )
+                if m == batch_size:
+                    break  # the whole batch fits: more checkpointing only costs
+
+    if not candidates:
+        raise _nothing_fits(searcher, precisions, budget, blocks)
+
+    ideal = cost_of(Config(micro_batch=batch_size, precision=precisions[0]))
+    candidates.sort(key=lambda a: (a.step_cost, a.required))
+    best = candidates[0]
+    alternatives = tuple(dataclasses.replace(a, step_cost=a.step_cost / ideal) for a in candidates)
+    chosen = alternatives[0]
+    est = searcher.estimate(best.config)
+    reasons = _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher)
+    return Plan(
+        config=chosen.config,
+        accumulation=chosen.accumulation,
+        batch_size=batch_size,
+        budget=budget,
+        required=chosen.required,
+        step_cost=chosen.step_cost,
+        reasons=tuple(reasons),
+        alternatives=alternatives,
+        estimate=est,
+        extra={"estimates": searcher.calls, "m_half": m_half, "device": device, "workload": workload.name},
+    )
+
+
+def _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher) -> list[str]:
+    c = chosen.config
+    reasons = []
+    if c.micro_batch == batch_size:
+        reasons.append(f"the whole batch of {batch_size} fits in one micro-step")
+    else:
+        reasons.append(
+            f"micro-batch {c.micro_batch} is the largest that fits with these settings; "
+            f"{len(chosen.accumulation)} micro-steps accumulate the batch of {batch_size}"
+        )
+    reasons.append(f"precision {c.precision}" + (" (the only one allowed)" if len({a.config.precision for a in alternatives}) == 1 else " predicted fastest of those allowed"))
+    if c.checkpoint:
+        reasons.append(f"checkpointing {len(c.checkpoint)} of {len(blocks)} blocks lets a larger micro-batch fit, "
+                       "worth its recomputation")
+    elif blocks:
+        reasons.append("no checkpointing: recomputation would cost more than it saves")
+    if c.offload_activations:
+        reasons.append("activations offloaded to CPU memory")
+    reasons.append(f"predicted {format_bytes(chosen.required)} of {format_bytes(budget)} "
+                   f"({format_bytes(budget - chosen.required)} headroom)")
+    return reasons
+
+
+def _nothing_fits(searcher: _Searcher, precisions, budget: int, blocks) -> PlanError:
+    cheapest = min(precisions, key=lambda p: (0 if p.endswith("-true") and not p.startswith("32") else 1, p))
+    est = searcher.estimate(Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks)))
+    own = est.report.peak_by_category
+    floor = own["parameters"] + own["gradients"] + own["optimizer_state"]
+    levers: dict[str, int] = {}
+    if cheapest != "bf16-true":
+        low = searcher.estimate(Config(micro_batch=1, precision="bf16-true", checkpoint=tuple(blocks))).report.peak_by_category
+        levers["--precision bf16-true"] = floor - (low["parameters"] + low["gradients"] + low["optimizer_state"])
+    levers["an optimizer with less state (SGD without momentum keeps none)"] = own["optimizer_state"]
+    for n in (2, 4, 8):
+        levers[f"sharding over {n} GPUs (FSDP)"] = floor - floor // n
+    levers["offloading the optimizer state to CPU"] = own["optimizer_state"]
+    lines = "; ".join(f"{name} saves {format_bytes(saving)}" for name, saving in levers.items())
+    message = (
+        f"nothing fits in {format_bytes(budget)}: at micro-batch 1 the step needs {format_bytes(est.required)}, and "
+        f"parameters + gradients + optimizer state alone take {format_bytes(floor)} at {cheapest} "
+        f"(the cheapest precision allowed). Levers: {lines}"
+    )
+    return PlanError(message, floor=floor, budget=budget, levers=levers)
+
+
+def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tuple[int, ...] = (1, 2, 4), repeats: int = 3) -> float:
+    """Fit ``m_half`` of the efficiency curve from timed real micro-steps on ``device``.
+
+    Time per micro-step is modelled as ``c * (m + m_half)``; a least-squares line
+    through the median times at ``sizes`` gives ``m_half = intercept / slope``.
+    """
+    from memfit.workload import build_model, move_batch, step_loss
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("calibrate on 'cuda' needs a CUDA device; none is available here")
+    model = build_model(workload).to(dev)
+    times = []
+    for m in sizes:
+        batch = move_batch(workload.batch(m), dev)
+        samples = []
+        for _ in range(repeats + 1):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()  # time the device's work, not the launch
+            start = time.perf_counter()
+            step_loss(workload.loss(model, batch)).backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+        times.append(sorted(samples[1:])[len(samples[1:]) // 2])
+    n = len(sizes)
+    mean_m = sum(sizes) / n
+    mean_t = sum(times) / n
+    slope = sum((m - mean_m) * (t - mean_t) for m, t in zip(sizes, times)) / sum((m - mean_m) ** 2 for m in sizes)
+    intercept = mean_t - slope * mean_m
+    if slope <= 0:
+        return _DEFAULT_M_HALF
+    return max(intercept / slope, 0.0)
+
+
+def find_batch_size(
+    workload: Workload,
+    budget: int | str | None = None,
+    device: str | None = None,
+    *,
+    precision: str = "32-true",
+    limit: int = 4096,
+) -> int:
+    """The largest micro-batch that fits: predicted by the estimator, verified by one real step.
+
+    On CPU give ``budget``: the verifying step runs under ``simulate_budget(budget)``.
+    On CUDA the default budget is the free memory. If the verifying step runs out
+    of memory, the size backs off and is verified again.
+    """
+    from memfit.budget import simulate_budget
+    from memfit.strategies import Recipe
+    from memfit.workload import build_model, run_steps
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and budget is None:
+        raise UsageError("find_batch_size on the CPU needs budget=... (the simulated device size, e.g. '2GiB')")
+    budget_bytes = resolve_budget(budget if budget is not None else "auto", device)
+    target = "cuda" if device == "cuda" else "cpu"
+    searcher = _Searcher(workload, target)
+    m = searcher.largest_micro_batch(Config(micro_batch=1, precision=precision), budget_bytes, limit)
+    while m > 0:
+        config = Config(micro_batch=m, precision=precision)
+        recipe = Recipe(config, target)
+        model = recipe.apply(build_model(workload).to(device))
+        optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
+        try:
+            if device == "cpu":
+                with simulate_budget(budget_bytes, model, optimizer) as sim:
+                    run_steps(workload, model, optimizer, m, 2, tracker=sim, device=device, recipe=recipe)
+            else:
+                run_steps(workload, model, optimizer, m, 2, device=device, recipe=recipe)
+            return m
+        except torch.OutOfMemoryError:
+            m = max(m - max(1, m // 10), 0)  # back off 10% and verify again
+        finally:
+            del model, optimizer
+            if device == "cuda":
+                torch.cuda.empty_cache()  # after an OOM only: hand the cache back before retrying
+    raise PlanError(f"not even a micro-batch of 1 fits in {format_bytes(budget_bytes)}", floor=0, budget=budget_bytes, levers={})
+

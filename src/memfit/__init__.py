@@ -2,6 +2,7 @@
 
 Measure a training step's memory truthfully (:func:`track`, :func:`measure`),
 estimate it without a GPU on fake tensors (:func:`estimate`, :class:`Config`),
+plan the configuration that fits a budget (:func:`plan`, :func:`find_batch_size`),
 exercise out-of-memory without a GPU (:func:`simulate_budget`), and work in
 int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_bytes`).
 """
@@ -11,6 +12,7 @@ from memfit.budget import simulate_budget
 from memfit.config import PRECISIONS, Config
 from memfit.errors import MemfitError, UsageError
 from memfit.estimator import Estimate, estimate
+from memfit.planner import Plan, PlanError, find_batch_size, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
 from memfit.units import format_bytes, parse_bytes
@@ -25,6 +27,10 @@ __all__ = [
     "Config",
     "Estimate",
     "estimate",
+    "Plan",
+    "PlanError",
+    "plan",
+    "find_batch_size",
     "MemfitError",
     "MemoryReport",
     "MemoryTracker",

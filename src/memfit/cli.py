@@ -101,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--budget", metavar="BYTES", help="say whether the step fits in this much memory, e.g. 24GiB")
     estimate.add_argument("--json", action="store_true", help="print only JSON")
 
+    plan = commands.add_parser(
+        "plan",
+        help="choose the configuration that fits a budget at the best speed",
+        description="Choose micro-batch, gradient accumulation, precision and checkpointing so that a training "
+        "step of the given effective batch fits the budget at the lowest predicted cost, from estimates (no GPU needed).",
+    )
+    plan.add_argument("spec", metavar="SPEC", help="a preset, path/to/file.py:function or package.module:function")
+    plan.add_argument("--budget", required=True, metavar="BYTES", help="device memory to fit, e.g. 24GiB, or 'auto' (free CUDA memory)")
+    plan.add_argument("--batch-size", "-b", required=True, type=_positive_int("--batch-size"), help="the effective batch to keep")
+    plan.add_argument("--seq-len", type=_positive_int("--seq-len"), help="sequence length, for language-model presets")
+    plan.add_argument("--precision", nargs="+", default=None, metavar="P",
+                      help=f"precisions the plan may use (default: 32-true only), among {', '.join(PRECISIONS)}")
+    plan.add_argument("--no-checkpoint", action="store_true", help="never checkpoint activations")
+    plan.add_argument("--offload-activations", action="store_true", help="allow offloading saved activations to CPU memory")
+    plan.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="the target (default cuda; no GPU needed)")
+    plan.add_argument("--calibrate", action="store_true", help="time a few real micro-steps on --device to fit the efficiency curve")
+    plan.add_argument("--json", action="store_true", help="print only JSON")
+
     commands.add_parser("presets", help="list the built-in workloads", description="List the built-in workloads.")
     return parser
 
@@ -118,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _presets()
         if args.command == "estimate":
             return _estimate(args)
+        if args.command == "plan":
+            return _plan(args)
         return _profile(args)
     except _UsageExit as exc:
         return _fail(str(exc), EXIT_USAGE)
@@ -214,6 +234,34 @@ def _estimate(args: argparse.Namespace) -> int:
         verdict = "fits" if fits else "does NOT fit"
         print(f"Budget {format_bytes(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
               f"{format_bytes(abs(budget - est.required))} {'to spare' if fits else 'short'}).")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from memfit import presets
+    from memfit.planner import plan, resolve_budget
+
+    budget = resolve_budget(args.budget, args.device)
+    for p in args.precision or ():
+        if p not in PRECISIONS:
+            raise MemfitError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
+    overrides = {"seq_len": args.seq_len} if args.seq_len is not None else {}
+    workload = presets.resolve(args.spec, **overrides)
+    with _progress(f"Planning {workload.name} for {args.budget}"):
+        result = plan(
+            workload,
+            budget,
+            args.batch_size,
+            precisions=args.precision,
+            allow_checkpoint=not args.no_checkpoint,
+            allow_offload=args.offload_activations,
+            device=args.device,
+            calibrate=args.calibrate,
+        )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table(), end="")
     return 0
 
 

@@ -145,14 +145,16 @@ def render_plan(plan: Plan, *, width: int = 100) -> str:
     console.print(f"Plan for batch {plan.batch_size} in {format_bytes(plan.budget)}: {c.describe()}; "
                   f"accumulate {split}.")
     console.print(f"Predicted {format_bytes(plan.required)} needed, {format_bytes(plan.headroom)} headroom; "
-                  f"relative step cost {plan.step_cost:.2f} (1.00 = the whole batch at once, unconstrained).")
+                  f"relative step cost {plan.step_cost:.2f} (1.00 = the whole batch at once, unconstrained; "
+                  f"{plan.extra.get('estimates', 0)} estimates).")
     for reason in plan.reasons:
         console.print(f"  - {reason}")
     table = Table(title="Alternatives considered (fastest first)", title_justify="left", min_width=64)
     for column in ("precision", "checkpoint", "micro-batch", "micro-steps", "needs", "cost"):
         table.add_column(column, justify="right" if column not in ("precision", "checkpoint") else "left")
     for a in plan.alternatives[:12]:
-        ckpt = f"{len(a.config.checkpoint)} blocks" if a.config.checkpoint else "none"
+        n = len(a.config.checkpoint)
+        ckpt = f"{n} block{'s' if n > 1 else ''}" if n else "none"
         table.add_row(a.config.precision + (" +offload" if a.config.offload_activations else ""), ckpt,
                       str(a.config.micro_batch), str(len(a.accumulation)), format_bytes(a.required), f"{a.step_cost:.2f}")
     console.print(table)

@@ -41,7 +41,7 @@ from memfit.estimator import Estimate, estimate
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload
 
-__all__ = ["Plan", "Alternative", "PlanError", "plan", "find_batch_size", "accumulation_steps"]
+__all__ = ["Plan", "Alternative", "PlanError", "CostModel", "plan", "find_batch_size", "accumulation_steps", "calibrate_efficiency"]
 
 _DEFAULT_M_HALF = 2.0
 _CUDA_SPEED = {"32-true": 1.0, "16-mixed": 0.55, "bf16-mixed": 0.55, "16-true": 0.5, "bf16-true": 0.5}
@@ -170,17 +170,20 @@ class _Searcher:
     def fits(self, config: Config, budget: int) -> bool:
         return self.estimate(config).required <= budget
 
-    def largest_micro_batch(self, base: Config, budget: int, limit: int) -> int:
-        """The largest micro-batch <= limit that fits (0 if 1 does not): doubling, then bisection.
+    def largest_micro_batch(self, base: Config, budget: int, limit: int, start: int = 1) -> int:
+        """The largest micro-batch <= limit that fits (0 if 1 does not): doubling from ``start``, then bisection.
 
         Memory grows with the micro-batch, so the predicate is monotone.
         """
         def at(m: int) -> Config:
             return dataclasses.replace(base, micro_batch=m)
 
-        if not self.fits(at(1), budget):
+        start = max(1, min(start, limit))
+        if start > 1 and not self.fits(at(start), budget):
+            start = 1
+        if start == 1 and not self.fits(at(1), budget):
             return 0
-        good, bad = 1, None
+        good, bad = start, None
         while bad is None:
             trial = min(good * 2, limit)
             if trial == good:
@@ -196,6 +199,30 @@ class _Searcher:
             else:
                 bad = mid
         return good
+
+
+class CostModel:
+    """Predicted time of a logical batch under a Config, relative units (see the module docstring)."""
+
+    def __init__(self, workload: Workload, *, device: str = "cuda", m_half: float = _DEFAULT_M_HALF) -> None:
+        self.workload = workload
+        self.device = device
+        self.m_half = m_half
+        self._flops: dict[str, tuple[int, dict[str, int]]] = {}
+
+    def flops(self, precision: str) -> tuple[int, dict[str, int]]:
+        """Forward+backward FLOPs per sample, and forward FLOPs per module per sample."""
+        if precision not in self._flops:
+            self._flops[precision] = _flops(self.workload, precision, 1)
+        return self._flops[precision]
+
+    def step_cost(self, config: Config, batch_size: int) -> float:
+        total, per_module = self.flops(config.precision)
+        recompute = sum(per_module.get(path, 0) for path in config.checkpoint)
+        speed = _CUDA_SPEED[config.precision] if self.device == "cuda" else 1.0
+        per_sample = (total + recompute) * speed
+        # time(mb) = flops(mb) / efficiency(mb) = per_sample * mb * (mb + m_half) / mb
+        return sum(per_sample * (mb + self.m_half) for mb in accumulation_steps(batch_size, config.micro_batch))
 
 
 def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
@@ -291,17 +318,8 @@ def plan(
     checkpoint_sets: list[tuple[str, ...]] = [()] + [tuple(blocks[:k]) for k in counts]
     offloads = (False, True) if allow_offload and device == "cuda" else (False,)
 
-    flops_cache: dict[str, tuple[int, dict[str, int]]] = {}
-
-    def cost_of(config: Config) -> float:
-        if config.precision not in flops_cache:
-            flops_cache[config.precision] = _flops(workload, config.precision, 1)
-        total, per_module = flops_cache[config.precision]
-        recompute = sum(per_module.get(path, 0) for path in config.checkpoint)
-        speed = _CUDA_SPEED[config.precision] if device == "cuda" else 1.0
-        per_sample = (total + recompute) * speed
-        # time(mb) = flops(mb) / efficiency(mb) = per_sample * mb * (mb + m_half) / mb
-        return sum(per_sample * (mb + m_half) for mb in accumulation_steps(batch_size, config.micro_batch))
+    model = CostModel(workload, device=device, m_half=m_half)
+    cost_of = lambda config: model.step_cost(config, batch_size)  # noqa: E731
 
     candidates: list[Alternative] = []
     for precision in precisions:
@@ -309,7 +327,8 @@ def plan(
             previous_best = 0
             for ckpt in checkpoint_sets:
                 base = Config(micro_batch=1, precision=precision, checkpoint=ckpt, offload_activations=offload)
-                m = searcher.largest_micro_batch(base, budget, batch_size)
+                # More checkpointing never needs more memory: start from the last size that fitted.
+                m = searcher.largest_micro_batch(base, budget, batch_size, start=previous_best or 1)
                 if m == 0:
                     continue
                 if ckpt and m <= previous_best:
@@ -326,7 +345,8 @@ def plan(
     if not candidates:
         raise _nothing_fits(searcher, precisions, budget, blocks)
 
-    ideal = cost_of(Config(micro_batch=batch_size, precision=precisions[0]))
+    # 1.0 = the whole batch in one micro-step at the fastest allowed precision, no recomputation.
+    ideal = min(cost_of(Config(micro_batch=batch_size, precision=p)) for p in precisions)
     candidates.sort(key=lambda a: (a.step_cost, a.required))
     best = candidates[0]
     alternatives = tuple(dataclasses.replace(a, step_cost=a.step_cost / ideal) for a in candidates)
@@ -360,7 +380,7 @@ def _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher) ->
     reasons.append(f"precision {c.precision}" + (" (the only one allowed)" if len({a.config.precision for a in alternatives}) == 1 else " predicted fastest of those allowed"))
     if c.checkpoint:
         reasons.append(f"checkpointing {len(c.checkpoint)} of {len(blocks)} blocks lets a larger micro-batch fit, "
-                       "worth its recomputation")
+                       "which saves more time than the recomputation costs")
     elif blocks:
         reasons.append("no checkpointing: recomputation would cost more than it saves")
     if c.offload_activations:

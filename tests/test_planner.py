@@ -1,0 +1,139 @@
+"""plan() and find_batch_size(): the plan fits, keeps the batch, and is the cheapest that fits."""
+
+import itertools
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import memfit
+from memfit import Config, PlanError, UsageError, estimate, plan, simulate_budget
+from memfit.cli import main
+from memfit.planner import CostModel, _Searcher, accumulation_steps
+from memfit.strategies import Recipe
+from memfit.workload import build_model, run_steps
+from zoo import ZOO
+
+
+def test_accumulation_sums_to_the_batch_for_awkward_sizes():
+    assert accumulation_steps(100, 7) == (7,) * 14 + (2,)
+    assert sum(accumulation_steps(100, 7)) == 100
+    assert accumulation_steps(64, 64) == (64,)
+    assert accumulation_steps(5, 8) == (5,)
+    for batch, micro in itertools.product((1, 17, 100, 256), (1, 3, 7, 64)):
+        assert sum(accumulation_steps(batch, micro)) == batch
+        assert max(accumulation_steps(batch, micro)) <= micro
+
+
+@pytest.fixture(scope="module")
+def lm_plan():
+    workload = ZOO["tied-lm"]()
+    budget = estimate(workload, Config(micro_batch=12), device="cpu").required
+    return workload, budget, plan(workload, budget, 100, device="cpu")
+
+
+def test_the_plan_fits_for_real_and_the_next_micro_batch_would_not(lm_plan):
+    workload, budget, p = lm_plan
+    assert sum(p.accumulation) == 100 and p.required <= budget and p.headroom == budget - p.required
+    config = p.config
+    recipe = Recipe(config, "cpu")
+    model = recipe.apply(build_model(workload))
+    optimizer = workload.optimizer(model.parameters())
+    with simulate_budget(budget, model, optimizer) as sim:  # raises if the plan does not fit
+        run_steps(workload, model, optimizer, config.micro_batch, 2, tracker=sim, recipe=recipe)
+    if config.micro_batch < 100:
+        bigger = Config(micro_batch=config.micro_batch + 1, precision=config.precision, checkpoint=config.checkpoint)
+        assert estimate(workload, bigger, device="cpu").required > budget
+    assert p.alternatives[0].config == p.config and p.alternatives[0].step_cost == p.step_cost
+    assert p.reasons and all(isinstance(r, str) for r in p.reasons)
+    json.dumps(p.to_dict())
+
+
+def test_the_chosen_checkpoint_set_is_the_cheapest_of_all_subsets_that_fit():
+    workload = memfit.Workload(
+        model=lambda: ZOO["tied-lm"]().model().__class__(depth=4),
+        batch=ZOO["tied-lm"]().batch,
+        loss=ZOO["tied-lm"]().loss,
+        optimizer=ZOO["tied-lm"]().optimizer,
+    )
+    batch = 32
+    full = estimate(workload, Config(micro_batch=batch), device="cpu")
+    ckpt = estimate(workload, Config(micro_batch=batch, checkpoint="all"), device="cpu")
+    budget = (full.required + ckpt.required) // 2  # the whole batch fits only with some checkpointing
+    chosen = plan(workload, budget, batch, device="cpu")
+    searcher = _Searcher(workload, "cpu")
+    costs = CostModel(workload, device="cpu", m_half=chosen.extra["m_half"])
+    blocks = [f"blocks.{i}" for i in range(4)]
+    best = None
+    for k in range(5):
+        for subset in itertools.combinations(blocks, k):
+            m = searcher.largest_micro_batch(Config(micro_batch=1, checkpoint=subset), budget, batch)
+            if m:
+                cost = costs.step_cost(Config(micro_batch=m, checkpoint=subset), batch)
+                best = cost if best is None else min(best, cost)
+    chosen_cost = costs.step_cost(chosen.config, batch)
+    assert chosen_cost <= best * (1 + 1e-9)
+
+
+def test_plan_error_states_the_floor_and_the_levers():
+    workload = memfit.Workload(
+        model=lambda: nn.Linear(1000, 1000),
+        batch=lambda n: torch.randn(n, 1000),
+        loss=lambda m, b: m(b).pow(2).mean(),
+        optimizer=lambda p: torch.optim.Adam(p),
+    )
+    params = (1000 * 1000 + 1000) * 4
+    with pytest.raises(PlanError) as info:
+        plan(workload, "8MB", 16, device="cpu")
+    error = info.value
+    # fp32 weights + fp32 gradients + Adam's two moments and two 4-byte step counters.
+    assert error.floor == params + params + 2 * params + 2 * 4
+    assert error.budget == 8_000_000
+    assert error.levers["sharding over 2 GPUs (FSDP)"] == error.floor - error.floor // 2
+    assert error.levers["an optimizer with less state (SGD without momentum keeps none)"] == 2 * params + 8
+    assert error.levers["--precision bf16-true"] == error.floor // 2 - 4  # step counters stay fp32
+    assert "nothing fits in 7.63 MiB" in str(error) and "Levers:" in str(error)
+
+
+def test_plan_keeps_the_precision_unless_allowed(lm_plan):
+    _, _, p = lm_plan
+    assert {a.config.precision for a in p.alternatives} == {"32-true"}
+
+
+def test_bad_plan_arguments():
+    workload = ZOO["tied-lm"]()
+    with pytest.raises(UsageError, match="batch_size must be a positive int"):
+        plan(workload, "1GiB", 0, device="cpu")
+    with pytest.raises(UsageError, match="precision 'fp8' is not one of"):
+        plan(workload, "1GiB", 8, precisions=("fp8",), device="cpu")
+    with pytest.raises(ValueError, match="bad byte quantity"):
+        plan(workload, "lots", 8, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="budget 'auto' reads the free memory of a CUDA device"):
+            plan(workload, "auto", 8, device="cuda")
+
+
+def test_find_batch_size_on_cpu_fits_and_is_the_largest():
+    workload = ZOO["tied-lm"]()
+    budget = estimate(workload, Config(micro_batch=20), device="cpu").required
+    found = memfit.find_batch_size(workload, budget=budget, device="cpu")
+    assert found == 20
+    assert memfit.measure(workload, found).peak <= budget
+    assert estimate(workload, Config(micro_batch=found + 1), device="cpu").required > budget
+    with pytest.raises(UsageError, match="needs budget="):
+        memfit.find_batch_size(workload, device="cpu")
+
+
+def test_plan_cli(capsys):
+    code = main(["plan", "gpt2-tiny", "--budget", "700MiB", "-b", "64", "--precision", "32-true", "bf16-mixed", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(out)
+    assert sum(data["accumulation"]) == 64 and data["required"] <= data["budget"]
+    code = main(["plan", "gpt2-tiny", "--budget", "1MiB", "-b", "64"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("memfit: error: nothing fits in 1.00 MiB") and err.count("\n") == 1
+    code = main(["plan", "gpt2-tiny", "--budget", "big", "-b", "64"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "bad byte quantity 'big'" in err

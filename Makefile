@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/estimate_speed.py
 	$(PY) benchmarks/estimate_accuracy.py
 	$(PY) benchmarks/published_figures.py
+	$(PY) benchmarks/batch_size_search.py
+	$(PY) benchmarks/checkpoint_plan.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

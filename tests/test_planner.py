@@ -137,3 +137,14 @@ def test_plan_cli(capsys):
     code = main(["plan", "gpt2-tiny", "--budget", "big", "-b", "64"])
     out, err = capsys.readouterr()
     assert code == 2 and "bad byte quantity 'big'" in err
+
+
+def test_calibration_fits_the_efficiency_curve_from_real_steps():
+    from memfit.planner import calibrate_efficiency
+
+    m_half = calibrate_efficiency(ZOO["tied-lm"](), device="cpu", sizes=(1, 4, 16), repeats=2)
+    assert isinstance(m_half, float) and m_half >= 0
+    workload = ZOO["tied-lm"]()
+    budget = estimate(workload, Config(micro_batch=8), device="cpu").required
+    calibrated = plan(workload, budget, 16, device="cpu", calibrate=True)
+    assert calibrated.extra["m_half"] >= 0 and sum(calibrated.accumulation) == 16

@@ -219,3 +219,22 @@ def test_estimate_to_dict_is_json():
     assert data["config"] == {"micro_batch": 2, "precision": "32-true", "checkpoint": [], "offload_activations": False}
     assert set(data["phases"]) == {"first", "steady"}
     assert "Memory at the peak" in est.table()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_estimate_matches_the_device():
+    # Big enough (about 1 GiB) that cuBLAS's 32 MiB workspaces are a small share.
+    workload = memfit.presets.load("gpt2-tiny", seq_len=512, n_embd=256, n_layer=4, vocab_size=8192)
+    config = Config(micro_batch=16, precision="bf16-mixed")
+    est = estimate(workload, config, device="cuda")
+    ones = torch.ones(8, 8, device="cuda")
+    (ones @ ones).sum().item()  # the main thread's cuBLAS workspace goes into the baseline
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base_allocated = torch.cuda.memory_allocated()
+    real = measure(workload, config=config, device="cuda")
+    torch.cuda.synchronize()
+    allocated = torch.cuda.max_memory_allocated() - base_allocated
+    assert abs(real.peak - est.peak) <= 0.05 * real.peak, (est.peak, real.peak)
+    assert abs(est.allocator.allocated - allocated) <= 0.10 * allocated, (est.allocator.allocated, allocated)

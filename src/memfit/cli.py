@@ -49,6 +49,17 @@ def _positive_int(flag: str):
     return parse
 
 
+def _add_workload_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    parser.add_argument(
+        "spec",
+        metavar="SPEC",
+        help="a preset (see `memfit presets`), path/to/file.py:function or package.module:function "
+        "returning a memfit.Workload",
+    )
+    parser.add_argument("--batch-size", "-b", required=True, type=_positive_int("--batch-size"), help=batch_help)
+    parser.add_argument("--seq-len", type=_positive_int("--seq-len"), help="sequence length, for language-model presets")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memfit import __version__
 
@@ -67,15 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run real training steps (forward, backward, optimizer step) under memfit's tracker and "
         "report the peak by category, phase and module.",
     )
-    profile.add_argument(
-        "spec",
-        metavar="SPEC",
-        help="a preset (see `memfit presets`), path/to/file.py:function or package.module:function "
-        "returning a memfit.Workload",
-    )
-    profile.add_argument("--batch-size", "-b", required=True, type=_positive_int("--batch-size"), help="micro-batch size")
+    _add_workload_args(profile, "micro-batch size")
     profile.add_argument("--steps", type=_positive_int("--steps"), default=2, help="training steps to run (default 2)")
-    profile.add_argument("--seq-len", type=_positive_int("--seq-len"), help="sequence length, for language-model presets")
     profile.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to run on (default cpu)")
     profile.add_argument("--plot", metavar="PATH", help="also plot the timeline to PATH (.png, .svg or .pdf)")
     profile.add_argument("--json", action="store_true", help="print only JSON")
@@ -87,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict the memory of a training step on fake tensors (no memory used, no GPU needed): "
         "categories at the peak, phase peaks, top modules and the memory a device needs.",
     )
-    estimate.add_argument("spec", metavar="SPEC", help="a preset, path/to/file.py:function or package.module:function")
-    estimate.add_argument("--batch-size", "-b", required=True, type=_positive_int("--batch-size"), help="micro-batch size")
-    estimate.add_argument("--seq-len", type=_positive_int("--seq-len"), help="sequence length, for language-model presets")
+    _add_workload_args(estimate, "micro-batch size")
     estimate.add_argument("--precision", default="32-true", metavar="P",
                           help=f"one of {', '.join(PRECISIONS)} (default 32-true)")
     estimate.add_argument("--checkpoint", nargs="+", default=[], metavar="GLOB",
@@ -107,10 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Choose micro-batch, gradient accumulation, precision and checkpointing so that a training "
         "step of the given effective batch fits the budget at the lowest predicted cost, from estimates (no GPU needed).",
     )
-    plan.add_argument("spec", metavar="SPEC", help="a preset, path/to/file.py:function or package.module:function")
+    _add_workload_args(plan, "the effective batch to keep")
     plan.add_argument("--budget", required=True, metavar="BYTES", help="device memory to fit, e.g. 24GiB, or 'auto' (free CUDA memory)")
-    plan.add_argument("--batch-size", "-b", required=True, type=_positive_int("--batch-size"), help="the effective batch to keep")
-    plan.add_argument("--seq-len", type=_positive_int("--seq-len"), help="sequence length, for language-model presets")
     plan.add_argument("--precision", nargs="+", default=None, metavar="P",
                       help=f"precisions the plan may use (default: 32-true only), among {', '.join(PRECISIONS)}")
     plan.add_argument("--no-checkpoint", action="store_true", help="never checkpoint activations")

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from memfit import _torch_private
+from memfit._tree import map_tensors
 from memfit.config import Config
 from memfit.errors import UsageError
 
@@ -74,7 +75,7 @@ class Precision:
         """For ``*-true``, the batch's floating-point tensors in the model's dtype (as Lightning does)."""
         if self.mixed or self.dtype == torch.float32:
             return batch
-        return _map_float(batch, self.dtype)
+        return map_tensors(batch, lambda t: t.to(self.dtype) if t.is_floating_point() else t)
 
     def autocast(self, device_type: str):
         """The autocast context of the forward pass (a no-op outside ``*-mixed``)."""
@@ -89,21 +90,6 @@ class Precision:
         if fake:
             return _torch_private.fake_friendly_grad_scaler(device_type)
         return torch.amp.GradScaler(device_type)
-
-
-def _map_float(obj, dtype: torch.dtype):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_map_float(o, dtype) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_map_float(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return type(obj)({k: _map_float(v, dtype) for k, v in obj.items()})
-    if hasattr(obj, "items") and hasattr(obj, "keys"):  # transformers BatchEncoding
-        for k in list(obj.keys()):
-            obj[k] = _map_float(obj[k], dtype)
-    return obj
 
 
 def _glob_regex(glob: str) -> re.Pattern:

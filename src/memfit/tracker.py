@@ -45,7 +45,6 @@ Known limitations:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -54,6 +53,7 @@ from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit import _torch_private
+from memfit._tree import tensors as _tensors
 from memfit.errors import MemfitError
 from memfit.report import CATEGORIES, PHASES, MemoryReport, build_report
 
@@ -79,19 +79,6 @@ class _Storage:
         self.nbytes = nbytes
         self.cat = cat
         self.ref = ref
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """The tensors in any nesting of tuples, lists and dicts (aten outputs, batches)."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict) or (hasattr(obj, "items") and hasattr(obj, "keys")):
-        # dict and Mapping-likes such as transformers' BatchEncoding.
-        for item in obj.values():
-            yield from _tensors(item)
 
 
 def _normalize_device(device: torch.device | str) -> torch.device:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from memfit import _torch_private
+from memfit._tree import map_tensors, tensors
 from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
 from memfit.report import MemoryReport
@@ -68,24 +69,12 @@ class Workload:
 
 def move_batch(batch: Any, device: torch.device | str) -> Any:
     """``batch`` with every tensor moved to ``device`` (tuples, lists, dicts and Mappings kept)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(move_batch(b, device) for b in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return type(batch)({k: move_batch(v, device) for k, v in batch.items()})
-    if hasattr(batch, "to") and hasattr(batch, "items"):  # transformers BatchEncoding
-        return batch.to(device)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device))
 
 
 def batch_size_of(batch: Any) -> int:
     """The size of dimension 0 shared by the batch's tensors."""
-    from memfit.tracker import _tensors
-
-    sizes = {t.shape[0] for t in _tensors(batch) if t.dim() > 0}
+    sizes = {t.shape[0] for t in tensors(batch) if t.dim() > 0}
     if len(sizes) != 1:
         raise UsageError(
             f"cannot tell the batch size: the batch's tensors have first dimensions {sorted(sizes)}; "

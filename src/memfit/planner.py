@@ -171,27 +171,50 @@ class _Searcher:
         return self.estimate(config).required <= budget
 
     def largest_micro_batch(self, base: Config, budget: int, limit: int, start: int = 1) -> int:
-        """The largest micro-batch <= limit that fits (0 if 1 does not): doubling from ``start``, then bisection.
+        """The largest micro-batch <= limit that fits (0 if 1 does not).
 
-        Memory grows with the micro-batch, so the predicate is monotone.
+        Memory grows with the micro-batch, so "fits" is monotone and a search is
+        exact. Memory is also close to affine in the micro-batch (activations scale
+        with it, model states do not), so two estimates predict the answer and two
+        more confirm it; where the prediction is off, doubling and bisection finish.
         """
         def at(m: int) -> Config:
             return dataclasses.replace(base, micro_batch=m)
 
-        start = max(1, min(start, limit))
-        if start > 1 and not self.fits(at(start), budget):
-            start = 1
-        if start == 1 and not self.fits(at(1), budget):
+        def required(m: int) -> int:
+            return self.estimate(at(m)).required
+
+        lo = max(1, min(start, limit))
+        if lo > 1 and required(lo) > budget:
+            lo = 1
+        if required(lo) > budget:
             return 0
-        good, bad = start, None
-        while bad is None:
+        if lo == limit:
+            return lo
+        nxt = min(lo + max(1, lo), limit)
+        slope = (required(nxt) - required(lo)) / (nxt - lo)
+        if required(nxt) > budget:
+            return self._bisect(at, budget, lo, nxt)
+        if slope <= 0:
+            return self._double(at, budget, nxt, limit)
+        guess = max(nxt, min(limit, lo + int((budget - required(lo)) // slope)))
+        if required(guess) <= budget:
+            if guess == limit or required(guess + 1) > budget:
+                return guess
+            return self._double(at, budget, guess + 1, limit)
+        return self._bisect(at, budget, nxt, guess)
+
+    def _double(self, at, budget: int, good: int, limit: int) -> int:
+        """From a size that fits, double until one does not (or the limit), then bisect."""
+        while good < limit:
             trial = min(good * 2, limit)
-            if trial == good:
-                return good
-            if self.fits(at(trial), budget):
-                good = trial
-            else:
-                bad = trial
+            if not self.fits(at(trial), budget):
+                return self._bisect(at, budget, good, trial)
+            good = trial
+        return good
+
+    def _bisect(self, at, budget: int, good: int, bad: int) -> int:
+        """The largest size in [good, bad) that fits, given good fits and bad does not."""
         while bad - good > 1:
             mid = (good + bad) // 2
             if self.fits(at(mid), budget):

@@ -101,6 +101,28 @@ def test_derived_steps_equal_steps_run_on_fake_tensors():
                 assert derived.report.at_end == ran.report.at_end
 
 
+def test_accumulation_keeps_the_first_micro_steps_gradients_alive():
+    from memfit import track
+    from memfit.strategies import Recipe
+    from memfit.workload import build_model, run_steps
+
+    workload = ZOO["tied-lm"]()
+    config = Config(micro_batch=4)
+    single = estimate(workload, config, device="cpu")
+    accumulated = estimate(workload, config, device="cpu", accumulation=3)
+    # The second micro-step runs with the first one's gradients alive.
+    assert accumulated.phases["steady"]["forward"] == single.phases["steady"]["forward"] + single.report.peak_by_category["gradients"]
+    # And a real run with accumulation agrees to the byte.
+    recipe = Recipe(config, "cpu")
+    model = recipe.apply(build_model(workload))
+    optimizer = workload.optimizer(model.parameters())
+    with track(model, optimizer) as tracker:
+        run_steps(workload, model, optimizer, 4, 2, tracker=tracker, recipe=recipe, accumulation=3)
+    assert tracker.report().peak == accumulated.peak
+    with pytest.raises(UsageError, match="accumulation must be a positive int"):
+        estimate(workload, config, accumulation=0)
+
+
 def test_estimate_costs_no_real_memory_for_a_big_model():
     import resource
 

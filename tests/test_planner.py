@@ -41,10 +41,12 @@ def test_the_plan_fits_for_real_and_the_next_micro_batch_would_not(lm_plan):
     model = recipe.apply(build_model(workload))
     optimizer = workload.optimizer(model.parameters())
     with simulate_budget(budget, model, optimizer) as sim:  # raises if the plan does not fit
-        run_steps(workload, model, optimizer, config.micro_batch, 2, tracker=sim, recipe=recipe)
+        # Every micro-step at the full micro-batch: at least what the plan's last, smaller one needs.
+        run_steps(workload, model, optimizer, config.micro_batch, 2, tracker=sim, recipe=recipe,
+                  accumulation=len(p.accumulation))
     if config.micro_batch < 100:
         bigger = Config(micro_batch=config.micro_batch + 1, precision=config.precision, checkpoint=config.checkpoint)
-        assert estimate(workload, bigger, device="cpu").required > budget
+        assert estimate(workload, bigger, device="cpu", accumulation=2).required > budget
     assert p.alternatives[0].config == p.config and p.alternatives[0].step_cost == p.step_cost
     assert p.reasons and all(isinstance(r, str) for r in p.reasons)
     json.dumps(p.to_dict())
@@ -62,7 +64,7 @@ def test_the_chosen_checkpoint_set_is_the_cheapest_of_all_subsets_that_fit():
     ckpt = estimate(workload, Config(micro_batch=batch, checkpoint="all"), device="cpu")
     budget = (full.required + ckpt.required) // 2  # the whole batch fits only with some checkpointing
     chosen = plan(workload, budget, batch, device="cpu")
-    searcher = _Searcher(workload, "cpu")
+    searcher = _Searcher(workload, "cpu", batch_size=batch)
     costs = CostModel(workload, device="cpu", m_half=chosen.extra["m_half"])
     blocks = [f"blocks.{i}" for i in range(4)]
     best = None

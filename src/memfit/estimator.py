@@ -18,9 +18,9 @@ Known limitations: memory inside one kernel (cuDNN/cuBLAS scratch, fused
 attention's workspace) is not counted; CUDA-only kernels (flash attention) are
 represented by their CPU counterparts' outputs; code that branches on tensor
 values takes its fake-tensor branch: transformers (5.x) then builds a causal mask
-of batch x seq x seq bools that real runs skip (it lives through backward when
-blocks are checkpointed: 4 MiB for Llama at seq 2048, batch 1); see also
-:mod:`memfit.tracker`.
+of batch x seq x seq bools that real runs skip, and attention layers that fall
+back to CPU's math kernel save it expanded per head (batch x heads x seq x seq
+bytes per layer): the estimate errs high by that much; see also :mod:`memfit.tracker`.
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def estimate(
     *,
     capability: tuple[int, int] | None = None,
     run_all_steps: bool = False,
+    accumulation: int = 1,
 ) -> Estimate:
     """Estimate the memory of ``steps`` training steps under ``config`` on fake tensors.
 
@@ -151,6 +152,9 @@ def estimate(
         device: the target, ``"cpu"`` or ``"cuda"`` (no GPU needed for either).
         capability: CUDA compute capability for the allocator model (cuBLAS
             workspace size); by default the local GPU's, else (9, 0) (Hopper).
+        accumulation: micro-steps per optimizer step. Under gradient accumulation
+            the gradients of the first micro-step are alive during the others;
+            2 shows that (a third repeats the second), 1 is a plain step.
         run_all_steps: run every step on fake tensors. By default only the first
             runs and later ones are derived from its trace (a later step repeats
             the first's allocations, its optimizer state existing from the
@@ -167,6 +171,8 @@ def estimate(
         raise UsageError(f"estimate() takes a memfit.Config, got {type(config).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+        raise UsageError(f"accumulation must be a positive int (micro-steps per optimizer step), got {accumulation!r}")
     try:
         target = torch.device(device).type
     except (RuntimeError, TypeError):
@@ -189,13 +195,15 @@ def estimate(
             recipe.tune_optimizer(optimizer)
         with recipe.emulation(), track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
             start = tracker.position()
-            run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe)
+            run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe,
+                      accumulation=accumulation)
             # Later steps repeat the first minus what it created and kept (optimizer
             # state): derive them from its trace, unless asked to run them all or the
             # trace cannot be repeated (then they run).
             remaining = steps - 1
             if remaining and (run_all_steps or not tracker.repeat_since(start, remaining)):
-                run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker, recipe=recipe)
+                run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker, recipe=recipe,
+                          accumulation=accumulation)
     report = tracker.report()
 
     allocator = None
@@ -216,7 +224,7 @@ def estimate(
         checkpointed=tuple(recipe.checkpointed),
         allocator=allocator,
         context=CUDA_CONTEXT_BYTES if target == "cuda" else 0,
-        extra={"workload": workload.name, "steps": steps},
+        extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
     )
 
 

@@ -153,18 +153,23 @@ def resolve_budget(budget: int | str, device: str) -> int:
 class _Searcher:
     """Estimates with a cache, and the FLOP counts of the cost model."""
 
-    def __init__(self, workload: Workload, device: str, steps: int = 2) -> None:
+    def __init__(self, workload: Workload, device: str, steps: int = 2, batch_size: int | None = None) -> None:
         self.workload = workload
         self.device = device
         self.steps = steps
+        self.batch_size = batch_size
         self.cache: dict[tuple, Estimate] = {}
         self.calls = 0
 
     def estimate(self, config: Config) -> Estimate:
-        key = (config.micro_batch, config.precision, config.checkpoint, config.offload_activations)
+        # A micro-batch smaller than the batch means accumulation: the first
+        # micro-step's gradients are alive during the next, so estimate two.
+        accumulation = 2 if self.batch_size is not None and config.micro_batch < self.batch_size else 1
+        key = (config.micro_batch, config.precision, config.checkpoint, config.offload_activations, accumulation)
         if key not in self.cache:
             self.calls += 1
-            self.cache[key] = estimate(self.workload, config, steps=self.steps, device=self.device)
+            self.cache[key] = estimate(self.workload, config, steps=self.steps, device=self.device,
+                                       accumulation=accumulation)
         return self.cache[key]
 
     def fits(self, config: Config, budget: int) -> bool:
@@ -334,7 +339,7 @@ def plan(
         m_half = calibrate_efficiency(workload, device=device)
     m_half = _DEFAULT_M_HALF if m_half is None else float(m_half)
 
-    searcher = _Searcher(workload, device)
+    searcher = _Searcher(workload, device, batch_size=batch_size)
     blocks = _blocks(workload) if allow_checkpoint else []
     # Every count of blocks up to 8; beyond, powers of two and all (each count costs a search).
     counts = range(1, len(blocks) + 1) if len(blocks) <= 8 else sorted({2**i for i in range(len(blocks).bit_length()) if 2**i < len(blocks)} | {len(blocks)})

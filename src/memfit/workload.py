@@ -177,38 +177,42 @@ def run_steps(
     tracker=None,
     device: torch.device | str | None = None,
     recipe: Recipe | None = None,
+    accumulation: int = 1,
 ) -> None:
     """Run ``steps`` plain training steps: batch, forward and loss, backward, step, zero_grad.
 
-    The same loop serves real runs and fake-tensor runs (enter ``FakeTensorMode``
-    before building the model), so both count the same storages. ``recipe``
-    adds autocast, activation offload and a GradScaler as its Config asks.
+    With ``accumulation=k`` each step runs k micro-steps (forward and backward)
+    before the optimizer step, so the gradients of the first are alive during the
+    next ones, as under gradient accumulation. The same loop serves real runs and
+    fake-tensor runs (enter ``FakeTensorMode`` before building the model), so both
+    count the same storages. ``recipe`` adds autocast, activation offload and a
+    GradScaler as its Config asks. (Memory only: losses are not rescaled here;
+    memfit's training engine does the exact accumulation.)
     """
     scaler = recipe.scaler() if recipe is not None and optimizer is not None else None
     forward_context = recipe.forward_context if recipe is not None else contextlib.nullcontext
     for _ in range(steps):
-        batch = workload.batch(micro_batch)
-        if device is not None:
-            batch = move_batch(batch, device)
-        if recipe is not None:
-            batch = recipe.precision.convert_input(batch)
-        if tracker is not None:
-            tracker.mark_inputs(batch)
-        with forward_context():
-            loss = step_loss(workload.loss(model, batch))
+        for _ in range(accumulation):
+            batch = workload.batch(micro_batch)
+            if device is not None:
+                batch = move_batch(batch, device)
+            if recipe is not None:
+                batch = recipe.precision.convert_input(batch)
+            if tracker is not None:
+                tracker.mark_inputs(batch)
+            with forward_context():
+                loss = step_loss(workload.loss(model, batch))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # Drop the micro-step's references now: only the gradients carry over.
+            del batch, loss
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if tracker is not None:  # the scale is training state, like the optimizer's
                 tracker.mark(_torch_private.grad_scaler_state(scaler), "optimizer_state")
+        elif optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         else:
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                model.zero_grad(set_to_none=True)
-        # Drop the step's references now so the next step starts from a clean slate.
-        del batch, loss
+            model.zero_grad(set_to_none=True)

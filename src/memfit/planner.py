@@ -21,9 +21,12 @@ It never changes the math the user asked for: the effective batch, the
 optimizer, and any precision outside ``precisions`` stay as they are.
 
 Known limitations: the cost model is a model (FLOPs, not a profile): use
-``calibrate=True`` on the target device for the efficiency curve; checkpoint
-candidates are the blocks of the model's largest ``nn.ModuleList``, chosen k
-at a time in the order that saves most activation bytes per recomputed FLOP.
+``calibrate=True`` on the target device for the efficiency curve. Checkpoint
+candidates are the first k blocks of the model's largest ``nn.ModuleList``
+(every k up to 8 blocks, powers of two and all beyond): for identical blocks
+(a transformer's) which k blocks makes no difference to memory or FLOPs; for
+blocks that differ, the set is not chosen by each block's activation bytes per
+recomputed FLOP yet. Offload is costed as free (its PCIe traffic is not modelled).
 """
 
 from __future__ import annotations

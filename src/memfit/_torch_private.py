@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["in_backward", "active_fake_mode", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state"]
+__all__ = ["in_backward", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -20,15 +20,6 @@ def in_backward() -> bool:
     if _graph_task_id is None:  # pragma: no cover - future torch
         return False
     return _graph_task_id() != -1
-
-
-def active_fake_mode():
-    """The FakeTensorMode active on this thread, or None."""
-    try:
-        from torch._guards import detect_fake_mode
-    except ImportError:  # pragma: no cover - future torch
-        return None
-    return detect_fake_mode()
 
 
 def is_fake(t: torch.Tensor) -> bool:

@@ -275,7 +275,6 @@ def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, d
         with counter:
             with recipe.forward_context():
                 loss = step_loss(workload.loss(model, batch))
-            forward = counter.get_total_flops()
             loss.backward()
         total = counter.get_total_flops()
         per_module: dict[str, int] = {}
@@ -283,7 +282,6 @@ def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, d
         for name, counts in counter.get_flop_counts().items():
             path = name[len(root) + 1 :] if name.startswith(root + ".") else name
             per_module[path] = int(sum(counts.values()))
-    del forward
     return int(total), per_module
 
 

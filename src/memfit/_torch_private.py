@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["in_backward", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state"]
+__all__ = ["in_backward", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state", "reset_grad_scaler_step"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -53,3 +53,15 @@ def grad_scaler_state(scaler) -> list[torch.Tensor]:
     """The tensors a GradScaler keeps across steps (its private ``_scale`` and ``_growth_tracker``)."""
     return [t for t in (getattr(scaler, "_scale", None), getattr(scaler, "_growth_tracker", None)) if t is not None]
 
+
+
+def reset_grad_scaler_step(scaler) -> None:
+    """Forget a GradScaler's half-done step (``unscale_`` called, ``update`` not), as after an OOM.
+
+    ``GradScaler`` keeps per-optimizer flags in the private ``_per_optimizer_states``
+    until ``update()``; a step that failed in between would make the retry's
+    ``unscale_`` raise "already been called". Checked on torch 2.6-2.13.
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is not None:
+        states.clear()  # a defaultdict: the next step starts fresh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,7 +38,9 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         return type(obj)(map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
         return type(obj)({k: map_tensors(v, fn) for k, v in obj.items()})
-    if _is_mapping(obj):  # e.g. BatchEncoding: update in place, keep the object
-        for k in list(obj.keys()):
-            obj[k] = map_tensors(obj[k], fn)
+    if _is_mapping(obj):  # e.g. BatchEncoding: a shallow copy keeps its type and attribute access
+        out = copy.copy(obj)
+        for k in list(out.keys()):
+            out[k] = map_tensors(obj[k], fn)
+        return out
     return obj

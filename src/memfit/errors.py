@@ -1,6 +1,12 @@
 """memfit's exception base. Every error memfit raises on purpose derives from it."""
 
-__all__ = ["MemfitError", "UsageError"]
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["MemfitError", "UsageError", "OutOfMemory", "LeakWarning"]
 
 
 class MemfitError(Exception):
@@ -9,3 +15,30 @@ class MemfitError(Exception):
 
 class UsageError(MemfitError, ValueError):
     """A bad value from the user: the message names it and the valid forms."""
+
+
+class OutOfMemory(MemfitError, torch.OutOfMemoryError):
+    """Training ran out of memory and memfit's guard could not recover.
+
+    A ``torch.OutOfMemoryError`` too, so handlers that recognise CUDA's OOM still do.
+
+    Attributes:
+        micro_batch: the micro-batch of the last failed attempt.
+        retries: how many times the logical batch was retried.
+        report: the memory report of the run up to the failed attempt (a
+            :class:`memfit.MemoryReport` under a simulated budget), else None.
+        advice: what would make it fit, most effective first.
+    """
+
+    def __init__(self, message: str, *, micro_batch: int, retries: int, report: Any = None,
+                 advice: tuple[str, ...] = ()) -> None:
+        full = message + ("" if not advice else " Try: " + "; ".join(advice) + ".")
+        super().__init__(full)
+        self.micro_batch = micro_batch
+        self.retries = retries
+        self.report = report
+        self.advice = tuple(advice)
+
+
+class LeakWarning(ResourceWarning):
+    """Live memory at the start of a training step grew past the second step's: something keeps tensors alive."""

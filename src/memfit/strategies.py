@@ -162,6 +162,14 @@ class Checkpointing:
             _wrap(model.get_submodule(path))
         return paths
 
+    @staticmethod
+    def remove(model: nn.Module, paths: list[str]) -> None:
+        """Undo :meth:`apply` for ``paths``: their forward runs plainly again (the Trainer re-plans this way)."""
+        for path in paths:
+            module = model.get_submodule(path)
+            if getattr(module.__dict__.get("forward"), "_memfit_checkpoint", False):
+                del module.forward
+
 
 def _wrap(module: nn.Module) -> None:
     if "forward" in module.__dict__ and getattr(module.forward, "_memfit_checkpoint", False):

@@ -243,6 +243,12 @@ class MemoryTracker:
         """The highest live bytes seen so far."""
         return self._peak
 
+    def reset_peak(self) -> None:
+        """Start the peak over from the live bytes now (like ``torch.cuda.reset_peak_memory_stats``)."""
+        self._peak = self._live
+        self._peak_event = len(self._events)
+        self._peak_op = len(self._ops)
+
     def live_bytes(self) -> int:
         """Bytes of counted storages alive now."""
         return self._live

@@ -1,0 +1,789 @@
+"""Trainer: train under a plan with exact gradient accumulation and an out-of-memory guard.
+
+``trainer.step(batch)`` takes one logical batch (the user's effective batch),
+splits it into the plan's micro-batches, runs forward and backward on each,
+steps the optimizer once and sets the gradients to None. The math is the large
+batch's:
+
+* a mean loss is weighted by its micro-batch's share of the batch's samples
+  (``n_i / N``), not divided by the number of micro-batches as the seed
+  article's loop does, which is wrong whenever the last micro-batch is short;
+* a ``(loss_sum, n_items)`` loss is divided by the items of the whole logical
+  batch (token-exact for language models with padding; the transformers
+  Trainer divided per micro-batch until late 2024). The total is known only
+  after the last micro-batch, so each micro-batch backpropagates
+  ``loss_sum * c`` with ``c = 1 / (items of the first * micro-batches)``, close
+  to the final scale so fp16 gradients stay in range, and the gradients are
+  multiplied by ``1 / (total * c)`` once before the optimizer step.
+
+Memory hygiene, as the seed articles ask but done right: the loss is
+accumulated detached on the device and read with ``.item()`` only when
+someone reads :attr:`StepResult.loss`; every reference to a micro-batch's graph
+is dropped before the next; ``torch.cuda.empty_cache()`` runs only after an
+out-of-memory error (calling it every step only slows training: the freed
+blocks are allocated again at once, see the README's measurement).
+
+The OOM guard: a ``torch.OutOfMemoryError`` in any micro-step discards the
+batch's partial gradients, restores what the attempt changed (BatchNorm
+statistics, the RNG, optimizer state created by the attempt), releases the
+exception's frames and the allocator cache, re-plans (the plan's next
+alternative predicted to need less memory, else half the micro-batch), and
+redoes the same logical batch: every sample counts exactly once.
+
+Known limitations:
+* An OOM inside ``optimizer.step()`` after it has updated a tensor in place
+  cannot be undone without a second copy of the model states, which is the
+  memory the user does not have. memfit checks the tensors' version counters:
+  an OOM before the first in-place write (the common case: creating the state
+  in the first step, or a foreach temporary) is retried with the per-tensor
+  implementation; after one, :class:`memfit.OutOfMemory` says so and asks to
+  reload the last :meth:`Trainer.state_dict`.
+* BatchNorm statistics depend on the micro-batch (they are per forward pass),
+  so no accumulation is exact for them; dropout masks are drawn per
+  micro-batch, so runs with different splits differ by their randomness.
+* Leak checks need a live-memory figure: CUDA's allocator, or the simulated
+  budget on CPU. On CPU without a budget the check is off (said once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit import _torch_private
+from memfit._tree import map_tensors
+from memfit.budget import SimulatedBudget
+from memfit.config import Config
+from memfit.errors import LeakWarning, MemfitError, OutOfMemory, UsageError
+from memfit.planner import Plan, accumulation_steps
+from memfit.strategies import Checkpointing, Recipe
+from memfit.units import format_bytes, parse_bytes
+from memfit.workload import Workload, batch_size_of, build_model, move_batch
+
+__all__ = ["Trainer", "StepResult", "FitResult"]
+
+log = logging.getLogger("memfit")
+
+# Growth of live memory at a step's start over the second step's that the leak
+# check tolerates: allocator noise is zero for a steady loop, so anything past
+# 1 MiB (or 1% of the baseline, for large models) is something kept alive.
+_LEAK_MIN_BYTES = 1 << 20
+_LEAK_FRACTION = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one logical batch did. ``loss`` and ``items`` read the device (a sync) when accessed."""
+
+    step: int
+    """The trainer's step count after this step (1 for the first)."""
+    samples: int
+    """Samples in the logical batch."""
+    micro_batches: tuple[int, ...]
+    """The micro-batch sizes that finally ran (they sum to ``samples``)."""
+    retries: int
+    """Out-of-memory retries of this batch (0 if the first attempt fitted)."""
+    skipped: bool
+    """True if the GradScaler skipped the optimizer step (inf/nan gradients, ``16-mixed``)."""
+    peak: int | None
+    """Peak bytes of the step: CUDA's ``max_memory_allocated``, the simulated budget's count, or None on CPU."""
+    loss_tensor: torch.Tensor
+    """The batch's mean loss, detached, on the device."""
+    items_tensor: torch.Tensor
+    """Samples (mean losses) or items (``(loss_sum, n_items)`` losses) the loss averaged over."""
+
+    @property
+    def loss(self) -> float:
+        """The logical batch's mean loss (per sample, or per item for token-level losses)."""
+        return float(self.loss_tensor)
+
+    @property
+    def items(self) -> int:
+        """Samples, or items for ``(loss_sum, n_items)`` losses, in the batch."""
+        return int(self.items_tensor)
+
+
+@dataclass(frozen=True, slots=True)
+class FitResult:
+    """What :meth:`Trainer.fit` did."""
+
+    steps: int
+    samples: int
+    loss: float | None
+    """Mean loss of the last logged window (None if nothing ran)."""
+    peak: int | None
+    """Highest step peak in bytes (None where it cannot be measured)."""
+    retries: int
+    skipped: int
+    seconds: float
+
+
+class Trainer:
+    """Trains a workload under a plan or a config; see the module docstring for the math and the guard.
+
+    Args:
+        workload: the model, loss and optimizer factories (``workload.batch`` is not used:
+            batches come from the caller).
+        plan_or_config: a :class:`memfit.Plan` (its config, and its alternatives for
+            re-planning after an OOM) or a :class:`memfit.Config`.
+        device: where to train; by default CUDA when available, else CPU.
+        budget: bytes or "2GiB". On CPU, training runs under :func:`memfit.simulate_budget`
+            of this size; on CUDA it is the figure peaks are shown against (default:
+            the plan's budget, else the device's memory).
+        max_retries: re-plans per logical batch before giving up.
+        scheduler: a factory ``optimizer -> LR scheduler`` (the optimizer is built inside),
+            stepped after each optimizer step that ran (not after one the GradScaler skipped).
+        clip_grad_norm: clip the gradients' total norm to this (after unscaling).
+
+    Example:
+        >>> trainer = Trainer(memfit.presets.load("cifar-cnn"), Config(micro_batch=32))
+        >>> result = trainer.step(batch_of_128)   # four micro-batches of 32, one optimizer step
+        >>> result.loss, result.micro_batches
+    """
+
+    def __init__(
+        self,
+        workload: Workload,
+        plan_or_config: Plan | Config,
+        *,
+        device: torch.device | str | None = None,
+        budget: int | str | None = None,
+        max_retries: int = 8,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        clip_grad_norm: float | None = None,
+    ) -> None:
+        if not isinstance(workload, Workload):
+            raise UsageError(f"Trainer() takes a memfit.Workload, got {type(workload).__name__}; "
+                             "for a model and optimizer you built, use Trainer.from_parts(model, optimizer, loss, config)")
+        plan, config = _plan_and_config(plan_or_config)
+        device = _resolve_device(device)
+        model = build_model(workload)
+        # Cast before the optimizer exists, so its state is created in the model's dtype.
+        model = _cast(model.to(device), config.precision)
+        optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
+        if optimizer is None:
+            raise UsageError(f"the workload {workload.name!r} has no optimizer factory; training needs one")
+        self._setup(model, optimizer, workload.loss, plan, config, device, budget, max_retries,
+                    scheduler(optimizer) if callable(scheduler) else scheduler, clip_grad_norm)
+
+    @classmethod
+    def from_parts(
+        cls,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: Callable[[nn.Module, Any], Any],
+        plan_or_config: Plan | Config,
+        *,
+        device: torch.device | str | None = None,
+        budget: int | str | None = None,
+        max_retries: int = 8,
+        scheduler: Any = None,
+        clip_grad_norm: float | None = None,
+    ) -> Trainer:
+        """A Trainer over a model and optimizer you built. ``loss(model, batch)`` returns a mean or ``(loss_sum, n_items)``.
+
+        The model is moved to ``device`` (by default the model's own) and, for
+        ``*-true`` precisions, cast in place: parameters keep their identity, so
+        the optimizer stays valid (cast before the optimizer has state).
+        """
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"Trainer.from_parts: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise UsageError(f"Trainer.from_parts: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not callable(loss):
+            raise UsageError(f"Trainer.from_parts: loss must be a function (model, batch) -> loss, got {type(loss).__name__}")
+        plan, config = _plan_and_config(plan_or_config)
+        if device is None:
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else None
+        device = _resolve_device(device)
+        self = cls.__new__(cls)
+        self._setup(_cast(model.to(device), config.precision), optimizer, loss, plan, config, device, budget,
+                    max_retries, scheduler, clip_grad_norm)
+        return self
+
+    def _setup(self, model, optimizer, loss, plan, config, device, budget, max_retries, scheduler, clip_grad_norm) -> None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise UsageError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
+        if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+            raise UsageError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.plan = plan
+        self.device = device
+        self.max_retries = max_retries
+        self.clip_grad_norm = clip_grad_norm
+        self._loss = loss
+        self._recipe = Recipe(config, device.type)  # autocast, offload, GradScaler
+        self._checkpointed = Checkpointing(config.checkpoint).apply(model)
+        self._config = config
+        self._required = plan.required if plan is not None else None  # predicted bytes of the config in use
+        self.model.train()
+
+        if budget is None and plan is not None and device.type == "cuda":
+            budget = plan.budget
+        self.budget = parse_bytes(budget) if budget is not None else None
+        # On CPU a budget is simulated: one tracker for the whole run, so that it sees
+        # every storage a step leaves alive (the leak check reads it).
+        self._sim = SimulatedBudget(self.budget, model, optimizer, device=device) if (
+            self.budget is not None and device.type == "cpu") else None
+
+        self.step_count = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.samples_seen = 0
+        self.retries = 0
+        self.skipped_steps = 0
+        self._mutable_buffers: list[torch.Tensor] | None = None  # learned in the first step
+        self._phase = "done"  # where the current attempt is: forward, backward, optimizer, done
+        self._leak_baseline: tuple[int, int, dict[str, int]] | None = None  # (step, live bytes, by category)
+        self._leak_warned = False
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def config(self) -> Config:
+        """The configuration in use (after any re-plan)."""
+        return self._config
+
+    def step(self, batch: Any) -> StepResult:
+        """Train on one logical batch; see the module docstring. Returns a :class:`StepResult`.
+
+        Raises:
+            memfit.OutOfMemory: micro-batch 1 ran out, or ``max_retries`` re-plans did not fit.
+        """
+        n = batch_size_of(batch)
+        if n == 0:
+            raise UsageError("trainer.step() got an empty batch (0 samples); skip empty batches in your loader")
+        retries = 0
+        while True:
+            restore = self._snapshot()
+            try:
+                result = self._attempt(batch, n, retries)
+            except OutOfMemory:
+                raise
+            except torch.OutOfMemoryError as exc:
+                message = str(exc).split("\n")[0]
+                # The frames hold the attempt's activations: clear them before anything else.
+                traceback.clear_frames(exc.__traceback__)
+                del exc
+            else:
+                self.step_count += 1
+                self.samples_seen += n
+                return result
+            failed = self._config
+            in_optimizer = self._phase == "optimizer"
+            clean = self._discard(restore)
+            retries += 1
+            self.retries += 1
+            if in_optimizer and not clean:
+                raise OutOfMemory(
+                    f"out of memory inside optimizer.step() at step {self.step_count + 1}, after it had updated "
+                    "tensors in place; the model and optimizer cannot be restored without a second copy of them. "
+                    "Reload the last trainer.state_dict().",
+                    micro_batch=failed.micro_batch, retries=retries, report=self._report(),
+                    advice=self._advice(failed, message),
+                ) from None
+            if in_optimizer and _uses_foreach(self.optimizer, self.device):
+                _disable_foreach(self.optimizer)
+                log.warning("memfit: out of memory in optimizer.step() at step %d (%s); retrying the batch with the "
+                            "per-tensor optimizer implementation, which needs fewer temporaries",
+                            self.step_count + 1, message)
+                continue
+            if min(failed.micro_batch, n) == 1 or retries > self.max_retries:
+                why = "micro-batch 1 does not fit" if min(failed.micro_batch, n) == 1 else \
+                    f"{self.max_retries} re-plans did not fit"
+                raise OutOfMemory(
+                    f"out of memory at step {self.step_count + 1}: {why} ({message})",
+                    micro_batch=min(failed.micro_batch, n), retries=retries, report=self._report(),
+                    advice=self._advice(failed, message),
+                ) from None
+            self._replan(failed, n)
+            log.warning(
+                "memfit: out of memory at step %d with micro-batch %d (%s); retrying the same batch of %d "
+                "with %s (%d micro-steps)", self.step_count + 1, min(failed.micro_batch, n), message, n,
+                self._config.describe(), len(accumulation_steps(n, self._config.micro_batch)),
+            )
+
+    def fit(
+        self,
+        loader: Iterable[Any],
+        epochs: int = 1,
+        *,
+        log_every: int = 10,
+        max_steps: int | None = None,
+        leak_check: bool = True,
+        progress: bool = True,
+        console: Any = None,
+    ) -> FitResult:
+        """Train over ``loader`` (an iterable of logical batches) for ``epochs``.
+
+        Shows a rich progress bar (samples/s, loss, peak memory against the
+        budget) unless ``progress=False``; the loss is read from the device every
+        ``log_every`` steps only. ``max_steps`` stops early (the trainer's total
+        step count). After :meth:`load_state_dict`, training resumes where it
+        stopped: the epoch's batches already trained on are skipped, which needs a
+        loader whose order for an epoch is the same each time it is iterated (no
+        shuffling, or a sampler with ``set_epoch``, which fit calls).
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise UsageError(f"epochs must be a positive whole number, got {epochs!r}")
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+            raise UsageError(f"log_every must be a positive whole number, got {log_every!r}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+            raise UsageError(f"max_steps must be a whole number >= 0 or None, got {max_steps!r}")
+        if leak_check and self._live_memory() is None:
+            log.info("memfit: the leak check needs CUDA or a simulated budget on CPU; it is off for this run")
+            leak_check = False
+        bar = _Progress(self, loader, epochs, console) if progress else None
+        start, samples0, retries0, skipped0 = time.perf_counter(), self.samples_seen, self.retries, self.skipped_steps
+        steps_run, peak, logged = 0, None, None
+        # The logging window's loss and items, summed on the device in place (no sync, no growth).
+        window = torch.zeros(2, device=self.device, dtype=torch.float64)
+        try:
+            while self.epoch < epochs:
+                sampler = getattr(loader, "sampler", None)
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(self.epoch)
+                for index, batch in enumerate(loader):
+                    if index < self.batch_in_epoch:
+                        continue  # trained on before a resume
+                    if max_steps is not None and self.step_count >= max_steps:
+                        return self._fit_result(steps_run, samples0, logged, peak, retries0, skipped0, start)
+                    if leak_check:
+                        self._check_leak(steps_run)
+                    result = self.step(batch)
+                    self.batch_in_epoch += 1
+                    steps_run += 1
+                    window[0] += result.loss_tensor * result.items_tensor
+                    window[1] += result.items_tensor
+                    if result.peak is not None:
+                        peak = max(peak or 0, result.peak)
+                    if steps_run % log_every == 0:
+                        # The one sync of the window: the loss read from the device.
+                        logged = _window_mean(window)
+                    if bar is not None:
+                        bar.advance(result, logged, peak)
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            if steps_run % log_every:
+                logged = _window_mean(window)
+            return self._fit_result(steps_run, samples0, logged, peak, retries0, skipped0, start)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a killed run needs to resume to the same result: model, optimizer, scaler,
+        scheduler, the config in use (after re-plans), counters and the RNG states."""
+        scaler = self._recipe.scaler()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "config": dataclasses.asdict(self._config),
+            "plan": self.plan.to_dict() if self.plan is not None else None,
+            "counters": {
+                "step": self.step_count, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples": self.samples_seen, "retries": self.retries, "skipped": self.skipped_steps,
+            },
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (after building the Trainer the same way)."""
+        missing = {"model", "optimizer", "config", "counters", "rng"} - set(state)
+        if missing:
+            raise UsageError(f"not a memfit Trainer state_dict: it lacks {sorted(missing)}; "
+                             "save one with torch.save(trainer.state_dict(), path)")
+        config = Config(**state["config"])
+        if config.precision != self._config.precision:
+            raise UsageError(f"the saved run trained in {config.precision}, this Trainer in {self._config.precision}; "
+                             "build the Trainer with the same precision to resume")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        scaler = self._recipe.scaler()
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self._use(config)
+        counters = state["counters"]
+        self.step_count, self.epoch = counters["step"], counters["epoch"]
+        self.batch_in_epoch, self.samples_seen = counters["batch_in_epoch"], counters["samples"]
+        self.retries, self.skipped_steps = counters["retries"], counters["skipped"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # ------------------------------------------------------------------ one attempt
+
+    def _attempt(self, batch: Any, n: int, retries: int) -> StepResult:
+        sizes = accumulation_steps(n, self._config.micro_batch)
+        recipe, scaler = self._recipe, self._recipe.scaler()
+        self._phase = "forward"
+        with self._measured() as peak:
+            total = torch.zeros((), device=self.device)  # detached running loss (no sync until read)
+            token_scale = items = None
+            start = 0
+            for size in sizes:
+                micro = _slice(batch, start, start + size)
+                start += size
+                micro = recipe.precision.convert_input(move_batch(micro, self.device))
+                if self._sim is not None:
+                    micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
+                with recipe.forward_context():
+                    out = self._loss(self.model, micro)
+                if isinstance(out, torch.Tensor):
+                    if token_scale is not None or out.dim() != 0:
+                        raise _loss_error(out, mixed=token_scale is not None)
+                    # A mean over this micro-batch: its share of the logical batch's samples.
+                    scaled = out * (size / n)
+                    total += scaled.detach().float()
+                elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+                    if items is None and start != size:
+                        raise _loss_error(out, mixed=True)
+                    loss_sum, n_items = out
+                    n_items = torch.as_tensor(n_items, device=self.device, dtype=torch.float32).detach()
+                    if token_scale is None:
+                        # Provisional 1/total (the true total is known after the last micro-batch).
+                        token_scale = 1.0 / (n_items.clamp(min=1.0) * len(sizes))
+                        items = torch.zeros((), device=self.device)
+                    items += n_items
+                    scaled = loss_sum * token_scale
+                    total += loss_sum.detach().float()
+                else:
+                    raise _loss_error(out, mixed=False)
+                self._phase = "backward"
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                self._phase = "forward"
+                # Release this micro-batch's graph and inputs now: only the gradients carry over.
+                del out, scaled, micro
+            if token_scale is not None:
+                # grads = sum_i d(loss_sum_i)/dw * c; the exact mean needs 1/items: rescale once.
+                fix = torch.where(items > 0, 1.0 / (items * token_scale), torch.zeros_like(items))
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                if grads and len(sizes) > 1:
+                    torch._foreach_mul_(grads, fix)
+                mean = total / items.clamp(min=1.0)
+            else:
+                items = torch.tensor(float(n), device=self.device)
+                mean = total
+            self._phase = "optimizer"
+            skipped = self._optimizer_step(scaler)
+            self._phase = "done"
+        if self._mutable_buffers is None:
+            self._mutable_buffers = [b for b, v in self._buffer_versions if b._version != v]
+        if skipped:
+            self.skipped_steps += 1
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        return StepResult(step=self.step_count + 1, samples=n, micro_batches=sizes, retries=retries,
+                          skipped=skipped, peak=peak(), loss_tensor=mean, items_tensor=items)
+
+    def _optimizer_step(self, scaler) -> bool:
+        optimizer = self.optimizer
+        if self.clip_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        skipped = False
+        if scaler is not None:
+            scale = scaler.get_scale()  # GradScaler.step syncs anyway, to check for inf
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < scale  # the scale backs off exactly when the step was skipped
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
+        return skipped
+
+    # ------------------------------------------------------------------ memory
+
+    def _measured(self):
+        return _Measured(self)
+
+    def _live_memory(self) -> tuple[int, dict[str, int]] | None:
+        """Live bytes now and their categories, or None where they cannot be read."""
+        if self._sim is not None:
+            return self._sim.live_bytes(), self._sim.live_by_category()
+        if self.device.type == "cuda":
+            live = torch.cuda.memory_allocated(self.device)
+            cats = _model_state_bytes(self.model, self.optimizer)
+            cats["other (activations, inputs, or tensors kept from earlier steps)"] = live - sum(cats.values())
+            return live, cats
+        return None
+
+    def _check_leak(self, steps_run: int) -> None:
+        """Warn once if live memory at this step's start exceeds the second step's."""
+        if steps_run == 1:
+            self._leak_baseline = (self.step_count + 1, *self._live_memory())
+            return
+        if steps_run < 2 or self._leak_baseline is None or self._leak_warned:
+            return
+        live, cats = self._live_memory()
+        base_step, base, base_cats = self._leak_baseline
+        growth = live - base
+        if growth > max(_LEAK_MIN_BYTES, _LEAK_FRACTION * base):
+            grown = {c: cats.get(c, 0) - base_cats.get(c, 0) for c in cats}
+            category, by = max(grown.items(), key=lambda kv: kv[1])
+            self._leak_warned = True
+            warnings.warn(
+                f"memfit: live memory at the start of step {self.step_count + 1} is {format_bytes(live)}, "
+                f"{format_bytes(growth)} more than at step {base_step} "
+                f"({format_bytes(base)}); most of the growth is {category} (+{format_bytes(by)}). Something keeps "
+                "tensors of earlier steps alive: a loss summed without .item() or .detach() (total_loss += loss) "
+                "keeps every step's graph.",
+                LeakWarning, stacklevel=3,
+            )
+
+    def _report(self):
+        return self._sim.report() if self._sim is not None else None
+
+    # ------------------------------------------------------------------ OOM recovery
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What an attempt may change before it can fail, to restore on OOM."""
+        buffers = self._mutable_buffers
+        if buffers is None:  # first step: learn which buffers forward updates (BatchNorm statistics)
+            self._buffer_versions = [(b, b._version) for b in self.model.buffers()]
+            buffers = [b for b, _ in self._buffer_versions]
+        opt_state = self.optimizer.state
+        return {
+            "buffers": [(b, b.detach().clone()) for b in buffers],
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "has_state": {id(p) for p in opt_state},
+            "versions": [(t, t._version) for t in _optimizer_tensors(self.optimizer)],
+        }
+
+    def _discard(self, restore: dict[str, Any]) -> bool:
+        """Undo a failed attempt; returns False if ``optimizer.step()`` had already written in place."""
+        self.model.zero_grad(set_to_none=True)  # the batch's partial gradients
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in restore["buffers"]:
+                b.copy_(saved)
+        torch.set_rng_state(restore["rng"])
+        if restore["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(restore["cuda_rng"], self.device)
+        # State the attempt created (the first step's) goes; state it changed cannot be undone.
+        for p in [p for p in self.optimizer.state if id(p) not in restore["has_state"]]:
+            del self.optimizer.state[p]
+        clean = all(t._version == v for t, v in restore["versions"])
+        scaler = self._recipe.scaler()
+        if scaler is not None:
+            _torch_private.reset_grad_scaler_step(scaler)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # after an OOM only: hand cached blocks back before the retry
+        return clean
+
+    def _replan(self, failed: Config, n: int) -> None:
+        """The plan's cheapest alternative predicted to need less than ``failed``, else half its micro-batch."""
+        if self.plan is not None and self._required is not None:
+            for alt in self.plan.alternatives:
+                c = alt.config
+                if (alt.fits and alt.required < self._required and c != failed and c.precision == failed.precision
+                        and c.offload_activations == failed.offload_activations):
+                    self._required = alt.required
+                    self._use(c)
+                    return
+        self._required = None  # below the plan's predictions: halve from here on
+        self._use(dataclasses.replace(failed, micro_batch=max(1, min(failed.micro_batch, n) // 2)))
+
+    def _use(self, config: Config) -> None:
+        if config.checkpoint != self._config.checkpoint:
+            Checkpointing.remove(self.model, self._checkpointed)
+            self._checkpointed = Checkpointing(config.checkpoint).apply(self.model)
+        if config.offload_activations != self._config.offload_activations:
+            scaler = self._recipe.scaler()
+            self._recipe = Recipe(config, self.device.type)
+            self._recipe._scaler = scaler
+        self._recipe.config = config
+        self._config = config
+
+    def _advice(self, failed: Config, message: str) -> tuple[str, ...]:
+        advice = []
+        if failed.precision == "32-true":
+            advice.append("precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16) halves activations")
+        if not failed.checkpoint and any(isinstance(m, nn.ModuleList) and len(m) for m in self.model.modules()):
+            advice.append("checkpoint='all' recomputes each block's activations in backward")
+        if self.device.type == "cuda" and not failed.offload_activations:
+            advice.append("offload_activations=True keeps saved activations in CPU memory")
+        if self.plan is not None:
+            advice.append(f"the plan predicted {format_bytes(self.plan.required)} of {format_bytes(self.plan.budget)}; "
+                          "if something else holds device memory, plan for less (memfit plan --budget)")
+        live = self._live_memory()
+        if live is not None:
+            advice.append(f"{format_bytes(live[0])} was still live after the failure; the model states alone are "
+                          f"{format_bytes(sum(_model_state_bytes(self.model, self.optimizer).values()))}")
+        advice.append("a larger budget or device")
+        return tuple(advice)
+
+    def _fit_result(self, steps, samples0, logged, peak, retries0, skipped0, start) -> FitResult:
+        return FitResult(steps=steps, samples=self.samples_seen - samples0, loss=logged, peak=peak,
+                         retries=self.retries - retries0, skipped=self.skipped_steps - skipped0,
+                         seconds=time.perf_counter() - start)
+
+
+class _Measured:
+    """The memory scope of one attempt: the simulated budget on CPU, CUDA's peak counter on CUDA."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.value: int | None = None
+
+    def __enter__(self) -> Callable[[], int | None]:
+        t = self.trainer
+        if t._sim is not None:
+            t._sim.__enter__()
+            t._sim.reset_peak()
+        elif t.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(t.device)
+        return lambda: self.value
+
+    def __exit__(self, *exc: Any) -> None:
+        t = self.trainer
+        if t._sim is not None:
+            t._sim.__exit__(*exc)
+            self.value = t._sim.peak
+        elif t.device.type == "cuda":
+            self.value = torch.cuda.max_memory_allocated(t.device)
+
+
+class _Progress:
+    """The rich progress bar of fit(): samples/s, loss, peak memory against the budget."""
+
+    def __init__(self, trainer: Trainer, loader: Any, epochs: int, console: Any) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.trainer = trainer
+        try:
+            total = len(loader) * epochs
+        except TypeError:
+            total = None
+        self.start = time.perf_counter()
+        self.samples = 0
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[speed]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[memory]}"),
+            console=console or Console(stderr=True), transient=False,
+        )
+        done = trainer.epoch * (total // epochs) + trainer.batch_in_epoch if total else 0
+        self.task = self.progress.add_task("train", total=total, completed=done, speed="", loss="-", memory="")
+        self.progress.start()
+
+    def advance(self, result: StepResult, loss: float | None, peak: int | None) -> None:
+        self.samples += result.samples
+        speed = self.samples / max(time.perf_counter() - self.start, 1e-9)
+        budget = self.trainer.budget
+        memory = "" if peak is None else f"peak {format_bytes(peak)}" + (f" / {format_bytes(budget)}" if budget else "")
+        self.progress.update(self.task, advance=1, speed=f"{speed:,.0f} samples/s",
+                             loss="-" if loss is None else f"{loss:.4f}", memory=memory)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _window_mean(window: torch.Tensor) -> float:
+    """The window's mean loss (the one sync of a logging window); resets the window."""
+    loss, items = window.tolist()
+    window.zero_()
+    return loss / items if items else float("nan")
+
+
+def _plan_and_config(plan_or_config: Any) -> tuple[Plan | None, Config]:
+    if isinstance(plan_or_config, Plan):
+        return plan_or_config, plan_or_config.config
+    if isinstance(plan_or_config, Config):
+        return None, plan_or_config
+    raise UsageError(f"plan_or_config must be a memfit.Plan (from memfit.plan) or a memfit.Config, "
+                     f"got {type(plan_or_config).__name__}; e.g. memfit.Config(micro_batch=32)")
+
+
+def _resolve_device(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {str(device)!r} was asked for but torch.cuda.is_available() is False; use device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {str(device)!r}: memfit trains on 'cpu' or 'cuda'")
+    return device
+
+
+def _cast(model: nn.Module, precision: str) -> nn.Module:
+    """``*-true``: cast in place; ``Module.to`` keeps each Parameter object, so an optimizer built on them stays valid."""
+    dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16}.get(precision)
+    return model.to(dtype=dtype) if dtype is not None else model
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every batched tensor (views, no copy); scalars and non-tensors as they are."""
+    return map_tensors(batch, lambda t: t[start:stop] if t.dim() > 0 else t)
+
+
+def _loss_error(out: Any, *, mixed: bool) -> MemfitError:
+    if mixed:
+        return MemfitError("the loss returned a mean for some micro-batches and (loss_sum, n_items) for others; "
+                           "return one form for every batch")
+    shape = f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""
+    return MemfitError(f"the loss returned {type(out).__name__}{shape}; return a scalar mean over the batch "
+                       "or (loss_sum, n_items) for token-level losses")
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [p for group in optimizer.param_groups for p in group["params"]]
+    for state in optimizer.state.values():
+        out.extend(t for t in state.values() if isinstance(t, torch.Tensor))
+    return out
+
+
+def _model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    seen: set[int] = set()
+
+    def nbytes(ts) -> int:
+        total = 0
+        for t in ts:
+            if t is None or t.device.type == "meta":
+                continue
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    params = list(model.parameters())
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return {"parameters": nbytes(params) + nbytes(model.buffers()), "gradients": nbytes(p.grad for p in params),
+            "optimizer_state": nbytes(state)}
+
+
+def _uses_foreach(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    # foreach=None means "foreach on CUDA, the per-tensor loop elsewhere" (torch.optim's default).
+    return any("foreach" in g and (g["foreach"] or (g["foreach"] is None and device.type == "cuda"))
+               for g in optimizer.param_groups)
+
+
+def _disable_foreach(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if "foreach" in group:
+            group["foreach"] = False

@@ -3,6 +3,7 @@
 Measure a training step's memory truthfully (:func:`track`, :func:`measure`),
 estimate it without a GPU on fake tensors (:func:`estimate`, :class:`Config`),
 plan the configuration that fits a budget (:func:`plan`, :func:`find_batch_size`),
+train under it with exact gradient accumulation and an out-of-memory guard (:class:`Trainer`),
 exercise out-of-memory without a GPU (:func:`simulate_budget`), and work in
 int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_bytes`).
 """
@@ -10,11 +11,12 @@ int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_byte
 from memfit import presets
 from memfit.budget import simulate_budget
 from memfit.config import PRECISIONS, Config
-from memfit.errors import MemfitError, UsageError
+from memfit.errors import LeakWarning, MemfitError, OutOfMemory, UsageError
 from memfit.estimator import Estimate, estimate
 from memfit.planner import Plan, PlanError, find_batch_size, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
+from memfit.trainer import FitResult, StepResult, Trainer
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload, measure
 
@@ -31,7 +33,12 @@ __all__ = [
     "PlanError",
     "plan",
     "find_batch_size",
+    "FitResult",
+    "LeakWarning",
     "MemfitError",
+    "OutOfMemory",
+    "StepResult",
+    "Trainer",
     "MemoryReport",
     "MemoryTracker",
     "TimelineEntry",

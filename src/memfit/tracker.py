@@ -44,6 +44,8 @@ Known limitations:
 
 from __future__ import annotations
 
+import functools
+
 import weakref
 from typing import Any
 
@@ -99,7 +101,7 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        return self.tracker._after_op(func, out)
+        return self.tracker._after_op(func, out, args, kwargs)
 
 
 class MemoryTracker:
@@ -434,7 +436,7 @@ class MemoryTracker:
 
     # --------------------------------------------------------------- the op hook
 
-    def _after_op(self, func: Any, out: Any) -> Any:
+    def _after_op(self, func: Any, out: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self._quiet or _is_metadata_query(func):
             return out
         in_bw = _torch_private.in_backward()
@@ -470,6 +472,12 @@ class MemoryTracker:
                     self._live += delta
                     self._live_cat[rec.cat] += delta
                     self._events.append((len(self._ops), rec.sid, delta))
+        if new and _returns_alias(func):
+            # A view or in-place op on a tensor made before tracking began (a batch sliced
+            # inside the tracker): its storage existed already, the op allocated nothing.
+            inputs = {id(st) for t in _tensors((args, kwargs)) if (st := self._storage(t)) is not None}
+            for key in [k for k in new if k in inputs]:
+                new_bytes -= new.pop(key)[1]
         if new:
             if self._limit is not None and self._live + new_bytes > self._limit:
                 self._over_budget(new_bytes)
@@ -664,6 +672,13 @@ class MemoryTracker:
 
 
 _METADATA_QUERIES: dict[Any, bool] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _returns_alias(func: Any) -> bool:
+    """True for ops whose outputs may share an input's storage (views, in-place and out= ops)."""
+    schema = getattr(func, "_schema", None)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
 
 
 def _is_metadata_query(func: Any) -> bool:

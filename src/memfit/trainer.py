@@ -41,8 +41,9 @@ Known limitations:
 * BatchNorm statistics depend on the micro-batch (they are per forward pass),
   so no accumulation is exact for them; dropout masks are drawn per
   micro-batch, so runs with different splits differ by their randomness.
-* Leak checks need a live-memory figure: CUDA's allocator, or the simulated
-  budget on CPU. On CPU without a budget the check is off (said once).
+* The leak check's byte figure needs a live-memory count: CUDA's allocator, or
+  the simulated budget on CPU. On CPU without a budget it watches the autograd
+  graphs only.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import logging
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -246,7 +248,9 @@ class Trainer:
         self.skipped_steps = 0
         self._mutable_buffers: list[torch.Tensor] | None = None  # learned in the first step
         self._phase = "done"  # where the current attempt is: forward, backward, optimizer, done
-        self._leak_baseline: tuple[int, int, dict[str, int]] | None = None  # (step, live bytes, by category)
+        self._leak_baseline: tuple[int, tuple[int, dict[str, int]] | None] | None = None  # (step, live memory)
+        self._watch_graphs = False  # fit's leak check: mark each step's loss graph to see if it outlives the step
+        self._graphs: list[tuple[int, weakref.ref]] = []
         self._leak_warned = False
 
     # ------------------------------------------------------------------ public
@@ -282,6 +286,13 @@ class Trainer:
                 self.samples_seen += n
                 return result
             failed = self._config
+            if self._phase == "committed":  # the update was applied: the batch counts, nothing to redo
+                self.step_count += 1
+                self.samples_seen += n
+                self.optimizer.zero_grad(set_to_none=True)
+                raise OutOfMemory(f"out of memory after optimizer.step() had updated the model at step "
+                                  f"{self.step_count} ({message}); the batch counted and is not redone",
+                                  micro_batch=failed.micro_batch, retries=retries, report=self._report()) from None
             in_optimizer = self._phase == "optimizer"
             clean = self._discard(restore)
             retries += 1
@@ -342,14 +353,11 @@ class Trainer:
             raise UsageError(f"log_every must be a positive whole number, got {log_every!r}")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
             raise UsageError(f"max_steps must be a whole number >= 0 or None, got {max_steps!r}")
-        if leak_check and self._live_memory() is None:
-            log.info("memfit: the leak check needs CUDA or a simulated budget on CPU; it is off for this run")
-            leak_check = False
+        self._watch_graphs = leak_check
         bar = _Progress(self, loader, epochs, console) if progress else None
         start, samples0, retries0, skipped0 = time.perf_counter(), self.samples_seen, self.retries, self.skipped_steps
         steps_run, peak, logged = 0, None, None
-        # The logging window's loss and items, summed on the device in place (no sync, no growth).
-        window = torch.zeros(2, device=self.device, dtype=torch.float64)
+        window: list[tuple[torch.Tensor, torch.Tensor]] = []  # the logging window's step losses, on the device
         try:
             while self.epoch < epochs:
                 sampler = getattr(loader, "sampler", None)
@@ -365,8 +373,7 @@ class Trainer:
                     result = self.step(batch)
                     self.batch_in_epoch += 1
                     steps_run += 1
-                    window[0] += result.loss_tensor * result.items_tensor
-                    window[1] += result.items_tensor
+                    window.append((result.loss_tensor, result.items_tensor))  # no device op until logged
                     if result.peak is not None:
                         peak = max(peak or 0, result.peak)
                     if steps_run % log_every == 0:
@@ -376,10 +383,11 @@ class Trainer:
                         bar.advance(result, logged, peak)
                 self.epoch += 1
                 self.batch_in_epoch = 0
-            if steps_run % log_every:
+            if window:
                 logged = _window_mean(window)
             return self._fit_result(steps_run, samples0, logged, peak, retries0, skipped0, start)
         finally:
+            self._watch_graphs = False
             if bar is not None:
                 bar.close()
 
@@ -468,6 +476,10 @@ class Trainer:
                     total += loss_sum.detach().float()
                 else:
                     raise _loss_error(out, mixed=False)
+                user_loss = out if isinstance(out, torch.Tensor) else out[0]
+                if self._watch_graphs and start == size and user_loss.grad_fn is not None:
+                    self._watch(user_loss.grad_fn)
+                del user_loss
                 self._phase = "backward"
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 self._phase = "forward"
@@ -505,10 +517,12 @@ class Trainer:
         if scaler is not None:
             scale = scaler.get_scale()  # GradScaler.step syncs anyway, to check for inf
             scaler.step(optimizer)
+            self._phase = "committed"
             scaler.update()
             skipped = scaler.get_scale() < scale  # the scale backs off exactly when the step was skipped
         else:
             optimizer.step()
+            self._phase = "committed"
         optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
         return skipped
 
@@ -529,27 +543,46 @@ class Trainer:
         return None
 
     def _check_leak(self, steps_run: int) -> None:
-        """Warn once if live memory at this step's start exceeds the second step's."""
+        """Warn once if an earlier step's memory is still alive at this step's start.
+
+        Two signals. Live device memory above the second step's (CUDA's allocator,
+        or the simulated budget), named by category. And autograd graphs of earlier
+        steps still alive: ``total_loss += loss`` keeps every step's graph. Since
+        PyTorch frees a graph's saved tensors in backward, such a graph holds host
+        memory (its nodes) more than device memory, which the first signal alone misses.
+        """
+        live = self._live_memory()
         if steps_run == 1:
-            self._leak_baseline = (self.step_count + 1, *self._live_memory())
+            self._leak_baseline = (self.step_count + 1, live)
+        if steps_run < 2 or self._leak_warned:
             return
-        if steps_run < 2 or self._leak_baseline is None or self._leak_warned:
+        self._graphs = [(step, ref) for step, ref in self._graphs if ref() is not None]
+        kept = len(self._graphs)
+        growth = None
+        if live is not None and self._leak_baseline is not None and self._leak_baseline[1] is not None:
+            base_step, (base, base_cats) = self._leak_baseline[0], self._leak_baseline[1]
+            growth = live[0] - base
+            grown = max(((c, live[1].get(c, 0) - base_cats.get(c, 0)) for c in live[1]), key=lambda kv: kv[1])
+        device_leak = growth is not None and growth > max(_LEAK_MIN_BYTES, _LEAK_FRACTION * base)
+        if not device_leak and kept < 2:  # one kept graph (the last loss, say) is not growth
             return
-        live, cats = self._live_memory()
-        base_step, base, base_cats = self._leak_baseline
-        growth = live - base
-        if growth > max(_LEAK_MIN_BYTES, _LEAK_FRACTION * base):
-            grown = {c: cats.get(c, 0) - base_cats.get(c, 0) for c in cats}
-            category, by = max(grown.items(), key=lambda kv: kv[1])
-            self._leak_warned = True
-            warnings.warn(
-                f"memfit: live memory at the start of step {self.step_count + 1} is {format_bytes(live)}, "
-                f"{format_bytes(growth)} more than at step {base_step} "
-                f"({format_bytes(base)}); most of the growth is {category} (+{format_bytes(by)}). Something keeps "
-                "tensors of earlier steps alive: a loss summed without .item() or .detach() (total_loss += loss) "
-                "keeps every step's graph.",
-                LeakWarning, stacklevel=3,
-            )
+        self._leak_warned = True
+        parts = [f"memfit: possible memory leak at the start of step {self.step_count + 1}:"]
+        if kept >= 2:
+            parts.append(f"the autograd graphs of {kept} earlier steps (the first from step {self._graphs[0][0]}) "
+                         "are still alive, and one more is kept each step;")
+        if growth is not None:
+            parts.append(f"live device memory is {format_bytes(live[0])}, {format_bytes(growth)} more than at step "
+                         f"{base_step}" + (f", most of it {grown[0]} (+{format_bytes(grown[1])})." if growth > 0 else "."))
+        parts.append("Something keeps tensors of earlier steps alive, such as a list of outputs, or a loss summed with "
+                     "its history (total_loss += loss keeps every step's graph); keep loss.item() or .detach() instead.")
+        warnings.warn(" ".join(parts), LeakWarning, stacklevel=3)
+
+    def _watch(self, node) -> None:
+        # A token in the graph node's metadata lives exactly as long as the node.
+        token = _GraphToken()
+        node.metadata["memfit_step"] = token
+        self._graphs.append((self.step_count + 1, weakref.ref(token)))
 
     def _report(self):
         return self._sim.report() if self._sim is not None else None
@@ -640,6 +673,10 @@ class Trainer:
                          seconds=time.perf_counter() - start)
 
 
+class _GraphToken:
+    """A weakly referenceable marker put into a step's autograd graph (see Trainer._check_leak)."""
+
+
 class _Measured:
     """The memory scope of one attempt: the simulated budget on CPU, CUDA's peak counter on CUDA."""
 
@@ -700,11 +737,19 @@ class _Progress:
         self.progress.stop()
 
 
-def _window_mean(window: torch.Tensor) -> float:
-    """The window's mean loss (the one sync of a logging window); resets the window."""
-    loss, items = window.tolist()
-    window.zero_()
-    return loss / items if items else float("nan")
+def _window_mean(window: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    """The window's mean loss, read from the device (the window's one sync); empties the window.
+
+    Logging never ends a run: if even this small read runs out of memory, the window's loss goes unreported.
+    """
+    try:
+        losses, items = torch.stack([w[0] for w in window]).double(), torch.stack([w[1] for w in window]).double()
+        total_items = float(items.sum())
+        mean = float((losses * items).sum()) / total_items if total_items else float("nan")
+    except torch.OutOfMemoryError:
+        mean = None
+    window.clear()
+    return mean
 
 
 def _plan_and_config(plan_or_config: Any) -> tuple[Plan | None, Config]:

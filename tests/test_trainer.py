@@ -1,0 +1,518 @@
+"""Trainer: exact accumulation against full-batch runs, the OOM guard against fault-free runs, resume, leaks."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import logging
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import memfit
+from memfit import Config, LeakWarning, OutOfMemory, Trainer
+from memfit.planner import Alternative
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, rel: float) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert _rel(p.detach(), q.detach()) <= rel, f"{name}: relative difference {_rel(p.detach(), q.detach()):.2e} > {rel}"
+
+
+# ---------------------------------------------------------------------- models and losses
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def classification_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def classification_batches(k: int, n: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)) for _ in range(k)]
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 11, width: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def token_loss(model, batch):
+    """Token-level: the sum over non-padding tokens and their count (labels == -100 is padding)."""
+    logits = model(batch["input_ids"])
+    labels = batch["labels"]
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss_sum, (labels != -100).sum()
+
+
+def token_batches(k: int, n: int, seq: int = 6, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(k):
+        ids = torch.randint(0, 11, (n, seq), generator=g)
+        labels = ids.roll(-1, dims=1).clone()
+        lengths = torch.randint(1, seq + 1, (n,), generator=g)  # variable padding per row
+        labels[torch.arange(seq)[None, :] >= lengths[:, None]] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def full_batch_run(model, optimizer, loss_fn, batches):
+    """The reference: each batch in one piece, the loss's own mean (sum / items for token losses)."""
+    for batch in batches:
+        out = loss_fn(model, batch)
+        loss = out[0] / out[1] if isinstance(out, tuple) else out
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model
+
+
+# ---------------------------------------------------------------------- exact accumulation
+
+
+@pytest.mark.parametrize("micro", range(1, 8))
+@pytest.mark.parametrize("task", ["classification", "token"])
+def test_any_split_equals_the_full_batch(task, micro):
+    n, k = 7, 3
+    if task == "classification":
+        make, loss_fn, batches = mlp, classification_loss, classification_batches(k, n)
+    else:
+        make, loss_fn, batches = (lambda: (torch.manual_seed(0), TinyLM())[1]), token_loss, token_batches(k, n)
+    ref = make()
+    model = copy.deepcopy(ref)
+    full_batch_run(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), loss_fn, batches)
+
+    trainer = Trainer.from_parts(model, torch.optim.AdamW(model.parameters(), lr=1e-2), loss_fn, Config(micro_batch=micro))
+    for batch in batches:
+        result = trainer.step(batch)
+        assert sum(result.micro_batches) == n and max(result.micro_batches) == min(micro, n)
+    assert_same_weights(model, ref, 1e-6)
+
+
+def test_token_loss_is_divided_by_the_whole_batch_items_not_per_micro_batch():
+    # Two micro-batches with 1 and 5 tokens: the naive per-micro-batch mean weighs the lone token 5x.
+    batch = token_batches(1, 2)[0]
+    batch["labels"][0, 1:] = -100
+    batch["labels"][1, :5] = batch["input_ids"][1, :5]
+    batch["labels"][1, 5:] = -100
+    torch.manual_seed(0)
+    ref = TinyLM()
+    model = copy.deepcopy(ref)
+    out = token_loss(ref, batch)
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=1.0), token_loss, Config(micro_batch=1))
+    result = trainer.step(batch)
+    assert result.items == 6
+    assert result.loss == pytest.approx(float(out[0] / out[1]), rel=1e-6)
+    per_row = [token_loss(ref, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(2)]
+    naive = sum(float(s / n) for s, n in per_row) / 2
+    assert abs(naive - result.loss) > 1e-3  # the per-micro-batch mean is a different number
+
+
+def test_step_result_reports_the_batch_mean_loss():
+    batches = classification_batches(1, 10)
+    model = mlp()
+    expected = float(classification_loss(model, batches[0]))
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss, Config(micro_batch=4))
+    result = trainer.step(batches[0])
+    assert result.micro_batches == (4, 4, 2)
+    assert result.loss == pytest.approx(expected, rel=1e-6)
+    assert result.samples == 10 and result.items == 10 and result.retries == 0 and not result.skipped
+    assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True)
+
+
+def test_a_transformers_style_mapping_batch_is_split_and_left_unchanged():
+    from collections import UserDict
+
+    class Encoding(UserDict):  # what a tokenizer returns (BatchEncoding is a UserDict)
+        def __getattr__(self, name):
+            try:
+                return self.data[name]
+            except KeyError:
+                raise AttributeError(name) from None
+
+    batch = Encoding(token_batches(1, 5)[0])
+    ids = batch["input_ids"]
+    torch.manual_seed(0)
+    model = TinyLM()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 lambda m, b: token_loss(m, {"input_ids": b.input_ids, "labels": b.labels}),
+                                 Config(micro_batch=2))
+    assert trainer.step(batch).micro_batches == (2, 2, 1)
+    assert batch["input_ids"] is ids and batch["input_ids"].shape[0] == 5
+
+
+# ---------------------------------------------------------------------- precision, checkpointing
+
+
+class DropoutBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.ReLU()) for _ in range(3))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_checkpointed_training_equals_plain_with_dropout_on():
+    torch.manual_seed(0)
+    plain_model = DropoutBlocks()
+    ckpt_model = copy.deepcopy(plain_model)
+    keys = list(plain_model.state_dict())
+    batches = classification_batches(3, 8)
+    results = []
+    for model, config in ((plain_model, Config(micro_batch=4)), (ckpt_model, Config(micro_batch=4, checkpoint="all"))):
+        trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.5), classification_loss, config)
+        torch.manual_seed(123)  # the same dropout masks in both runs
+        results.append([trainer.step(b).loss for b in batches])
+    assert list(ckpt_model.state_dict()) == keys  # checkpointing leaves state_dict keys alone
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    assert_same_weights(ckpt_model, plain_model, 1e-6)
+    assert "forward" in ckpt_model.blocks[0].__dict__  # it really was checkpointed
+
+
+def test_16_mixed_reports_a_step_the_grad_scaler_skipped():
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4, precision="16-mixed"))
+    x, y = classification_batches(1, 8)[0]
+    assert not trainer.step((x, y)).skipped
+    before = [p.detach().clone() for p in model.parameters()]
+    x[3, 0] = float("inf")  # inf activations -> inf/nan gradients -> the scaler skips the step
+    result = trainer.step((x, y))
+    assert result.skipped and trainer.skipped_steps == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_true_half_precision_casts_in_place_and_keeps_the_optimizer_valid():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = [id(p) for p in model.parameters()]
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=4, precision="bf16-true"))
+    assert [id(p) for p in model.parameters()] == ids
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    before = model[0].weight.detach().clone()
+    trainer.step(classification_batches(1, 8)[0])
+    assert not torch.equal(before, model[0].weight)
+
+
+def test_trainer_from_a_workload_builds_its_own_model():
+    workload = memfit.presets.load("cifar-cnn")
+    trainer = Trainer(workload, Config(micro_batch=2))
+    result = trainer.step(workload.batch(5))
+    assert result.micro_batches == (2, 2, 1) and isinstance(trainer.optimizer, torch.optim.SGD)
+    assert trainer.optimizer.param_groups[0]["params"][0] is next(trainer.model.parameters())
+
+
+# ---------------------------------------------------------------------- the OOM guard
+
+
+class FaultInjector(TorchDispatchMode):
+    """Raises CUDA's OOM at the ``op``-th aten op of the chosen steps' micro-steps (never in optimizer.step)."""
+
+    def __init__(self, trainer, optimizer, faults: dict[int, int]) -> None:
+        super().__init__()
+        self.in_step = False
+        step = trainer.step
+
+        def watched(batch):  # count only the ops of trainer.step, not fit's bookkeeping
+            self.in_step = True
+            try:
+                return step(batch)
+            finally:
+                self.in_step = False
+
+        trainer.step = watched
+        self.faults = dict(faults)  # step index (0-based) -> op index within that step
+        self.step = 0
+        self.ops = 0
+        self.in_optimizer = False
+        self.fired = 0
+        optimizer.register_step_pre_hook(lambda *a: setattr(self, "in_optimizer", True))
+        optimizer.register_step_post_hook(lambda *a: self._stepped())
+
+    def _stepped(self) -> None:
+        self.in_optimizer = False
+        self.step += 1
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.in_step and not self.in_optimizer and func.namespace != "profiler":  # profiler marks allocate nothing
+            self.ops += 1
+            if self.faults.get(self.step) == self.ops:
+                del self.faults[self.step]
+                self.fired += 1
+                self.ops = 0
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return func(*args, **(kwargs or {}))
+
+
+def test_random_ooms_over_100_steps_give_the_fault_free_weights(caplog):
+    batches = classification_batches(100, 16, seed=5)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    ref_trainer = Trainer.from_parts(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9),
+                                     classification_loss, Config(micro_batch=16))
+    ref_trainer.fit(batches, progress=False)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=16))
+    rng = random.Random(7)
+    # Four faults (16 -> 8 -> 4 -> 2 -> 1) at random ops of random steps; a micro-step of this model runs > 20 ops.
+    faults = {step: rng.randrange(1, 20) for step in rng.sample(range(100), 4)}
+    injector = FaultInjector(trainer, optimizer, faults)
+    with caplog.at_level(logging.WARNING, logger="memfit"), injector:
+        result = trainer.fit(batches, progress=False)
+    assert injector.fired == 4 and result.retries == 4
+    assert result.steps == 100 and result.samples == 1600 and trainer.samples_seen == 1600
+    assert trainer.config.micro_batch == 1
+    recoveries = [r for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(recoveries) == 4 and "micro-batch 8" in recoveries[0].getMessage()
+    assert_same_weights(model, ref, 1e-5)
+
+
+def test_oom_under_a_simulated_budget_retries_smaller_and_keeps_the_math():
+    batches = classification_batches(4, 16, seed=3)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    full_batch_run(ref, torch.optim.SGD(ref.parameters(), lr=0.1), classification_loss, batches)
+    with memfit.simulate_budget("1GiB") as probe:  # the peak of micro-batch 4, to size a budget that 16 exceeds
+        trainer = Trainer.from_parts(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.1),
+                                     classification_loss, Config(micro_batch=4), budget="1GiB")
+    small_peak = trainer.step(batches[0]).peak
+    assert probe.peak >= 0 and small_peak > 0
+
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=16), budget=small_peak + 64)
+    results = [trainer.step(b) for b in batches]
+    assert results[0].retries >= 1 and max(results[0].micro_batches) < 16
+    assert all(r.peak <= small_peak + 64 for r in results)
+    assert_same_weights(model, ref, 1e-6)
+
+
+def test_micro_batch_1_out_of_memory_raises_with_a_report_and_leaves_the_model_as_it_was():
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8), budget="2KiB")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(OutOfMemory, match="micro-batch 1 does not fit") as info:
+        trainer.step(classification_batches(1, 8)[0])
+    assert isinstance(info.value, torch.OutOfMemoryError)  # CUDA-OOM handlers still recognise it
+    assert info.value.micro_batch == 1 and info.value.retries == 4
+    assert isinstance(info.value.report, memfit.MemoryReport) and info.value.report.peak <= 2048
+    assert any("bf16-mixed" in a for a in info.value.advice)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+def test_max_retries_bounds_the_re_plans():
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=16), budget="2KiB", max_retries=1)
+    with pytest.raises(OutOfMemory, match="1 re-plans did not fit"):
+        trainer.step(classification_batches(1, 16)[0])
+
+
+class _OptimizerFault(TorchDispatchMode):
+    """OOM at the ``at``-th op inside optimizer.step() of step ``step``."""
+
+    def __init__(self, optimizer, step: int, at: int) -> None:
+        super().__init__()
+        self.target, self.at, self.step, self.ops, self.active = step, at, 0, 0, False
+        optimizer.register_step_pre_hook(lambda *a: setattr(self, "active", True))
+        optimizer.register_step_post_hook(lambda *a: self._done())
+
+    def _done(self):
+        self.active, self.ops = False, 0
+        self.step += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and self.step == self.target:
+            self.ops += 1
+            if self.ops == self.at:
+                self.target = -1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+        return func(*args, **(kwargs or {}))
+
+
+def test_oom_while_adam_creates_its_state_is_undone_and_retried():
+    batches = classification_batches(3, 8)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    for m, fault in ((ref, None), (model, 3)):
+        optimizer = torch.optim.Adam(m.parameters(), lr=1e-2)
+        trainer = Trainer.from_parts(m, optimizer, classification_loss, Config(micro_batch=8))
+        with _OptimizerFault(optimizer, step=0, at=fault) if fault else memfit.simulate_budget("1GiB"):
+            results = [trainer.step(b) for b in batches]
+    assert results[0].retries == 1
+    assert_same_weights(model, ref, 1e-6)
+
+
+def test_oom_after_the_optimizer_wrote_in_place_says_it_cannot_be_undone():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8))
+    batches = classification_batches(2, 8)
+    trainer.step(batches[0])
+    with _OptimizerFault(optimizer, step=0, at=4), pytest.raises(OutOfMemory, match="cannot be restored"):
+        trainer.step(batches[1])
+
+
+def test_a_plan_re_plans_to_its_next_alternative_that_needs_less():
+    workload = memfit.Workload(
+        model=DropoutBlocks, batch=lambda n: classification_batches(1, n)[0], loss=classification_loss,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    plan = memfit.plan(workload, "1GiB", batch_size=16, device="cpu")
+    assert plan.config.micro_batch == 16
+    # An alternative at micro-batch 4 (the planner lists those it considered; here the first fitted).
+    small = dataclasses.replace(plan.config, micro_batch=4)
+    alternative = Alternative(small, (4, 4, 4, 4), memfit.estimate(workload, small).required, 1.5, True)
+    plan = dataclasses.replace(plan, alternatives=plan.alternatives + (alternative,))
+    budget = (alternative.required + plan.required) // 2  # the plan's choice no longer fits, the alternative does
+    assert alternative.required < budget < plan.required
+
+    trainer = Trainer(workload, plan, budget=budget)
+    result = trainer.step(workload.batch(16))
+    assert result.retries == 1 and result.micro_batches == (4, 4, 4, 4)
+    assert trainer.config == small  # the alternative, not half of 16
+
+
+# ---------------------------------------------------------------------- fit, resume, leaks
+
+
+def test_resuming_after_a_stop_equals_an_uninterrupted_run():
+    batches = classification_batches(6, 8, seed=11)
+
+    def trainer_for(model):
+        return Trainer.from_parts(model, torch.optim.Adam(model.parameters(), lr=1e-2), classification_loss,
+                                  Config(micro_batch=3))
+
+    torch.manual_seed(0)
+    whole = DropoutBlocks()
+    stopped = copy.deepcopy(whole)
+    resumed = copy.deepcopy(whole)
+    state = torch.random.get_rng_state()
+    trainer_for(whole).fit(batches, epochs=2, progress=False)
+
+    torch.random.set_rng_state(state)
+    first = trainer_for(stopped)
+    first.fit(batches, epochs=2, max_steps=8, progress=False)
+    assert (first.step_count, first.epoch, first.batch_in_epoch) == (8, 1, 2)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+
+    torch.manual_seed(999)  # the resumed process starts with other RNG state
+    second = trainer_for(resumed)
+    second.load_state_dict(torch.load(buffer, weights_only=False))
+    result = second.fit(batches, epochs=2, progress=False)
+    assert result.steps == 4 and second.step_count == 12
+    for p, q in zip(resumed.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+
+
+def _fit_warnings(loss_fn, budget="1GiB", steps: int = 8):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, Config(micro_batch=16),
+                                 budget=budget)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(classification_batches(steps, 64), progress=False)
+    return [str(w.message) for w in caught if issubclass(w.category, LeakWarning)]
+
+
+@pytest.mark.parametrize("budget", ["1GiB", None], ids=["simulated", "plain-cpu"])
+def test_the_leak_check_fires_on_a_loss_summed_with_its_graph(budget):
+    kept = {"total": 0}
+
+    def leaky(model, batch):
+        loss = classification_loss(model, batch)
+        kept["total"] += loss  # the seed article's warning: this keeps every step's graph alive
+        return loss
+
+    leaks = _fit_warnings(leaky, budget)
+    assert len(leaks) == 1, leaks
+    assert "the autograd graphs of 2 earlier steps (the first from step 1)" in leaks[0]
+    assert "total_loss += loss" in leaks[0]
+    # Backward freed the graphs' saved tensors: on the device they hold (next to) nothing.
+    assert ("live device memory" in leaks[0]) == (budget is not None)
+
+
+def test_the_leak_check_names_device_memory_growth_and_its_category():
+    kept = []
+
+    def keeps_logits(model, batch):
+        logits = model(batch[0])
+        kept.append(batch[0] * 1)  # a tensor of every step kept (512 KiB), without a graph
+        return F.cross_entropy(logits, batch[1])
+
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), keeps_logits,
+                                 Config(micro_batch=16384), budget="1GiB")
+    batches = classification_batches(6, 16384)
+    with pytest.warns(LeakWarning, match=r"1\.\d\d MiB more than at step 2, most of it temporaries \(\+1\.\d\d MiB\)"):
+        trainer.fit(batches, progress=False)
+
+
+def test_the_leak_check_stays_quiet_on_a_clean_loop():
+    assert _fit_warnings(classification_loss) == []
+    last = {}
+
+    def keeps_the_last_loss(model, batch):  # one graph kept, replaced each step: not a leak
+        last["loss"] = classification_loss(model, batch)
+        return last["loss"]
+
+    assert _fit_warnings(keeps_the_last_loss) == []
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_bad_arguments_say_what_to_pass():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(memfit.UsageError, match="Trainer.from_parts"):
+        Trainer(model, Config(micro_batch=2))
+    with pytest.raises(memfit.UsageError, match="plan_or_config must be a memfit.Plan"):
+        Trainer.from_parts(model, optimizer, classification_loss, 32)
+    with pytest.raises(memfit.UsageError, match="max_retries"):
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), max_retries=-1)
+    with pytest.raises(memfit.UsageError, match="device 'cuda'|torch device"):
+        if torch.cuda.is_available():
+            raise memfit.UsageError("torch device")
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), device="cuda")
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2))
+    with pytest.raises(memfit.UsageError, match=r"first dimensions \[3, 4\]"):
+        trainer.step((torch.randn(4, 8), torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(memfit.UsageError, match="epochs"):
+        trainer.fit([], epochs=0)
+    bad = Trainer.from_parts(model, optimizer, lambda m, b: m(b[0]), Config(micro_batch=2))
+    with pytest.raises(memfit.MemfitError, match=r"shape \(2, 4\)"):
+        bad.step(classification_batches(1, 4)[0])
+    with pytest.raises(memfit.UsageError, match="lacks"):
+        trainer.load_state_dict({"model": {}})

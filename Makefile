@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/memfit profile cifar-cnn --batch-size 64
+	$(VENV)/bin/memfit demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/published_figures.py
 	$(PY) benchmarks/batch_size_search.py
 	$(PY) benchmarks/checkpoint_plan.py
+	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/empty_cache.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -717,7 +717,7 @@ class _Progress:
         self.start = time.perf_counter()
         self.samples = 0
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("[bold]train[/]"), BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[speed]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[memory]}"),
             console=console or Console(stderr=True), transient=False,
         )

@@ -1,0 +1,161 @@
+"""``memfit demo``: the project's job end to end, on data bundled with scikit-learn (nothing is downloaded).
+
+The seed article's CNN trains on scikit-learn's 8x8 digits, resized to 3x32x32
+(the article's CIFAR-10 shape), at an effective batch that does not fit a
+simulated device in one piece. The demo shows the naive step failing with
+CUDA's out-of-memory error, the plan memfit makes (micro-batch, accumulation,
+precision, checkpointing), the training run under that plan with a progress
+bar, and the test accuracy and peak memory against the budget.
+
+Known limitations: the device is simulated on CPU (:func:`memfit.simulate_budget`
+counts exactly what a tracker counts, not a CUDA allocator's fragmentation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memfit.budget import simulate_budget
+from memfit.config import Config
+from memfit.errors import UsageError
+from memfit.estimator import estimate
+from memfit.planner import plan
+from memfit import presets
+from memfit.trainer import Trainer
+from memfit.units import format_bytes, parse_bytes
+from memfit.workload import Workload, run_steps
+
+__all__ = ["DemoResult", "digits", "digits_workload", "run"]
+
+_IMAGE = 32
+_TEST_SHARE = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    budget: int
+    """The simulated device's bytes."""
+    naive_fits: bool
+    """Whether the whole batch fitted in one step (it should not, with the default budget)."""
+    config: Config
+    accumulation: tuple[int, ...]
+    peak: int
+    """The highest step peak of the training run, bytes."""
+    accuracy: float
+    """Test-set accuracy after training, 0..1."""
+    steps: int
+    retries: int
+
+
+def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled digits as 3x32x32 images in [-1, 1]: ``(train_x, train_y, test_x, test_y)``, 80/20 split."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - the Makefile installs it
+        raise UsageError("memfit demo needs scikit-learn for its bundled digits: pip install 'memfit[demo]'") from exc
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8), 0..1
+    images = F.interpolate(images, size=(_IMAGE, _IMAGE), mode="bilinear", align_corners=False)
+    images = (images.expand(-1, 3, -1, -1) - 0.5) / 0.5  # three channels, as the article's CIFAR-10 input
+    labels = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(labels) * _TEST_SHARE)
+    test, train = order[:n_test], order[n_test:]
+    return images[train].contiguous(), labels[train], images[test].contiguous(), labels[test]
+
+
+def digits_workload() -> Workload:
+    """The seed article's step: its CNN on 3x32x32 images, cross-entropy, SGD lr 0.01 momentum 0.9.
+
+    The ``cifar-cnn`` preset: its batch factory makes random images of the digits'
+    shape, for estimates; training batches come from the data loader.
+    """
+    return dataclasses.replace(presets.load("cifar-cnn", image_size=_IMAGE), name="digits-cnn")
+
+
+def default_budget(workload: Workload, batch_size: int) -> int:
+    """A device about a quarter of the batch fits on: the requirement of batch/4, rounded up to 1/8 MiB."""
+    need = estimate(workload, Config(micro_batch=max(1, batch_size // 4))).required
+    step = 1 << 17
+    return -(-need // step) * step
+
+
+def run(console, *, batch_size: int = 256, epochs: int = 8, budget: int | str | None = None, seed: int = 0) -> DemoResult:
+    """Run the demo, printing to the rich ``console``; returns the figures it printed."""
+    from rich.logging import RichHandler
+    from rich.rule import Rule
+
+    from memfit.display import render_plan
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"batch size must be a positive whole number, got {batch_size!r}")
+    torch.manual_seed(seed)
+    train_x, train_y, test_x, test_y = digits(seed)
+    workload = digits_workload()
+    budget = parse_bytes(budget) if budget is not None else default_budget(workload, batch_size)
+    console.print(Rule("memfit demo"))
+    console.print(f"The seed article's CNN on scikit-learn's digits ({len(train_y)} training, {len(test_y)} test images, "
+                  f"3x32x32), effective batch {batch_size}, on a simulated device of {format_bytes(budget)}.")
+
+    console.print(Rule("1. The naive step: the whole batch at once"))
+    naive_fits = _naive_step(workload, batch_size, budget, console)
+
+    console.print(Rule("2. The plan"))
+    chosen = plan(workload, budget, batch_size, device="cpu")
+    console.print(render_plan(chosen, width=min(console.width, 100)), end="", markup=False, highlight=False)
+
+    console.print(Rule("3. Training under the plan"))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=batch_size,
+                                         shuffle=True, generator=torch.Generator().manual_seed(seed))
+    trainer = Trainer(workload, chosen, device="cpu", budget=budget)
+    logger = logging.getLogger("memfit")
+    handler = RichHandler(console=console, show_time=False, show_path=False)
+    logger.addHandler(handler)
+    try:
+        fit = trainer.fit(loader, epochs=epochs, log_every=len(loader), console=console)
+    finally:
+        logger.removeHandler(handler)
+
+    console.print(Rule("4. Result"))
+    accuracy = _accuracy(trainer, test_x, test_y)
+    console.print(f"Test accuracy {accuracy:.1%} after {epochs} epoch{'s' if epochs > 1 else ''} "
+                  f"({fit.steps} steps of {batch_size}, {fit.seconds:.1f} s).")
+    console.print(f"Peak memory {format_bytes(fit.peak)} of the {format_bytes(budget)} budget "
+                  f"({fit.peak / budget:.0%}); the plan predicted {format_bytes(chosen.required)}; "
+                  f"{fit.retries} out-of-memory retries.")
+    return DemoResult(budget=budget, naive_fits=naive_fits, config=trainer.config, accumulation=chosen.accumulation,
+                      peak=fit.peak, accuracy=accuracy, steps=fit.steps, retries=fit.retries)
+
+
+def _naive_step(workload: Workload, batch_size: int, budget: int, console) -> bool:
+    """The seed article's step on the whole batch under the budget; prints CUDA's error if it does not fit."""
+    from memfit.workload import build_model
+
+    model = build_model(workload)
+    optimizer = workload.optimizer(model.parameters())
+    try:
+        with simulate_budget(budget, model, optimizer) as sim:
+            run_steps(workload, model, optimizer, batch_size, 1, tracker=sim)
+    except torch.OutOfMemoryError as exc:
+        console.print(f"[red]torch.OutOfMemoryError:[/] {str(exc).split(' Simulated')[0]}", highlight=False)
+        console.print(f"A batch of {batch_size} needs more than the {format_bytes(budget)} device has.")
+        return False
+    console.print(f"The whole batch fits in {format_bytes(budget)} (peak {format_bytes(sim.peak)}): nothing to fix.")
+    return True
+
+
+@torch.no_grad()
+def _accuracy(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
+    model = trainer.model
+    model.eval()
+    correct = 0
+    step = trainer.config.micro_batch  # evaluation in micro-batches too: no graph, smaller still
+    for i in range(0, len(y), step):
+        correct += int((model(x[i:i + step].to(trainer.device)).argmax(1) == y[i:i + step].to(trainer.device)).sum())
+    model.train()
+    return correct / len(y)

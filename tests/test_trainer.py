@@ -120,12 +120,14 @@ def test_token_loss_is_divided_by_the_whole_batch_items_not_per_micro_batch():
     torch.manual_seed(0)
     ref = TinyLM()
     model = copy.deepcopy(ref)
-    out = token_loss(ref, batch)
+    with torch.no_grad():
+        out = token_loss(ref, batch)
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=1.0), token_loss, Config(micro_batch=1))
     result = trainer.step(batch)
     assert result.items == 6
     assert result.loss == pytest.approx(float(out[0] / out[1]), rel=1e-6)
-    per_row = [token_loss(ref, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(2)]
+    with torch.no_grad():
+        per_row = [token_loss(ref, {k: v[i:i + 1] for k, v in batch.items()}) for i in range(2)]
     naive = sum(float(s / n) for s, n in per_row) / 2
     assert abs(naive - result.loss) > 1e-3  # the per-micro-batch mean is a different number
 
@@ -327,6 +329,33 @@ def test_micro_batch_1_out_of_memory_raises_with_a_report_and_leaves_the_model_a
     assert any("bf16-mixed" in a for a in info.value.advice)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+def test_out_of_memory_from_a_workload_trainer_carries_an_estimated_report():
+    workload = memfit.presets.load("cifar-cnn")
+    trainer = Trainer(workload, Config(micro_batch=1))
+    every_step = {step: 5 for step in range(10)}
+    with FaultInjector(trainer, trainer.optimizer, every_step), pytest.raises(OutOfMemory) as info:
+        trainer.step(workload.batch(1))
+    expected = memfit.estimate(workload, Config(micro_batch=1), device="cpu").report
+    assert info.value.report.peak == expected.peak and info.value.report.peak_by_category == expected.peak_by_category
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_real_cuda_oom_is_recovered_and_the_peak_is_the_allocators():
+    torch.cuda.empty_cache()
+    model = nn.Sequential(nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096)).cuda()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=1e-3), lambda m, b: m(b[0]).square().mean(),
+                                 Config(micro_batch=32768))
+    batch = (torch.randn(32768, 4096),)  # 512 MiB on the host; a micro-batch of it and its activations need ~2 GiB
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(max(free - (1 << 30), 0), dtype=torch.uint8, device="cuda")  # leave ~1 GiB free
+    try:
+        result = trainer.step(batch)
+    finally:
+        del ballast
+    assert result.retries >= 1 and max(result.micro_batches) < 32768 and sum(result.micro_batches) == 32768
+    assert result.peak == torch.cuda.max_memory_allocated()
 
 
 def test_max_retries_bounds_the_re_plans():

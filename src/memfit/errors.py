@@ -25,8 +25,9 @@ class OutOfMemory(MemfitError, torch.OutOfMemoryError):
     Attributes:
         micro_batch: the micro-batch of the last failed attempt.
         retries: how many times the logical batch was retried.
-        report: the memory report of the run up to the failed attempt (a
-            :class:`memfit.MemoryReport` under a simulated budget), else None.
+        report: a :class:`memfit.MemoryReport`: under a simulated budget, the
+            run's own (its peak is the failed attempt's); for a Trainer built from a
+            workload, an estimate of the failed configuration; else None.
         advice: what would make it fit, most effective first.
     """
 

@@ -66,6 +66,7 @@ from memfit._tree import map_tensors
 from memfit.budget import SimulatedBudget
 from memfit.config import Config
 from memfit.errors import LeakWarning, MemfitError, OutOfMemory, UsageError
+from memfit.estimator import estimate
 from memfit.planner import Plan, accumulation_steps
 from memfit.strategies import Checkpointing, Recipe
 from memfit.units import format_bytes, parse_bytes
@@ -176,6 +177,7 @@ class Trainer:
             raise UsageError(f"the workload {workload.name!r} has no optimizer factory; training needs one")
         self._setup(model, optimizer, workload.loss, plan, config, device, budget, max_retries,
                     scheduler(optimizer) if callable(scheduler) else scheduler, clip_grad_norm)
+        self._workload = workload
 
     @classmethod
     def from_parts(
@@ -226,6 +228,7 @@ class Trainer:
         self.max_retries = max_retries
         self.clip_grad_norm = clip_grad_norm
         self._loss = loss
+        self._workload: Workload | None = None  # set by __init__: lets an OOM report come from an estimate
         self._recipe = Recipe(config, device.type)  # autocast, offload, GradScaler
         self._checkpointed = Checkpointing(config.checkpoint).apply(model)
         self._config = config
@@ -292,7 +295,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise OutOfMemory(f"out of memory after optimizer.step() had updated the model at step "
                                   f"{self.step_count} ({message}); the batch counted and is not redone",
-                                  micro_batch=failed.micro_batch, retries=retries, report=self._report()) from None
+                                  micro_batch=failed.micro_batch, retries=retries, report=self._report(failed)) from None
             in_optimizer = self._phase == "optimizer"
             clean = self._discard(restore)
             retries += 1
@@ -302,7 +305,7 @@ class Trainer:
                     f"out of memory inside optimizer.step() at step {self.step_count + 1}, after it had updated "
                     "tensors in place; the model and optimizer cannot be restored without a second copy of them. "
                     "Reload the last trainer.state_dict().",
-                    micro_batch=failed.micro_batch, retries=retries, report=self._report(),
+                    micro_batch=failed.micro_batch, retries=retries, report=self._report(failed),
                     advice=self._advice(failed, message),
                 ) from None
             if in_optimizer and _uses_foreach(self.optimizer, self.device):
@@ -316,7 +319,7 @@ class Trainer:
                     f"{self.max_retries} re-plans did not fit"
                 raise OutOfMemory(
                     f"out of memory at step {self.step_count + 1}: {why} ({message})",
-                    micro_batch=min(failed.micro_batch, n), retries=retries, report=self._report(),
+                    micro_batch=min(failed.micro_batch, n), retries=retries, report=self._report(failed),
                     advice=self._advice(failed, message),
                 ) from None
             self._replan(failed, n)
@@ -584,8 +587,17 @@ class Trainer:
         node.metadata["memfit_step"] = token
         self._graphs.append((self.step_count + 1, weakref.ref(token)))
 
-    def _report(self):
-        return self._sim.report() if self._sim is not None else None
+    def _report(self, failed: Config):
+        """The memory report for an OOM: the simulated device's own, else an estimate of the failed config."""
+        if self._sim is not None:
+            return self._sim.report()
+        if self._workload is None:
+            return None
+        try:
+            return estimate(self._workload, failed, device=self.device.type).report
+        except Exception as exc:  # noqa: BLE001 - the report is a courtesy; the OOM is the error to raise
+            log.debug("memfit: no estimate for the out-of-memory report: %s", exc)
+            return None
 
     # ------------------------------------------------------------------ OOM recovery
 

@@ -135,7 +135,8 @@ def test_token_loss_is_divided_by_the_whole_batch_items_not_per_micro_batch():
 def test_step_result_reports_the_batch_mean_loss():
     batches = classification_batches(1, 10)
     model = mlp()
-    expected = float(classification_loss(model, batches[0]))
+    with torch.no_grad():
+        expected = float(classification_loss(model, batches[0]))
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss, Config(micro_batch=4))
     result = trainer.step(batches[0])
     assert result.micro_batches == (4, 4, 2)

@@ -363,6 +363,8 @@ class Trainer:
         window: list[tuple[torch.Tensor, torch.Tensor]] = []  # the logging window's step losses, on the device
         try:
             while self.epoch < epochs:
+                if max_steps is not None and self.step_count >= max_steps:
+                    break  # before iter(loader): a shuffling loader would draw from the RNG
                 sampler = getattr(loader, "sampler", None)
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(self.epoch)
@@ -370,7 +372,7 @@ class Trainer:
                     if index < self.batch_in_epoch:
                         continue  # trained on before a resume
                     if max_steps is not None and self.step_count >= max_steps:
-                        return self._fit_result(steps_run, samples0, logged, peak, retries0, skipped0, start)
+                        break
                     if leak_check:
                         self._check_leak(steps_run)
                     result = self.step(batch)
@@ -384,8 +386,11 @@ class Trainer:
                         logged = _window_mean(window)
                     if bar is not None:
                         bar.advance(result, logged, peak)
-                self.epoch += 1
-                self.batch_in_epoch = 0
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    continue
+                break  # max_steps
             if window:
                 logged = _window_mean(window)
             return self._fit_result(steps_run, samples0, logged, peak, retries0, skipped0, start)
@@ -613,7 +618,8 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "has_state": {id(p) for p in opt_state},
-            "versions": [(t, t._version) for t in _optimizer_tensors(self.optimizer)],
+            # Weak references: a strong one would keep a state tensor the optimizer replaces alive twice.
+            "versions": [(weakref.ref(t), t._version) for t in _optimizer_tensors(self.optimizer)],
         }
 
     def _discard(self, restore: dict[str, Any]) -> bool:
@@ -629,7 +635,8 @@ class Trainer:
         # State the attempt created (the first step's) goes; state it changed cannot be undone.
         for p in [p for p in self.optimizer.state if id(p) not in restore["has_state"]]:
             del self.optimizer.state[p]
-        clean = all(t._version == v for t, v in restore["versions"])
+        # A tensor gone (replaced) or with a new version was written: the optimizer state moved on.
+        clean = all((t := ref()) is not None and t._version == v for ref, v in restore["versions"])
         scaler = self._recipe.scaler()
         if scaler is not None:
             _torch_private.reset_grad_scaler_step(scaler)

@@ -30,7 +30,7 @@ import memfit
 from memfit.presets import SeedCNN
 
 
-def hand_written(model, optimizer, batches, micro: int) -> None:
+def hand_written(model, optimizer, batches, micro: int, after_step=None) -> None:
     """The seed article's accumulation loop (loss / accumulation_steps), one optimizer step per batch."""
     for x, y in batches:
         steps = len(y) // micro
@@ -39,6 +39,8 @@ def hand_written(model, optimizer, batches, micro: int) -> None:
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()  # the seed article calls torch.cuda.empty_cache() here
 
 
 def with_trainer(trainer, batches, micro: int) -> None:

@@ -30,6 +30,17 @@ def test_demo_short_mode_fails_naively_then_trains_within_the_budget():
     assert "Plan for batch 64" in text and "Test accuracy" in text
 
 
+def test_demo_help_lists_its_flags(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "-h"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--batch-size", "--epochs", "--budget", "--seed"):
+        assert flag in out
+
+
 def test_demo_command_runs_and_rejects_bad_flags(capsys):
     assert main(["demo", "--batch-size", "32", "--epochs", "1"]) == 0
     out = capsys.readouterr().out

@@ -466,6 +466,23 @@ def test_resuming_after_a_stop_equals_an_uninterrupted_run():
         assert torch.equal(p, q)
 
 
+def test_fit_saves_its_state_atomically_every_n_steps(tmp_path):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    path = tmp_path / "run.pt"
+    saved_at = []
+    real_save = trainer.save
+    trainer.save = lambda p: (saved_at.append(trainer.step_count), real_save(p))
+    trainer.fit(classification_batches(8, 8), save_to=path, save_every=3, progress=False)
+    assert saved_at == [3, 6, 8]  # every 3 steps, and at the end
+    state = torch.load(path, weights_only=False)
+    assert state["counters"]["step"] == 8 and not (tmp_path / "run.pt.tmp").exists()
+    assert torch.equal(state["model"]["0.weight"], model[0].weight)
+    with pytest.raises(memfit.UsageError, match="save_every=2 needs save_to=PATH"):
+        trainer.fit([], save_every=2)
+
+
 def _fit_warnings(loss_fn, budget="1GiB", steps: int = 8):
     model = mlp()
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, Config(micro_batch=16),

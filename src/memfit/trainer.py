@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import traceback
 import warnings
@@ -339,6 +340,8 @@ class Trainer:
         leak_check: bool = True,
         progress: bool = True,
         console: Any = None,
+        save_to: str | os.PathLike | None = None,
+        save_every: int = 0,
     ) -> FitResult:
         """Train over ``loader`` (an iterable of logical batches) for ``epochs``.
 
@@ -349,6 +352,11 @@ class Trainer:
         stopped: the epoch's batches already trained on are skipped, which needs a
         loader whose order for an epoch is the same each time it is iterated (no
         shuffling, or a sampler with ``set_epoch``, which fit calls).
+
+        With ``save_to``, :meth:`state_dict` is written there every ``save_every``
+        steps (if > 0) and when fit ends, atomically (a temporary file renamed over
+        the old one, so a run killed while saving keeps the previous save); resume
+        with ``trainer.load_state_dict(torch.load(path, weights_only=False))``.
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise UsageError(f"epochs must be a positive whole number, got {epochs!r}")
@@ -356,6 +364,10 @@ class Trainer:
             raise UsageError(f"log_every must be a positive whole number, got {log_every!r}")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
             raise UsageError(f"max_steps must be a whole number >= 0 or None, got {max_steps!r}")
+        if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
+            raise UsageError(f"save_every must be a whole number of steps >= 0, got {save_every!r}")
+        if save_every and save_to is None:
+            raise UsageError(f"save_every={save_every} needs save_to=PATH, the file to write the state to")
         self._watch_graphs = leak_check
         bar = _Progress(self, loader, epochs, console) if progress else None
         start, samples0, retries0, skipped0 = time.perf_counter(), self.samples_seen, self.retries, self.skipped_steps
@@ -386,6 +398,8 @@ class Trainer:
                         logged = _window_mean(window)
                     if bar is not None:
                         bar.advance(result, logged, peak)
+                    if save_to is not None and save_every and self.step_count % save_every == 0:
+                        self.save(save_to)
                 else:
                     self.epoch += 1
                     self.batch_in_epoch = 0
@@ -393,6 +407,8 @@ class Trainer:
                 break  # max_steps
             if window:
                 logged = _window_mean(window)
+            if save_to is not None:
+                self.save(save_to)
             return self._fit_result(steps_run, samples0, logged, peak, retries0, skipped0, start)
         finally:
             self._watch_graphs = False
@@ -419,6 +435,13 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
             },
         }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically: a temporary file beside it, renamed over it."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)  # atomic on POSIX and Windows: a reader sees the old file or the new one
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (after building the Trainer the same way)."""

@@ -483,6 +483,25 @@ def test_fit_saves_its_state_atomically_every_n_steps(tmp_path):
         trainer.fit([], save_every=2)
 
 
+def test_a_saved_state_keeps_the_re_planned_micro_batch_and_refuses_another_precision():
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=16), budget="4KiB")
+    trainer.step(classification_batches(1, 16)[0])
+    reduced = trainer.config.micro_batch
+    assert reduced < 16
+    state = trainer.state_dict()
+    fresh = mlp()
+    again = Trainer.from_parts(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), classification_loss, Config(micro_batch=16))
+    again.load_state_dict(state)
+    assert again.config.micro_batch == reduced and again.step_count == 1
+    third = mlp()
+    other = Trainer.from_parts(third, torch.optim.SGD(third.parameters(), lr=0.1), classification_loss,
+                               Config(micro_batch=16, precision="bf16-mixed"))
+    with pytest.raises(memfit.UsageError, match="trained with precision='32-true', this Trainer with 'bf16-mixed'"):
+        other.load_state_dict(state)
+
+
 def _fit_warnings(loss_fn, budget="1GiB", steps: int = 8):
     model = mlp()
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, Config(micro_batch=16),

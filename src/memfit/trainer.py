@@ -450,9 +450,11 @@ class Trainer:
             raise UsageError(f"not a memfit Trainer state_dict: it lacks {sorted(missing)}; "
                              "save one with torch.save(trainer.state_dict(), path)")
         config = Config(**state["config"])
-        if config.precision != self._config.precision:
-            raise UsageError(f"the saved run trained in {config.precision}, this Trainer in {self._config.precision}; "
-                             "build the Trainer with the same precision to resume")
+        for name in ("precision", "offload_activations"):
+            saved, built = getattr(config, name), getattr(self._config, name)
+            if saved != built:
+                raise UsageError(f"the saved run trained with {name}={saved!r}, this Trainer with {built!r}; "
+                                 f"build the Trainer with {name}={saved!r} to resume")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         scaler = self._recipe.scaler()
@@ -519,9 +521,10 @@ class Trainer:
             if token_scale is not None:
                 # grads = sum_i d(loss_sum_i)/dw * c; the exact mean needs 1/items: rescale once.
                 fix = torch.where(items > 0, 1.0 / (items * token_scale), torch.zeros_like(items))
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                if grads and len(sizes) > 1:
-                    torch._foreach_mul_(grads, fix)
+                if len(sizes) > 1:  # one micro-batch: c was 1/total already
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(fix)
                 mean = total / items.clamp(min=1.0)
             else:
                 items = torch.tensor(float(n), device=self.device)
@@ -681,14 +684,10 @@ class Trainer:
         self._use(dataclasses.replace(failed, micro_batch=max(1, min(failed.micro_batch, n) // 2)))
 
     def _use(self, config: Config) -> None:
+        """Switch to ``config``: another micro-batch or checkpoint set (precision and offload stay as built)."""
         if config.checkpoint != self._config.checkpoint:
             Checkpointing.remove(self.model, self._checkpointed)
             self._checkpointed = Checkpointing(config.checkpoint).apply(self.model)
-        if config.offload_activations != self._config.offload_activations:
-            scaler = self._recipe.scaler()
-            self._recipe = Recipe(config, self.device.type)
-            self._recipe._scaler = scaler
-        self._recipe.config = config
         self._config = config
 
     def _advice(self, failed: Config, message: str) -> tuple[str, ...]:

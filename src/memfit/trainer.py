@@ -267,6 +267,10 @@ class Trainer:
     def step(self, batch: Any) -> StepResult:
         """Train on one logical batch; see the module docstring. Returns a :class:`StepResult`.
 
+        ``batch``: any nesting of tuples, lists and dicts (a tokenizer's output too) of
+        tensors with the batch on dimension 0; each micro-batch gets a slice of every
+        such tensor. Scalars and non-tensor leaves are passed whole to every micro-batch.
+
         Raises:
             memfit.OutOfMemory: micro-batch 1 ran out, or ``max_retries`` re-plans did not fit.
         """
@@ -758,7 +762,7 @@ class _Progress:
         self.start = time.perf_counter()
         self.samples = 0
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(bar_width=16), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("[bold]train[/]"), BarColumn(bar_width=10), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[speed]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[memory]}"),
             console=console or Console(stderr=True), transient=False,
         )
@@ -770,7 +774,7 @@ class _Progress:
         self.samples += result.samples
         speed = self.samples / max(time.perf_counter() - self.start, 1e-9)
         budget = self.trainer.budget
-        memory = "" if peak is None else f"peak {format_bytes(peak)}" + (f" / {format_bytes(budget)}" if budget else "")
+        memory = "" if peak is None else f"peak {format_bytes(peak)}" + (f"/{format_bytes(budget)}" if budget else "")
         self.progress.update(self.task, advance=1, speed=f"{speed:,.0f} samples/s",
                              loss="-" if loss is None else f"{loss:.4f}", memory=memory)
 

@@ -10,10 +10,20 @@ from torch import nn
 import memfit
 from memfit import Config, PlanError, UsageError, estimate, plan, simulate_budget
 from memfit.cli import main
-from memfit.planner import CostModel, _Searcher, accumulation_steps
+from memfit.planner import CostModel, _Searcher, accumulation_steps, balanced_micro_batch
 from memfit.strategies import Recipe
 from memfit.workload import build_model, run_steps
 from zoo import ZOO
+
+
+def test_a_balanced_micro_batch_keeps_the_number_of_micro_steps():
+    assert balanced_micro_batch(256, 50) == 43 and accumulation_steps(256, 43) == (43,) * 5 + (41,)
+    assert balanced_micro_batch(256, 64) == 64 and balanced_micro_batch(100, 100) == 100
+    for batch in (1, 7, 64, 100, 257):
+        for largest in range(1, batch + 1):
+            m = balanced_micro_batch(batch, largest)
+            assert m <= largest and len(accumulation_steps(batch, m)) == len(accumulation_steps(batch, largest))
+            assert m == 1 or len(accumulation_steps(batch, m - 1)) > len(accumulation_steps(batch, largest))
 
 
 def test_accumulation_sums_to_the_batch_for_awkward_sizes():
@@ -44,8 +54,10 @@ def test_the_plan_fits_for_real_and_the_next_micro_batch_would_not(lm_plan):
         # Every micro-step at the full micro-batch: at least what the plan's last, smaller one needs.
         run_steps(workload, model, optimizer, config.micro_batch, 2, tracker=sim, recipe=recipe,
                   accumulation=len(p.accumulation))
-    if config.micro_batch < 100:
-        bigger = Config(micro_batch=config.micro_batch + 1, precision=config.precision, checkpoint=config.checkpoint)
+    largest = p.alternatives[0].largest
+    assert len(accumulation_steps(100, largest)) == len(p.accumulation) and config.micro_batch <= largest
+    if largest < 100:
+        bigger = Config(micro_batch=largest + 1, precision=config.precision, checkpoint=config.checkpoint)
         assert estimate(workload, bigger, device="cpu", accumulation=2).required > budget
     assert p.alternatives[0].config == p.config and p.alternatives[0].step_cost == p.step_cost
     assert p.reasons and all(isinstance(r, str) for r in p.reasons)

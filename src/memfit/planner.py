@@ -44,7 +44,8 @@ from memfit.estimator import Estimate, estimate
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload
 
-__all__ = ["Plan", "Alternative", "PlanError", "CostModel", "plan", "find_batch_size", "accumulation_steps", "calibrate_efficiency"]
+__all__ = ["Plan", "Alternative", "PlanError", "CostModel", "plan", "find_batch_size", "accumulation_steps",
+           "balanced_micro_batch", "calibrate_efficiency"]
 
 _DEFAULT_M_HALF = 2.0
 _CUDA_SPEED = {"32-true": 1.0, "16-mixed": 0.55, "bf16-mixed": 0.55, "16-true": 0.5, "bf16-true": 0.5}
@@ -74,6 +75,9 @@ class Alternative:
     step_cost: float
     """Predicted time of one logical batch, relative to the chosen plan's (1.0)."""
     fits: bool
+    largest: int | None = None
+    """The largest micro-batch that fits with these settings (``config.micro_batch`` balances
+    the same number of micro-steps, so it may be smaller)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,16 @@ def accumulation_steps(batch_size: int, micro_batch: int) -> tuple[int, ...]:
         raise UsageError(f"batch_size and micro_batch must be positive, got {batch_size} and {micro_batch}")
     full, rest = divmod(batch_size, micro_batch)
     return (micro_batch,) * full + ((rest,) if rest else ())
+
+
+def balanced_micro_batch(batch_size: int, largest: int) -> int:
+    """The smallest micro-batch that splits ``batch_size`` into as few micro-steps as ``largest`` does.
+
+    ``balanced_micro_batch(256, 50) == 43``: six micro-steps either way (5 x 50 + 6, or 5 x 43 + 41),
+    the same work, and each micro-step needs less memory.
+    """
+    steps = -(-batch_size // largest)
+    return -(-batch_size // steps)
 
 
 def resolve_budget(budget: int | str, device: str) -> int:
@@ -363,10 +377,12 @@ def plan(
                 if ckpt and m <= previous_best:
                     continue  # more recomputation, no larger micro-batch: never cheaper
                 previous_best = m
-                config = dataclasses.replace(base, micro_batch=m)
+                # As many micro-steps as the largest size needs, each as small as that allows:
+                # the same predicted cost, and headroom for what an estimate cannot see.
+                config = dataclasses.replace(base, micro_batch=balanced_micro_batch(batch_size, m))
                 candidates.append(
-                    Alternative(config, accumulation_steps(batch_size, m), searcher.estimate(config).required,
-                                cost_of(config), True)
+                    Alternative(config, accumulation_steps(batch_size, config.micro_batch),
+                                searcher.estimate(config).required, cost_of(config), True, largest=m)
                 )
                 if m == batch_size:
                     break  # the whole batch fits: more checkpointing only costs
@@ -403,8 +419,10 @@ def _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher) ->
         reasons.append(f"the whole batch of {batch_size} fits in one micro-step")
     else:
         reasons.append(
-            f"micro-batch {c.micro_batch} is the largest that fits with these settings; "
-            f"{len(chosen.accumulation)} micro-steps accumulate the batch of {batch_size}"
+            f"micro-batch {chosen.largest} is the largest that fits with these settings, so the batch of "
+            f"{batch_size} takes {len(chosen.accumulation)} micro-steps"
+            + (f"; micro-batch {c.micro_batch} balances them (the same work, more headroom)"
+               if c.micro_batch != chosen.largest else "")
         )
     reasons.append(f"precision {c.precision}" + (" (the only one allowed)" if len({a.config.precision for a in alternatives}) == 1 else " predicted fastest of those allowed"))
     if c.checkpoint:

@@ -226,6 +226,8 @@ class Trainer:
         self.scheduler = scheduler
         self.plan = plan
         self.device = device
+        # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not, it would be read early.
+        self._to_cuda = device.type == "cuda"
         self.max_retries = max_retries
         self.clip_grad_norm = clip_grad_norm
         self._loss = loss
@@ -488,7 +490,7 @@ class Trainer:
             for size in sizes:
                 micro = _slice(batch, start, start + size)
                 start += size
-                micro = recipe.precision.convert_input(move_batch(micro, self.device))
+                micro = recipe.precision.convert_input(move_batch(micro, self.device, non_blocking=self._to_cuda))
                 if self._sim is not None:
                     micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
                 with recipe.forward_context():

@@ -582,3 +582,27 @@ def test_bad_arguments_say_what_to_pass():
         bad.step(classification_batches(1, 4)[0])
     with pytest.raises(memfit.UsageError, match="lacks"):
         trainer.load_state_dict({"model": {}})
+    with pytest.raises(memfit.UsageError, match="empty batch"):
+        trainer.step((torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(memfit.UsageError, match="clip_grad_norm must be a positive number or None, got -1"):
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), clip_grad_norm=-1)
+    with pytest.raises(memfit.UsageError, match="optimizer must be a torch.optim.Optimizer, got dict"):
+        Trainer.from_parts(model, {}, classification_loss, Config(micro_batch=2))
+    with pytest.raises(memfit.UsageError, match="device 'meta': memfit trains on 'cpu' or 'cuda'"):
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), device="meta")
+    with pytest.raises(memfit.UsageError, match="is not a torch device"):
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), device="gpu please")
+    for kwargs, text in (({"log_every": 0}, "log_every"), ({"max_steps": -1}, "max_steps"),
+                         ({"save_every": -3}, "save_every must be a whole number")):
+        with pytest.raises(memfit.UsageError, match=text):
+            trainer.fit([], **kwargs)
+    flip = {"calls": 0}
+
+    def mixed_forms(m, b):  # a mean first, then (loss_sum, n_items)
+        flip["calls"] += 1
+        loss = classification_loss(m, b)
+        return loss if flip["calls"] == 1 else (loss * len(b[1]), len(b[1]))
+
+    mixed = Trainer.from_parts(model, optimizer, mixed_forms, Config(micro_batch=2))
+    with pytest.raises(memfit.MemfitError, match="a mean for some micro-batches and"):
+        mixed.step(classification_batches(1, 4)[0])

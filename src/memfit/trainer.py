@@ -69,7 +69,7 @@ from memfit.config import Config
 from memfit.errors import LeakWarning, MemfitError, OutOfMemory, UsageError
 from memfit.estimator import estimate
 from memfit.planner import Plan, accumulation_steps
-from memfit.strategies import Checkpointing, Recipe
+from memfit.strategies import Checkpointing, Precision, Recipe
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload, batch_size_of, build_model, move_batch
 
@@ -226,8 +226,6 @@ class Trainer:
         self.scheduler = scheduler
         self.plan = plan
         self.device = device
-        # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not, it would be read early.
-        self._to_cuda = device.type == "cuda"
         self.max_retries = max_retries
         self.clip_grad_norm = clip_grad_norm
         self._loss = loss
@@ -254,7 +252,7 @@ class Trainer:
         self.skipped_steps = 0
         self._mutable_buffers: list[torch.Tensor] | None = None  # learned in the first step
         self._phase = "done"  # where the current attempt is: forward, backward, optimizer, done
-        self._leak_baseline: tuple[int, tuple[int, dict[str, int]] | None] | None = None  # (step, live memory)
+        self._leak_baseline: tuple[int, int | None, dict[str, int] | None] | None = None  # (step, live, by category)
         self._watch_graphs = False  # fit's leak check: mark each step's loss graph to see if it outlives the step
         self._graphs: list[tuple[int, weakref.ref]] = []
         self._leak_warned = False
@@ -313,7 +311,7 @@ class Trainer:
                     "tensors in place; the model and optimizer cannot be restored without a second copy of them. "
                     "Reload the last trainer.state_dict().",
                     micro_batch=failed.micro_batch, retries=retries, report=self._report(failed),
-                    advice=self._advice(failed, message),
+                    advice=self._advice(failed),
                 ) from None
             if in_optimizer and _uses_foreach(self.optimizer, self.device):
                 _disable_foreach(self.optimizer)
@@ -327,7 +325,7 @@ class Trainer:
                 raise OutOfMemory(
                     f"out of memory at step {self.step_count + 1}: {why} ({message})",
                     micro_batch=min(failed.micro_batch, n), retries=retries, report=self._report(failed),
-                    advice=self._advice(failed, message),
+                    advice=self._advice(failed),
                 ) from None
             self._replan(failed, n)
             log.warning(
@@ -374,7 +372,7 @@ class Trainer:
             raise UsageError(f"save_every must be a whole number of steps >= 0, got {save_every!r}")
         if save_every and save_to is None:
             raise UsageError(f"save_every={save_every} needs save_to=PATH, the file to write the state to")
-        self._watch_graphs = leak_check
+        self._watch_graphs = leak_check and not self._leak_warned
         bar = _Progress(self, loader, epochs, console) if progress else None
         start, samples0, retries0, skipped0 = time.perf_counter(), self.samples_seen, self.retries, self.skipped_steps
         steps_run, peak, logged = 0, None, None
@@ -483,14 +481,16 @@ class Trainer:
         sizes = accumulation_steps(n, self._config.micro_batch)
         recipe, scaler = self._recipe, self._recipe.scaler()
         self._phase = "forward"
-        with self._measured() as peak:
+        with _Measured(self) as peak:
             total = torch.zeros((), device=self.device)  # detached running loss (no sync until read)
             token_scale = items = None
             start = 0
             for size in sizes:
                 micro = _slice(batch, start, start + size)
                 start += size
-                micro = recipe.precision.convert_input(move_batch(micro, self.device, non_blocking=self._to_cuda))
+                # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not: it would be read early.
+                micro = move_batch(micro, self.device, non_blocking=self.device.type == "cuda")
+                micro = recipe.precision.convert_input(micro)
                 if self._sim is not None:
                     micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
                 with recipe.forward_context():
@@ -568,19 +568,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ memory
 
-    def _measured(self):
-        return _Measured(self)
-
-    def _live_memory(self) -> tuple[int, dict[str, int]] | None:
-        """Live bytes now and their categories, or None where they cannot be read."""
+    def _live_bytes(self) -> int | None:
+        """Live bytes now (the simulated device's count, or CUDA's allocator), or None where they cannot be read."""
         if self._sim is not None:
-            return self._sim.live_bytes(), self._sim.live_by_category()
+            return self._sim.live_bytes()
         if self.device.type == "cuda":
-            live = torch.cuda.memory_allocated(self.device)
-            cats = _model_state_bytes(self.model, self.optimizer)
-            cats["other (activations, inputs, or tensors kept from earlier steps)"] = live - sum(cats.values())
-            return live, cats
+            return torch.cuda.memory_allocated(self.device)
         return None
+
+    def _live_by_category(self, live: int) -> dict[str, int]:
+        """``live`` bytes by category: the simulated device's own; on CUDA, model states and the rest."""
+        if self._sim is not None:
+            return self._sim.live_by_category()
+        cats = _model_state_bytes(self.model, self.optimizer)
+        cats["other (activations, inputs, or tensors kept from earlier steps)"] = live - sum(cats.values())
+        return cats
 
     def _check_leak(self, steps_run: int) -> None:
         """Warn once if an earlier step's memory is still alive at this step's start.
@@ -591,32 +593,35 @@ class Trainer:
         PyTorch frees a graph's saved tensors in backward, such a graph holds host
         memory (its nodes) more than device memory, which the first signal alone misses.
         """
-        live = self._live_memory()
+        if self._leak_warned or steps_run < 1:
+            return
+        live = self._live_bytes()
         if steps_run == 1:
-            self._leak_baseline = (self.step_count + 1, live)
-        if steps_run < 2 or self._leak_warned:
+            # The baseline: the second step's start (the first creates the optimizer state).
+            self._leak_baseline = (self.step_count + 1, live, None if live is None else self._live_by_category(live))
             return
         self._graphs = [(step, ref) for step, ref in self._graphs if ref() is not None]
         kept = len(self._graphs)
-        growth = None
-        if live is not None and self._leak_baseline is not None and self._leak_baseline[1] is not None:
-            base_step, (base, base_cats) = self._leak_baseline[0], self._leak_baseline[1]
-            growth = live[0] - base
-            grown = max(((c, live[1].get(c, 0) - base_cats.get(c, 0)) for c in live[1]), key=lambda kv: kv[1])
+        base_step, base, base_cats = self._leak_baseline
+        growth = None if live is None or base is None else live - base
         device_leak = growth is not None and growth > max(_LEAK_MIN_BYTES, _LEAK_FRACTION * base)
         if not device_leak and kept < 2:  # one kept graph (the last loss, say) is not growth
             return
         self._leak_warned = True
+        self._watch_graphs = False  # warned once: stop marking graphs for the rest of the run
         parts = [f"memfit: possible memory leak at the start of step {self.step_count + 1}:"]
         if kept >= 2:
             parts.append(f"the autograd graphs of {kept} earlier steps (the first from step {self._graphs[0][0]}) "
                          "are still alive, and one more is kept each step;")
         if growth is not None:
-            parts.append(f"live device memory is {format_bytes(live[0])}, {format_bytes(growth)} more than at step "
+            cats = self._live_by_category(live)  # only now: on CUDA it walks every model and optimizer tensor
+            grown = max(((c, cats.get(c, 0) - base_cats.get(c, 0)) for c in cats), key=lambda kv: kv[1])
+            parts.append(f"live device memory is {format_bytes(live)}, {format_bytes(growth)} more than at step "
                          f"{base_step}" + (f", most of it {grown[0]} (+{format_bytes(grown[1])})." if growth > 0 else "."))
         parts.append("Something keeps tensors of earlier steps alive, such as a list of outputs, or a loss summed with "
                      "its history (total_loss += loss keeps every step's graph); keep loss.item() or .detach() instead.")
         warnings.warn(" ".join(parts), LeakWarning, stacklevel=3)
+        self._graphs.clear()
 
     def _watch(self, node) -> None:
         # A token in the graph node's metadata lives exactly as long as the node.
@@ -696,7 +701,7 @@ class Trainer:
             self._checkpointed = Checkpointing(config.checkpoint).apply(self.model)
         self._config = config
 
-    def _advice(self, failed: Config, message: str) -> tuple[str, ...]:
+    def _advice(self, failed: Config) -> tuple[str, ...]:
         advice = []
         if failed.precision == "32-true":
             advice.append("precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16) halves activations")
@@ -707,9 +712,9 @@ class Trainer:
         if self.plan is not None:
             advice.append(f"the plan predicted {format_bytes(self.plan.required)} of {format_bytes(self.plan.budget)}; "
                           "if something else holds device memory, plan for less (memfit plan --budget)")
-        live = self._live_memory()
+        live = self._live_bytes()
         if live is not None:
-            advice.append(f"{format_bytes(live[0])} was still live after the failure; the model states alone are "
+            advice.append(f"{format_bytes(live)} was still live after the failure; the model states alone are "
                           f"{format_bytes(sum(_model_state_bytes(self.model, self.optimizer).values()))}")
         advice.append("a larger budget or device")
         return tuple(advice)
@@ -823,9 +828,12 @@ def _resolve_device(device: Any) -> torch.device:
 
 
 def _cast(model: nn.Module, precision: str) -> nn.Module:
-    """``*-true``: cast in place; ``Module.to`` keeps each Parameter object, so an optimizer built on them stays valid."""
-    dtype = {"16-true": torch.float16, "bf16-true": torch.bfloat16}.get(precision)
-    return model.to(dtype=dtype) if dtype is not None else model
+    """``*-true``: cast in place; ``Module.to`` keeps each Parameter object, so an optimizer built on them stays valid.
+
+    (``Precision.apply`` replaces the parameters instead, which fake tensors need and a built optimizer cannot follow.)
+    """
+    p = Precision(precision)
+    return model.to(dtype=p.dtype) if not p.mixed and p.dtype != torch.float32 else model
 
 
 def _slice(batch: Any, start: int, stop: int) -> Any:
@@ -842,11 +850,13 @@ def _loss_error(out: Any, *, mixed: bool) -> MemfitError:
                        "or (loss_sum, n_items) for token-level losses")
 
 
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    out = [p for group in optimizer.param_groups for p in group["params"]]
-    for state in optimizer.state.values():
-        out.extend(t for t in state.values() if isinstance(t, torch.Tensor))
-    return out
+    """Every tensor ``optimizer.step()`` may write: the parameters and the state."""
+    return [p for group in optimizer.param_groups for p in group["params"]] + _state_tensors(optimizer)
 
 
 def _model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -864,9 +874,8 @@ def _model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> di
         return total
 
     params = list(model.parameters())
-    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
     return {"parameters": nbytes(params) + nbytes(model.buffers()), "gradients": nbytes(p.grad for p in params),
-            "optimizer_state": nbytes(state)}
+            "optimizer_state": nbytes(_state_tensors(optimizer))}
 
 
 def _uses_foreach(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:

@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.memfit-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench mutate install clean
 
 install: $(STAMP)
 
@@ -28,8 +28,16 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/memfit demo
 
+# -n auto: one pytest worker per core (pytest-xdist).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
+
+# Mutation testing of the core modules with the suite as the oracle (hours on 2 cores; not in CI).
+# mutmut keeps its results in mutants/ and goes on where it stopped; the score excludes the
+# equivalent mutants listed, with reasons, in tools/equivalent_mutants.toml.
+mutate: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run; \
+	$(PY) tools/mutation_score.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/tracker_overhead.py
@@ -42,4 +50,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/empty_cache.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache mutants .hypothesis

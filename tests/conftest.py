@@ -7,6 +7,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same cases on every run (CI must not flake); HYPOTHESIS_PROFILE=explore
+# draws new ones, many more, to look for a counterexample by hand.
+settings.register_profile("default", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: intra-op threads on top only oversubscribe the cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,8 @@
 """The caching-allocator model: PyTorch's rounding, pools, segments and block reuse."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from memfit.allocator import cublas_workspace_bytes, simulate_caching_allocator
 
 MiB = 2**20
@@ -44,6 +47,17 @@ def test_no_split_below_1mib_remainder_hands_out_the_whole_block():
     assert run(("a", 0, 19 * MiB + MiB // 2)).allocated == 20 * MiB
 
 
+def test_a_large_block_splits_only_when_more_than_1mib_would_remain():
+    # should_split() in CUDACachingAllocator.cpp: `remaining > kSmallSize` for the large pool.
+    # 19 MiB takes a segment rounded up to 20 MiB; exactly 1 MiB would remain: not split.
+    exact = run(("a", 0, 19 * MiB))
+    assert exact.reserved == 20 * MiB and exact.allocated == 20 * MiB
+    # 512 bytes less leaves 1 MiB + 512: split, only the request is allocated, the rest is free.
+    above = run(("a", 0, 19 * MiB - 512))
+    assert above.reserved == 20 * MiB and above.allocated == 19 * MiB - 512
+    assert run(("a", 0, 19 * MiB - 512), ("a", 1, MiB + 512)).segments == 1  # the remainder serves the next
+
+
 def test_segments_are_kept_when_freed():
     est = run(("a", 0, 30 * MiB), ("f", 0), ("a", 1, 40 * MiB))
     assert est.reserved == 70 * MiB  # the 30 MiB segment cannot hold 40 MiB and is not released
@@ -54,3 +68,25 @@ def test_cublas_workspaces():
     assert cublas_workspace_bytes((8, 0)) == 4096 * 1024 * 2 + 16 * 1024 * 8
     est = simulate_caching_allocator([], capability=(9, 0))
     assert est.workspace == 64 * MiB and est.reserved == 64 * MiB
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 48 * MiB)), max_size=40))
+def test_any_trace_reserves_at_least_what_it_allocates_in_cuda_rounded_units(steps):
+    # Allocate (True) or free the live storage picked by the number (False), as a training step does.
+    events, live, sizes, peak_rounded = [], [], {}, 0
+    for i, (allocate, size) in enumerate(steps):
+        if allocate or not live:
+            sizes[i] = size
+            live.append(i)
+            events.append((i, i, size))
+        else:
+            sid = live.pop(size % len(live))
+            events.append((i, sid, -sizes[sid]))
+        peak_rounded = max(peak_rounded, sum(-(-sizes[s] // 512) * 512 for s in live))
+    est = simulate_caching_allocator(events, cublas_handles=0)
+    assert est.reserved >= est.allocated >= peak_rounded  # a block is at least its request rounded to 512
+    assert est.allocated % 512 == 0 and est.reserved % (2 * MiB) == 0  # segments: 2 MiB, 20 MiB or n x 2 MiB
+    assert est.segments >= (1 if events else 0)
+    if all(s <= MiB for s in sizes.values()):  # the small pool only: 2 MiB segments, split at any 512 B
+        assert est.allocated == peak_rounded and est.reserved == est.segments * 2 * MiB

@@ -1,7 +1,11 @@
 """simulate_budget: raises CUDA's OOM exactly when the counted bytes cross the budget."""
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -19,12 +23,12 @@ def _run(workload, n, budget):
 
 
 @pytest.mark.parametrize("name", ["cifar-cnn", "gpt2-tiny"])  # the presets small enough to run for real
-def test_budget_equal_to_the_peak_passes_and_one_kib_less_raises(name):
+def test_budget_equal_to_the_peak_passes_and_one_byte_less_raises(name):
     workload = memfit.presets.load(name)
     peak = memfit.measure(workload, 8).peak
     assert _run(workload, 8, peak).report().peak == peak
     with pytest.raises(torch.OutOfMemoryError, match=r"^CUDA out of memory\. Tried to allocate"):
-        _run(workload, 8, peak - 1024)
+        _run(workload, 8, peak - 1)
 
 
 def test_message_names_the_simulated_budget():
@@ -78,8 +82,12 @@ def test_the_process_goes_on_normally_after_the_error():
 
 def test_model_states_alone_over_budget_raise_on_entry():
     model = nn.Linear(1000, 1000)
-    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate"):
-        with simulate_budget("1MiB", model):
+    states = (1000 * 1000 + 1000) * 4
+    with simulate_budget(states, model) as sim:  # exactly the weights: they fit
+        pass
+    assert sim.peak == states
+    with pytest.raises(torch.OutOfMemoryError, match=r"Tried to allocate 3\.91 KiB\. Simulated budget of 3\.82 MiB"):
+        with simulate_budget(states - 1, model):  # one byte short: the bias (4000 bytes) no longer fits
             pass
     assert _get_current_dispatch_mode() is None
 
@@ -115,3 +123,21 @@ def test_accelerate_find_executable_batch_size_backs_off_under_the_budget():
     assert all(a > b for a, b in zip(tried, tried[1:]))
     assert found <= 16 < tried[-2]
     assert memfit.measure(workload, found).peak <= budget
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 4096), min_size=1, max_size=16), st.integers(0, 40_000))
+def test_the_budget_raises_at_the_first_allocation_that_would_cross_it(sizes, budget):
+    totals = list(itertools.accumulate(sizes))
+    crossing = next((i for i, total in enumerate(totals) if total > budget), None)
+    kept = []
+    try:
+        with simulate_budget(budget, device="cpu") as sim:
+            for n in sizes:
+                kept.append(torch.empty(n, dtype=torch.uint8))
+    except torch.OutOfMemoryError as exc:
+        assert crossing is not None and len(kept) == crossing  # nothing before it failed, it did
+        assert str(exc).startswith(f"CUDA out of memory. Tried to allocate {memfit.format_bytes(sizes[crossing])}.")
+        assert sim.live_bytes() == (totals[crossing - 1] if crossing else 0)
+    else:
+        assert crossing is None and sim.peak == totals[-1] <= budget

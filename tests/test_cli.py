@@ -147,3 +147,26 @@ def test_estimate_bad_input(capsys, argv, message):
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == "" and err.count("\n") == 1
     assert message in err
+
+
+def test_out_of_memory_exits_1_with_one_line(tmp_path, capsys):
+    workloads = tmp_path / "oom.py"
+    workloads.write_text(
+        "import torch, memfit\n"
+        "def _gave_up(model, batch):\n"
+        "    raise memfit.OutOfMemory('out of memory at step 1: micro-batch 1 does not fit', micro_batch=1,\n"
+        "                             retries=3, advice=('a larger budget or device',))\n"
+        "def _device(model, batch):\n"
+        "    raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB.\\nGPU 0 has 1 GiB')\n"
+        "def guard():\n"
+        "    return memfit.Workload(lambda: torch.nn.Linear(4, 2), lambda n: torch.ones(n, 4), _gave_up, None)\n"
+        "def device():\n"
+        "    return memfit.Workload(lambda: torch.nn.Linear(4, 2), lambda n: torch.ones(n, 4), _device, None)\n"
+    )
+    code, out, err = run(capsys, "profile", f"{workloads}:guard", "-b", "2")
+    assert (code, out) == (1, "")
+    assert err == ("memfit: error: out of memory at step 1: micro-batch 1 does not fit "
+                   "Try: a larger budget or device.\n")
+    code, out, err = run(capsys, "profile", f"{workloads}:device", "-b", "2")
+    assert (code, out) == (1, "")
+    assert err == "memfit: error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1 GiB\n"

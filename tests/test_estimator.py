@@ -163,6 +163,28 @@ def test_cuda_target_adds_allocator_figures():
     assert cuda.allocator.workspace == 2 * 32 * 2**20
 
 
+def _adam_workload(**adam) -> memfit.Workload:
+    return memfit.Workload(
+        model=lambda: torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256)),
+        batch=lambda n: torch.randn(n, 256),
+        loss=lambda m, b: m(b).square().mean(),
+        optimizer=lambda p: torch.optim.Adam(p, **adam),
+    )
+
+
+def test_cuda_target_steps_the_optimizer_with_foreach_as_cuda_does():
+    # torch.optim takes the foreach implementation on CUDA when foreach=None
+    # (_default_to_fused_or_foreach in torch/optim/optimizer.py), the per-tensor loop on CPU;
+    # foreach's temporaries span all parameters at once. A CUDA estimate must follow CUDA.
+    config = Config(micro_batch=4)
+    default, foreach, loop = (estimate(_adam_workload(**kw), config, device="cuda")
+                              for kw in ({}, {"foreach": True}, {"foreach": False}))
+    assert default.phases == foreach.phases and default.peak == foreach.peak
+    assert default.phases["steady"]["optimizer"] > loop.phases["steady"]["optimizer"]
+    cpu_default, cpu_loop = (estimate(_adam_workload(**kw), config, device="cpu") for kw in ({}, {"foreach": False}))
+    assert cpu_default.phases == cpu_loop.phases
+
+
 def test_cuda_target_emulates_fused_attention_with_dropout():
     # On CPU, attention with dropout falls back to a kernel that keeps the seq x seq
     # matrices; CUDA's fused kernels keep none. The estimate for CUDA follows CUDA.

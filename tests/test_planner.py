@@ -1,10 +1,13 @@
 """plan() and find_batch_size(): the plan fits, keeps the batch, and is the cheapest that fits."""
 
+import dataclasses
 import itertools
 import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import memfit
@@ -56,9 +59,12 @@ def test_the_plan_fits_for_real_and_the_next_micro_batch_would_not(lm_plan):
                   accumulation=len(p.accumulation))
     largest = p.alternatives[0].largest
     assert len(accumulation_steps(100, largest)) == len(p.accumulation) and config.micro_batch <= largest
-    if largest < 100:
-        bigger = Config(micro_batch=largest + 1, precision=config.precision, checkpoint=config.checkpoint)
-        assert estimate(workload, bigger, device="cpu", accumulation=2).required > budget
+    # The largest micro-batch itself fits (not "nearly"), and the next one does not.
+    at_largest = dataclasses.replace(config, micro_batch=largest)
+    assert estimate(workload, at_largest, device="cpu", accumulation=2).required <= budget
+    assert largest < 100
+    bigger = dataclasses.replace(config, micro_batch=largest + 1)
+    assert estimate(workload, bigger, device="cpu", accumulation=2).required > budget
     assert p.alternatives[0].config == p.config and p.alternatives[0].step_cost == p.step_cost
     assert p.reasons and all(isinstance(r, str) for r in p.reasons)
     json.dumps(p.to_dict())
@@ -153,12 +159,54 @@ def test_plan_cli(capsys):
     assert code == 2 and "bad byte quantity 'big'" in err
 
 
-def test_calibration_fits_the_efficiency_curve_from_real_steps():
-    from memfit.planner import calibrate_efficiency
+def test_calibration_fits_the_efficiency_curve_from_timed_steps(monkeypatch):
+    # A clock that the step itself advances by c * (m + 3): the fit must find m_half = 3.
+    from memfit import planner
 
-    m_half = calibrate_efficiency(ZOO["tied-lm"](), device="cpu", sizes=(1, 4, 16), repeats=2)
-    assert isinstance(m_half, float) and m_half >= 0
-    workload = ZOO["tied-lm"]()
-    budget = estimate(workload, Config(micro_batch=8), device="cpu").required
+    clock = {"now": 0.0}
+    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock["now"])
+    base = ZOO["tied-lm"]()
+
+    def timed_loss(model, batch):
+        clock["now"] += 0.25 * (len(batch) + 3.0)
+        return base.loss(model, batch)
+
+    workload = dataclasses.replace(base, loss=timed_loss)
+    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4, 16), repeats=2) == pytest.approx(3.0)
+    budget = estimate(base, Config(micro_batch=8), device="cpu").required
     calibrated = plan(workload, budget, 16, device="cpu", calibrate=True)
-    assert calibrated.extra["m_half"] >= 0 and sum(calibrated.accumulation) == 16
+    assert calibrated.extra["m_half"] == pytest.approx(3.0) and sum(calibrated.accumulation) == 16
+    # Time that does not grow with the micro-batch gives no curve to fit: the default is kept.
+    flat = dataclasses.replace(base, loss=lambda m, b: (clock.__setitem__("now", clock["now"] + 1.0), base.loss(m, b))[1])
+    assert planner.calibrate_efficiency(flat, device="cpu", sizes=(1, 2), repeats=1) == planner._DEFAULT_M_HALF
+
+def _mlp_workload() -> memfit.Workload:
+    return memfit.Workload(
+        model=lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)),
+        batch=lambda n: (torch.randn(n, 64), torch.randint(0, 10, (n,))),
+        loss=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        optimizer=lambda p: torch.optim.Adam(p),
+        name="mlp",
+    )
+
+
+_MLP_RANGE = {}
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.floats(0.0, 1.0))
+def test_for_any_budget_the_largest_micro_batch_fits_and_the_next_does_not(share):
+    workload, batch = _mlp_workload(), 64
+    if not _MLP_RANGE:
+        _MLP_RANGE["lo"] = estimate(workload, Config(micro_batch=1), device="cpu", accumulation=2).required
+        _MLP_RANGE["hi"] = estimate(workload, Config(micro_batch=batch), device="cpu").required
+    budget = _MLP_RANGE["lo"] + int(share * (_MLP_RANGE["hi"] - _MLP_RANGE["lo"]))
+
+    def required(m: int) -> int:  # accumulation (two micro-steps) below the batch, as the planner estimates
+        return estimate(workload, Config(micro_batch=m), device="cpu", accumulation=2 if m < batch else 1).required
+
+    p = plan(workload, budget, batch, device="cpu", allow_checkpoint=False)
+    largest = p.alternatives[0].largest
+    assert p.required <= budget and sum(p.accumulation) == batch
+    assert required(largest) <= budget and required(p.config.micro_batch) == p.required
+    assert largest == batch or required(largest + 1) > budget

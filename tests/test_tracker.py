@@ -104,6 +104,21 @@ def test_views_and_in_place_ops_are_not_double_counted():
     del v, y, z, x
 
 
+def test_slices_of_a_batch_made_before_tracking_allocate_nothing():
+    # The Trainer slices micro-batches out of a batch built outside the tracker: a view or an
+    # in-place op on such a tensor shares its storage, which was allocated before tracking began.
+    batch = torch.randn(100, 10)
+    with track(device="cpu") as t:
+        micro = batch[20:30]
+        flat = micro.flatten()
+        micro.mul_(1.0)
+        assert t.live_bytes() == 0
+        doubled = micro * 2  # a new 10 x 10 float32 storage
+        assert t.live_bytes() == 400
+    assert t.report().peak == 400
+    del micro, flat, doubled
+
+
 def test_a_tensor_freed_mid_step_leaves_the_count_at_once():
     with track(device="cpu") as t:
         a = torch.zeros(1000)

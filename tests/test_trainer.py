@@ -12,6 +12,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -275,45 +277,63 @@ class FaultInjector(TorchDispatchMode):
 
 
 def test_random_ooms_over_100_steps_give_the_fault_free_weights(caplog):
-    batches = classification_batches(100, 16, seed=5)
-    ref = mlp()
+    # BatchNorm, dropout and batches of unequal sizes: a retried batch must leave no trace.
+    g = torch.Generator().manual_seed(5)
+    sizes = torch.randint(9, 17, (100,), generator=g).tolist()
+    batches = [(torch.randn(n, 8, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in sizes]
+    torch.manual_seed(0)
+    ref = NormDropNet()
     model = copy.deepcopy(ref)
-    ref_trainer = Trainer.from_parts(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9),
-                                     classification_loss, Config(micro_batch=16))
-    ref_trainer.fit(batches, progress=False)
-
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=16))
+    results = []
+    step = trainer.step
+    trainer.step = lambda batch: results.append(step(batch)) or results[-1]
     rng = random.Random(7)
-    # Four faults (16 -> 8 -> 4 -> 2 -> 1) at random ops of random steps; a micro-step of this model runs > 20 ops.
-    faults = {step: rng.randrange(1, 20) for step in rng.sample(range(100), 4)}
+    # Three faults at random ops of random steps (a micro-step of this model runs > 20 ops); each
+    # halves the micro-batch that failed (16, or the batch if shorter), so the last runs at 1 or 2.
+    faults = {step: rng.randrange(1, 20) for step in rng.sample(range(100), 3)}
     injector = FaultInjector(trainer, optimizer, faults)
+    torch.manual_seed(3)
     with caplog.at_level(logging.WARNING, logger="memfit"), injector:
         result = trainer.fit(batches, progress=False)
-    assert injector.fired == 4 and result.retries == 4
-    assert result.steps == 100 and result.samples == 1600 and trainer.samples_seen == 1600
-    assert trainer.config.micro_batch == 1
-    recoveries = [r for r in caplog.records if "out of memory" in r.getMessage()]
-    assert len(recoveries) == 4 and "micro-batch 8" in recoveries[0].getMessage()
-    assert_same_weights(model, ref, 1e-5)
+    assert injector.fired == 3 and result.retries == 3 and sum(r.retries for r in results) == 3
+    assert result.steps == 100 and result.samples == sum(sizes) and trainer.samples_seen == sum(sizes)
+    assert [sum(r.micro_batches) for r in results] == sizes
+    assert trainer.config.micro_batch <= 2 and len({r.micro_batches for r in results}) > 3
+    first = min(faults)
+    recoveries = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(recoveries) == 3 and f"with micro-batch {min(16, sizes[first])} " in recoveries[0]
+
+    # The reference never failed: each batch split as the trainer finally ran it, by hand.
+    torch.manual_seed(3)
+    reference_run(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), batches,
+                  [r.micro_batches for r in results])
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_oom_under_a_simulated_budget_retries_smaller_and_keeps_the_math():
     batches = classification_batches(4, 16, seed=3)
-    ref = mlp()
+    ref = spread()
     model = copy.deepcopy(ref)
     full_batch_run(ref, torch.optim.SGD(ref.parameters(), lr=0.1), classification_loss, batches)
-    with memfit.simulate_budget("1GiB") as probe:  # the peak of micro-batch 4, to size a budget that 16 exceeds
-        trainer = Trainer.from_parts(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.1),
-                                     classification_loss, Config(micro_batch=4), budget="1GiB")
-    small_peak = trainer.step(batches[0]).peak
-    assert probe.peak >= 0 and small_peak > 0
+    # The budget: what micro-batch 4 needs (its peak under a roomy simulated device).
+    sizing = copy.deepcopy(model)
+    small_peak = Trainer.from_parts(sizing, torch.optim.SGD(sizing.parameters(), lr=0.1), classification_loss,
+                                    Config(micro_batch=4), budget="1GiB").step(batches[0]).peak
+    assert small_peak > sum(p.numel() * 4 for p in model.parameters())  # more than the weights: it ran
 
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
-                                 Config(micro_batch=16), budget=small_peak + 64)
-    results = [trainer.step(b) for b in batches]
-    assert results[0].retries >= 1 and max(results[0].micro_batches) < 16
-    assert all(r.peak <= small_peak + 64 for r in results)
+                                 Config(micro_batch=16), budget=small_peak)
+    results = []
+    for batch in batches:
+        r = trainer.step(batch)
+        results.append((r.retries, r.micro_batches, r.peak))
+        # A StepResult holds its loss and item count on the device (8 bytes): the budget is exact to the byte.
+        del r
+    assert results[0] == (2, (4, 4, 4, 4), small_peak)  # 16 and 8 did not fit, 4 fits to the byte
+    assert results[1:] == [(0, (4, 4, 4, 4), small_peak)] * 3 and trainer.config.micro_batch == 4
     assert_same_weights(model, ref, 1e-6)
 
 
@@ -357,14 +377,6 @@ def test_a_real_cuda_oom_is_recovered_and_the_peak_is_the_allocators():
         del ballast
     assert result.retries >= 1 and max(result.micro_batches) < 32768 and sum(result.micro_batches) == 32768
     assert result.peak == torch.cuda.max_memory_allocated()
-
-
-def test_max_retries_bounds_the_re_plans():
-    model = mlp()
-    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
-                                 Config(micro_batch=16), budget="2KiB", max_retries=1)
-    with pytest.raises(OutOfMemory, match="1 re-plans did not fit"):
-        trainer.step(classification_batches(1, 16)[0])
 
 
 class _OptimizerFault(TorchDispatchMode):
@@ -502,10 +514,10 @@ def test_a_saved_state_keeps_the_re_planned_micro_batch_and_refuses_another_prec
         other.load_state_dict(state)
 
 
-def _fit_warnings(loss_fn, budget="1GiB", steps: int = 8):
+def _fit_warnings(loss_fn, budget="1GiB", steps: int = 8, micro_batch: int = 16):
     model = mlp()
-    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, Config(micro_batch=16),
-                                 budget=budget)
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                                 Config(micro_batch=micro_batch), budget=budget)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(classification_batches(steps, 64), progress=False)
@@ -553,7 +565,9 @@ def test_the_leak_check_stays_quiet_on_a_clean_loop():
         last["loss"] = classification_loss(model, batch)
         return last["loss"]
 
-    assert _fit_warnings(keeps_the_last_loss) == []
+    # One micro-batch: the graph kept is the one the leak check watches, so it sees exactly one.
+    assert _fit_warnings(keeps_the_last_loss, micro_batch=64) == []
+    assert _fit_warnings(keeps_the_last_loss, budget=None, micro_batch=64) == []
 
 
 # ---------------------------------------------------------------------- bad input
@@ -606,3 +620,174 @@ def test_bad_arguments_say_what_to_pass():
     mixed = Trainer.from_parts(model, optimizer, mixed_forms, Config(micro_batch=2))
     with pytest.raises(memfit.MemfitError, match="a mean for some micro-batches and"):
         mixed.step(classification_batches(1, 4)[0])
+
+
+# ---------------------------------------------------------------------- the guard at its boundaries
+
+
+class NormDropNet(nn.Module):
+    """BatchNorm statistics and dropout masks: what a retry must put back as they were."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # BatchNorm over 4 channels of 4 positions each: it trains on micro-batches of one sample too.
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Unflatten(1, (4, 4)), nn.BatchNorm1d(4), nn.Flatten(),
+                                  nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 4))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def reference_run(model, optimizer, batches, splits):
+    """Exact accumulation by hand: batch ``i`` split into ``splits[i]``, each mean loss weighted by its share."""
+    for (x, y), sizes in zip(batches, splits):
+        n, start = len(y), 0
+        for size in sizes:
+            loss = F.cross_entropy(model(x[start:start + size]), y[start:start + size]) * (size / n)
+            loss.backward()
+            start += size
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _oom_in_backward(module: nn.Module, on_calls: set[int]) -> dict:
+    """Make ``module``'s backward raise CUDA's OOM on the given calls (1-based), after forward ran in full."""
+    calls = {"n": 0}
+
+    def hook(mod, grad_input, grad_output):
+        calls["n"] += 1
+        if calls["n"] in on_calls:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+
+    module.register_full_backward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("failing_step", [1, 3], ids=["first-step", "after-buffers-are-learned"])
+def test_a_retry_equals_running_the_smaller_micro_batch_from_the_start(failing_step):
+    # The failed attempt ran forward in full (BatchNorm updated its statistics, dropout drew
+    # masks) before backward ran out: the retry must start from the state before it.
+    batches = classification_batches(4, 8, seed=21)
+    torch.manual_seed(0)
+    ref = NormDropNet()
+    model = copy.deepcopy(ref)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8))
+    _oom_in_backward(model.body[-1], {failing_step})
+    torch.manual_seed(7)
+    results = [trainer.step(b) for b in batches]
+    splits = [r.micro_batches for r in results]
+    assert [r.retries for r in results] == [int(i + 1 == failing_step) for i in range(4)]
+    assert splits[failing_step - 1] == (4, 4) and splits[0 if failing_step > 1 else 1] == ((8,) if failing_step > 1 else (4, 4))
+
+    torch.manual_seed(7)
+    reference_run(ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), batches, splits)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), name  # weights, running_mean, running_var and num_batches_tracked
+
+
+class Spread(nn.Module):
+    """Activations dominate: each of the 8 features is spread over 256 channels by a few shared weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(1, 256)
+        self.down = nn.Linear(256, 4)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x.unsqueeze(-1)))).mean(1)
+
+
+def spread(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Spread()
+
+
+def _first_step_peak(micro: int, batch) -> int:
+    model = spread()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=micro), budget="1GiB")
+    return trainer.step(batch).peak
+
+
+def test_a_micro_batch_larger_than_the_batch_is_halved_from_the_batch():
+    batch = classification_batches(1, 5, seed=4)[0]
+    fits = _first_step_peak(2, batch)
+    assert _first_step_peak(5, batch) > fits  # the whole batch does not fit in that budget, 2 does
+    model = spread()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=64), budget=fits, max_retries=1)
+    result = trainer.step(batch)
+    assert result.retries == 1 and result.micro_batches == (2, 2, 1)  # 64 -> min(64, 5) // 2, not 32, 16, ...
+    assert result.peak <= fits
+
+
+def test_max_retries_re_plans_are_allowed_and_one_more_is_not():
+    batch = classification_batches(1, 16, seed=4)[0]
+    fits = _first_step_peak(2, batch)
+    assert _first_step_peak(4, batch) > fits  # 16 -> 8 -> 4 -> 2: exactly three re-plans
+
+    model = spread()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=16), budget=fits, max_retries=3)
+    result = trainer.step(batch)
+    assert result.retries == 3 and result.micro_batches == (2,) * 8 and trainer.retries == 3
+
+    model = spread()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=16), budget=fits,
+                                 max_retries=2)
+    with pytest.raises(OutOfMemory, match=r"out of memory at step 1: 2 re-plans did not fit") as info:
+        trainer.step(batch)
+    assert info.value.retries == 3 and info.value.micro_batch == 4  # the third failure was at 4
+    assert trainer.step_count == 0 and trainer.samples_seen == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not optimizer.state and all(p.grad is None for p in model.parameters())
+
+
+def test_fit_reports_the_per_sample_mean_loss_of_a_window_with_a_short_last_batch():
+    batches = classification_batches(2, 8, seed=9) + classification_batches(1, 3, seed=10)
+    torch.manual_seed(0)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.5)
+    losses = []
+    for x, y in batches:  # the same updates by hand, each batch's loss read before its update
+        loss = F.cross_entropy(ref(x), y)
+        losses.append(float(loss.detach()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    per_sample = sum(loss * len(b[1]) for loss, b in zip(losses, batches)) / sum(len(b[1]) for b in batches)
+    unweighted = sum(losses) / len(losses)
+    assert abs(per_sample - unweighted) > 1e-3  # the short batch makes the two means differ
+
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.5), classification_loss,
+                                 Config(micro_batch=4))
+    result = trainer.fit(batches, log_every=100, progress=False)
+    assert result.loss == pytest.approx(per_sample, rel=1e-6)
+    assert result.steps == 3 and result.samples == 19
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), micro=st.integers(1, 14), token=st.booleans(), seed=st.integers(0, 2**16))
+def test_any_split_of_any_batch_gives_the_full_batch_gradients(n, micro, token, seed):
+    if token:
+        make, loss_fn, batch = (lambda: (torch.manual_seed(seed), TinyLM())[1]), token_loss, token_batches(1, n, seed=seed)[0]
+    else:
+        make, loss_fn, batch = (lambda: mlp(seed)), classification_loss, classification_batches(1, n, seed=seed)[0]
+    ref = make()
+    out = loss_fn(ref, batch)
+    (out[0] / out[1] if token else out).backward()
+    expected = [p.grad for p in ref.parameters()]
+
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.extend(p.grad.clone() for p in model.parameters()))
+    result = Trainer.from_parts(model, optimizer, loss_fn, Config(micro_batch=micro)).step(batch)
+    assert sum(result.micro_batches) == n and len(result.micro_batches) == -(-n // micro)
+    assert all(0 < m <= micro for m in result.micro_batches)
+    for got, want in zip(seen, expected, strict=True):
+        assert _rel(got, want) <= 1e-5

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memfit import UsageError, format_bytes, parse_bytes
 
@@ -63,3 +65,17 @@ def test_round_trip_of_formatted_binary_units():
 def test_format_bytes_rejects_floats():
     with pytest.raises(TypeError):
         format_bytes(1.5)
+
+
+@settings(max_examples=300)
+@given(st.integers(min_value=0, max_value=2**70), st.booleans())
+def test_formatted_bytes_parse_back_exactly_where_two_decimals_can_say_it(n, decimal):
+    text = format_bytes(n, decimal=decimal)
+    back = parse_bytes(text)
+    base = 1000 if decimal else 1024
+    unit = max((base**e for e in range(6) if base**e <= n), default=1)
+    unit = min(unit, base**5)  # PiB / PB is the largest unit
+    if (n * 100) % unit == 0:  # n is a whole number of hundredths of its unit: printed exactly
+        assert back == n
+    else:  # two decimals round to the nearest hundredth; the parser rounds down to a byte
+        assert abs(back - n) <= unit // 200 + 1

@@ -279,9 +279,10 @@ class Trainer:
             raise UsageError("trainer.step() got an empty batch (0 samples); skip empty batches in your loader")
         retries = 0
         while True:
-            restore = self._snapshot()
+            restore = None
             try:
-                result = self._attempt(batch, n, retries)
+                restore = self._snapshot()  # inside the guard: saving the state may itself run out
+                result = self._attempt(batch, n, retries, restore)
             except OutOfMemory:
                 raise
             except torch.OutOfMemoryError as exc:
@@ -477,7 +478,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one attempt
 
-    def _attempt(self, batch: Any, n: int, retries: int) -> StepResult:
+    def _attempt(self, batch: Any, n: int, retries: int, restore: dict[str, Any]) -> StepResult:
         sizes = accumulation_steps(n, self._config.micro_batch)
         recipe, scaler = self._recipe, self._recipe.scaler()
         self._phase = "forward"
@@ -535,11 +536,14 @@ class Trainer:
             else:
                 items = torch.tensor(float(n), device=self.device)
                 mean = total
+            if self._mutable_buffers is None:
+                # The first step shows which buffers forward updates, by value as well as by version:
+                # native_batch_norm writes running_mean/var without bumping their version counters.
+                self._mutable_buffers = [b for b, saved in restore["buffers"]
+                                         if b._version != restore["versions0"][id(b)] or not torch.equal(b, saved)]
             self._phase = "optimizer"
             skipped = self._optimizer_step(scaler)
             self._phase = "done"
-        if self._mutable_buffers is None:
-            self._mutable_buffers = [b for b, v in self._buffer_versions if b._version != v]
         if skipped:
             self.skipped_steps += 1
         elif self.scheduler is not None:
@@ -646,12 +650,13 @@ class Trainer:
     def _snapshot(self) -> dict[str, Any]:
         """What an attempt may change before it can fail, to restore on OOM."""
         buffers = self._mutable_buffers
-        if buffers is None:  # first step: learn which buffers forward updates (BatchNorm statistics)
-            self._buffer_versions = [(b, b._version) for b in self.model.buffers()]
-            buffers = [b for b, _ in self._buffer_versions]
+        learning = buffers is None  # first step: all buffers, to learn which ones forward updates
+        if learning:
+            buffers = list(self.model.buffers())
         opt_state = self.optimizer.state
         return {
             "buffers": [(b, b.detach().clone()) for b in buffers],
+            "versions0": {id(b): b._version for b in buffers} if learning else None,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "has_state": {id(p) for p in opt_state},
@@ -659,10 +664,17 @@ class Trainer:
             "versions": [(weakref.ref(t), t._version) for t in _optimizer_tensors(self.optimizer)],
         }
 
-    def _discard(self, restore: dict[str, Any]) -> bool:
-        """Undo a failed attempt; returns False if ``optimizer.step()`` had already written in place."""
+    def _discard(self, restore: dict[str, Any] | None) -> bool:
+        """Undo a failed attempt; returns False if ``optimizer.step()`` had already written in place.
+
+        ``restore`` is None when taking the snapshot itself ran out: nothing had changed yet.
+        """
         self.model.zero_grad(set_to_none=True)  # the batch's partial gradients
         self.optimizer.zero_grad(set_to_none=True)
+        if restore is None:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return True
         with torch.no_grad():
             for b, saved in restore["buffers"]:
                 b.copy_(saved)

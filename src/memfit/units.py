@@ -1,8 +1,8 @@
 """Byte quantities: one checked parser and one formatter.
 
 memfit counts int bytes everywhere; units appear only at the edges (CLI flags,
-tables, messages). Binary units (KiB, MiB, GiB, TiB) are powers of 1024, decimal
-units (KB, MB, GB, TB) powers of 1000, as in IEC 80000-13: "24GB" is 24e9
+tables, messages). Binary units (KiB, MiB, GiB, TiB, PiB) are powers of 1024, decimal
+units (KB, MB, GB, TB, PB) powers of 1000, as in IEC 80000-13: "24GB" is 24e9
 bytes, which is what a GPU vendor's "24 GB" means, and "24GiB" is 24 * 2**30.
 """
 
@@ -22,16 +22,18 @@ _UNITS = {
     "MB": 10**6,
     "GB": 10**9,
     "TB": 10**12,
+    "PB": 10**15,
     "KIB": 2**10,
     "MIB": 2**20,
     "GIB": 2**30,
     "TIB": 2**40,
+    "PIB": 2**50,
 }
 _PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 _FORMS = (
     'a whole number of bytes (1048576) or a number with a unit: "24GiB", "512MiB", '
-    '"1.5 GiB", "24GB" (= 24e9), "100KB"; units: B, KB, MB, GB, TB (powers of 1000), '
-    "KiB, MiB, GiB, TiB (powers of 1024)"
+    '"1.5 GiB", "24GB" (= 24e9), "100KB"; units: B, KB, MB, GB, TB, PB (powers of 1000), '
+    "KiB, MiB, GiB, TiB, PiB (powers of 1024)"
 )
 
 

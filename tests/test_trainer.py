@@ -6,8 +6,10 @@ import copy
 import dataclasses
 import io
 import logging
+import math
 import random
 import warnings
+import zipfile
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memfit
+import memfit.statefile
 from memfit import Config, LeakWarning, OutOfMemory, Trainer
 from memfit.planner import Alternative
 
@@ -488,7 +491,7 @@ def test_fit_saves_its_state_atomically_every_n_steps(tmp_path):
     trainer.save = lambda p: (saved_at.append(trainer.step_count), real_save(p))
     trainer.fit(classification_batches(8, 8), save_to=path, save_every=3, progress=False)
     assert saved_at == [3, 6, 8]  # every 3 steps, and at the end
-    state = torch.load(path, weights_only=False)
+    state = memfit.statefile.read(path)
     assert state["counters"]["step"] == 8 and not (tmp_path / "run.pt.tmp").exists()
     assert torch.equal(state["model"]["0.weight"], model[0].weight)
     with pytest.raises(memfit.UsageError, match="save_every=2 needs save_to=PATH"):
@@ -553,7 +556,8 @@ def test_the_leak_check_names_device_memory_growth_and_its_category():
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), keeps_logits,
                                  Config(micro_batch=16384), budget="1GiB")
     batches = classification_batches(6, 16384)
-    with pytest.warns(LeakWarning, match=r"1\.\d\d MiB more than at step 2, most of it temporaries \(\+1\.\d\d MiB\)"):
+    with pytest.warns(LeakWarning, match=r"1\.\d\d MiB more than at step 2, most of it activations and outputs of "
+                                         r"earlier steps \(\+1\.\d\d MiB\)"):
         trainer.fit(batches, progress=False)
 
 
@@ -791,3 +795,446 @@ def test_any_split_of_any_batch_gives_the_full_batch_gradients(n, micro, token, 
     assert all(0 < m <= micro for m in result.micro_batches)
     for got, want in zip(seen, expected, strict=True):
         assert _rel(got, want) <= 1e-5
+
+
+# ---------------------------------------------------------------------- exact resume with randomness
+
+from resume_job import EPOCHS, seed_everything  # noqa: E402
+from resume_job import loader as job_loader  # noqa: E402
+from resume_job import trainer as job_trainer  # noqa: E402
+
+
+def _uninterrupted(kind: str) -> dict[str, torch.Tensor]:
+    seed_everything(1234)
+    run = job_trainer()
+    run.fit(job_loader(kind), EPOCHS, progress=False)
+    return run.model.state_dict()
+
+
+class _Crash(BaseException):
+    """A process dying right after a save (what SIGKILL does, in-process)."""
+
+
+@pytest.mark.parametrize("kind", ["generator", "global", "set_epoch", "wrapped"])
+def test_resume_after_a_crash_equals_the_uninterrupted_run_bit_for_bit(kind, tmp_path):
+    # Dropout, a shuffling loader (its own generator, the global one, set_epoch, inside a custom
+    # iterable) and augmentations drawing from NumPy and Python: killed mid-epoch in each epoch
+    # and at an epoch's end, the resumed run must equal the run that was never stopped.
+    expected = _uninterrupted(kind)
+    for kill_at in (3, 7, 10, 13):
+        path = tmp_path / f"{kind}-{kill_at}.pt"
+        seed_everything(1234)
+        run = job_trainer()
+        save = run.save
+
+        def save_then_crash(p, run=run, save=save, kill_at=kill_at):
+            save(p)
+            if run.step_count == kill_at:
+                raise _Crash
+
+        run.save = save_then_crash
+        with pytest.raises(_Crash):
+            run.fit(job_loader(kind), EPOCHS, save_to=path, save_every=1, progress=False)
+        resumed = job_trainer()
+        seed_everything(999)  # a new process: every generator elsewhere
+        resumed.load(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", memfit.ResumeWarning)
+            result = resumed.fit(job_loader(kind), EPOCHS, progress=False)
+        assert result.steps == 15 - kill_at and resumed.step_count == 15
+        for key, value in resumed.model.state_dict().items():
+            assert torch.equal(value, expected[key]), (kind, kill_at, key)
+
+
+def test_a_job_killed_with_sigkill_resumes_bit_for_bit(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    expected = _uninterrupted("generator")
+    path = tmp_path / "run.pt"
+    job = subprocess.run([sys.executable, str(Path(__file__).parent / "resume_job.py"), "generator", str(path), "8"],
+                         capture_output=True, text=True, timeout=240)
+    assert job.returncode == -signal.SIGKILL, job.stderr
+    assert memfit.statefile.read(path)["counters"]["step"] == 8 and not Path(f"{path}.tmp").exists()
+    resumed = job_trainer()
+    seed_everything(7)
+    resumed.load(path)
+    resumed.fit(job_loader("generator"), EPOCHS, progress=False)
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+class _OwnShuffle(torch.utils.data.Sampler):
+    """A sampler with its own unseeded random.Random: an order memfit cannot see or restore."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.rng = random.Random()
+
+    def __iter__(self):
+        order = list(range(self.n))
+        self.rng.shuffle(order)
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_resume_warns_when_the_loader_order_cannot_be_replayed(tmp_path):
+    data = torch.utils.data.TensorDataset(*classification_batches(1, 40, seed=3)[0])
+    path = tmp_path / "run.pt"
+    model = mlp()
+    run = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss, Config(micro_batch=8))
+    run.fit(torch.utils.data.DataLoader(data, batch_size=8, sampler=_OwnShuffle(40)), max_steps=3, save_to=path,
+            progress=False)
+    model = mlp()
+    resumed = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=8))
+    resumed.load(path)
+    with pytest.warns(memfit.ResumeWarning, match="resuming at batch 3 of epoch 0, but the loader did not give the "
+                                                   "batch the saved run trained on last"):
+        resumed.fit(torch.utils.data.DataLoader(data, batch_size=8, sampler=_OwnShuffle(40)), progress=False)
+    one_shot = iter(classification_batches(3, 8))
+    with pytest.warns(memfit.ResumeWarning, match=r"fit got a one-shot iterator \(list_iterator\)"):
+        resumed.fit(one_shot, save_to=tmp_path / "again.pt", progress=False)
+
+
+# ---------------------------------------------------------------------- atomic steps
+
+
+def _snapshot_of(trainer: Trainer):
+    return (copy.deepcopy(trainer.model.state_dict()), copy.deepcopy(trainer.optimizer.state_dict()),
+            torch.get_rng_state(), random.getstate(), trainer.step_count, trainer.samples_seen)
+
+
+def _assert_unchanged(trainer: Trainer, before) -> None:
+    model, optimizer, cpu_rng, py_rng, steps, samples = before
+    assert all(torch.equal(model[k], v) for k, v in trainer.model.state_dict().items())  # weights and BatchNorm
+    now = trainer.optimizer.state_dict()
+    assert now["state"].keys() == optimizer["state"].keys()
+    for pid, state in optimizer["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(now["state"][pid][k])) for k, v in state.items())
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert torch.equal(torch.get_rng_state(), cpu_rng) and random.getstate() == py_rng
+    assert (trainer.step_count, trainer.samples_seen) == (steps, samples)
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("exception", [_Boom, KeyboardInterrupt])
+@pytest.mark.parametrize("steps_before", [0, 2], ids=["first-step", "later-step"])
+def test_an_exception_in_micro_batch_2_leaves_model_optimizer_and_gradients_as_they_were(exception, steps_before):
+    batches = classification_batches(4, 8, seed=12)
+    calls = {"n": 0, "fail": None}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        out = classification_loss(model, batch)
+        random.random()  # the loss draws from Python's generator too
+        if calls["n"] == calls["fail"]:
+            raise exception("in the loss of micro-batch 2")
+        return out
+
+    torch.manual_seed(0)
+    model = NormDropNet()
+    reference = copy.deepcopy(model)
+    trainer = Trainer.from_parts(model, torch.optim.Adam(model.parameters(), lr=1e-2), loss, Config(micro_batch=4))
+    torch.manual_seed(5)
+    random.seed(5)
+    for b in batches[:steps_before]:
+        trainer.step(b)
+    before = _snapshot_of(trainer)
+    calls["fail"] = calls["n"] + 2
+    with pytest.raises(exception, match="micro-batch 2"):
+        trainer.step(batches[steps_before])
+    _assert_unchanged(trainer, before)
+    for b in batches[steps_before:]:  # and the run goes on as if the failure never happened
+        trainer.step(b)
+
+    calls["fail"] = None
+    torch.manual_seed(0)
+    ref = Trainer.from_parts(reference, torch.optim.Adam(reference.parameters(), lr=1e-2), loss, Config(micro_batch=4))
+    torch.manual_seed(5)
+    random.seed(5)
+    for b in batches:
+        ref.step(b)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_user_gradient_left_on_the_model_is_put_back_after_a_failed_step():
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 lambda m, b: (_ for _ in ()).throw(_Boom("no")), Config(micro_batch=4))
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    with pytest.raises(_Boom):
+        trainer.step(classification_batches(1, 8)[0])
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight)) and model[0].bias.grad is None
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_nan_loss_skips_the_update_counts_it_and_warns_once(precision):
+    batches = classification_batches(5, 8, seed=6)
+    for i in (1, 3):
+        batches[i][0][2, 1] = float("nan")  # one NaN feature: the batch's loss is NaN
+    torch.manual_seed(0)
+    model = NormDropNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=4, precision=precision))
+    trainer.step(batches[0])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(memfit.NonFiniteLossWarning, match=r"the loss at step 2 is nan; its update was skipped") as caught:
+        result = trainer.fit(batches[1:], progress=False)
+    assert len([w for w in caught if issubclass(w.category, memfit.NonFiniteLossWarning)]) == 1  # once, not twice
+    assert result.nonfinite == 2 and result.skipped == 2 and result.steps == 4 and trainer.nonfinite_steps == 2
+    assert math.isfinite(result.loss)  # the logged loss is the trained steps'
+    assert all(torch.isfinite(v.float()).all() for v in model.state_dict().values())
+    # Step 2 changed nothing: not the weights (weight decay did not run), not BatchNorm's statistics.
+    model2 = NormDropNet()
+    model2.load_state_dict(before)
+    fresh = Trainer.from_parts(model2, optimizer := torch.optim.AdamW(model2.parameters(), lr=1e-2, weight_decay=0.1),
+                               classification_loss, Config(micro_batch=4, precision=precision), on_nonfinite="raise")
+    state = fresh.optimizer.state_dict()
+    with pytest.raises(memfit.NonFiniteLoss, match="the loss at step 1 is nan; the step was undone"):
+        fresh.step(batches[1])
+    assert all(torch.equal(before[k], v) for k, v in model2.state_dict().items())
+    assert fresh.optimizer.state_dict()["state"] == state["state"] == {} and fresh.step_count == 0
+
+
+def test_token_losses_with_no_items_skip_and_negative_counts_are_refused():
+    torch.manual_seed(0)
+    model = TinyLM()
+    trainer = Trainer.from_parts(model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1), token_loss,
+                                 Config(micro_batch=2))
+    padding = token_batches(1, 4)[0]
+    padding["labels"][:] = -100
+    before = copy.deepcopy(model.state_dict())
+    result = trainer.step(padding)
+    assert result.skipped and result.skip_reason == "no items" and result.items == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no weight decay either
+
+    def negative(m, b):
+        loss_sum, n = token_loss(m, b)
+        return loss_sum, n - 100
+
+    bad = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), negative, Config(micro_batch=2))
+    with pytest.raises(memfit.UsageError, match=r"n_items = -9\d for a micro-batch at step 1; .* it is >= 0"):
+        bad.step(token_batches(1, 4)[0])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_grad_scaler_skip_is_reported_as_such():
+    # A finite loss with an infinite gradient: only the GradScaler (16-mixed) sees it.
+    model = mlp()
+    model[2].bias.register_hook(lambda g: g * float("inf"))
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4, precision="16-mixed"))
+    before = copy.deepcopy(model.state_dict())
+    result = trainer.step(classification_batches(1, 8)[0])
+    assert result.skipped and result.skip_reason == "grad scaler" and math.isfinite(result.loss)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_float64_models_keep_float64_accuracy_under_accumulation():
+    batch = token_batches(1, 7, seed=3)[0]
+    torch.manual_seed(0)
+    ref = TinyLM().double()
+    model = copy.deepcopy(ref)
+    out = token_loss(ref, batch)
+    (out[0] / out[1]).backward()
+    seen = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.register_step_pre_hook(lambda *a: seen.extend(p.grad.clone() for p in model.parameters()))
+    Trainer.from_parts(model, optimizer, token_loss, Config(micro_batch=3)).step(batch)
+    assert max(_rel(g, p.grad) for g, p in zip(seen, ref.parameters())) < 1e-12  # float32 scales give ~1e-8
+
+
+def test_construction_refuses_a_foreign_optimizer_and_a_bad_scheduler():
+    model, other = mlp(), mlp()
+    with pytest.raises(memfit.UsageError, match=r"4 of the optimizer's 4 parameters are not the model's"):
+        Trainer.from_parts(model, torch.optim.SGD(other.parameters(), lr=0.1), classification_loss, Config(micro_batch=2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(memfit.UsageError, match=r"scheduler must be an LR scheduler .* got 'x'"):
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), scheduler="x")
+    with pytest.raises(memfit.UsageError, match=r"on_nonfinite must be one of 'skip', 'raise', got 'ignore'"):
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), on_nonfinite="ignore")
+    with pytest.raises(memfit.UsageError, match="Trainer\\(scheduler=...\\) takes a factory"):
+        Trainer(memfit.presets.load("cifar-cnn"), Config(micro_batch=2), scheduler=42)
+    with pytest.raises(memfit.UsageError, match="bad byte quantity"):
+        Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2, checkpoint="0"), budget="lots")
+    assert "forward" not in model[0].__dict__  # refused before the model was touched
+
+
+# ---------------------------------------------------------------------- verified, atomic loads
+
+
+def _trained(tmp_path, model_fn=mlp, optimizer_fn=lambda p: torch.optim.Adam(p, lr=1e-2)):
+    model = model_fn()
+    trainer = Trainer.from_parts(model, optimizer_fn(model.parameters()), classification_loss, Config(micro_batch=4))
+    trainer.fit(classification_batches(3, 8), progress=False, save_to=tmp_path / "run.pt")
+    return trainer, tmp_path / "run.pt"
+
+
+def _fresh(model_fn=mlp, optimizer_fn=lambda p: torch.optim.Adam(p, lr=1e-2), seed=3):
+    model = model_fn(seed)
+    trainer = Trainer.from_parts(model, optimizer_fn(model.parameters()), classification_loss, Config(micro_batch=4))
+    return trainer, copy.deepcopy(model.state_dict())
+
+
+def test_a_saved_file_loads_and_resumes(tmp_path):
+    trained, path = _trained(tmp_path)
+    trainer, _ = _fresh()
+    trainer.load(path)
+    assert trainer.step_count == 3 and all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(),
+                                                                             trained.model.parameters()))
+    again, _ = _fresh()
+    again.load_state_dict(torch.load(path, weights_only=True))  # the file's content, checksum verified
+    assert again.step_count == 3
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing_key", r"the saved model lacks 2\.bias"),
+    ("other_shapes", r"0\.weight has shape \(16, 8\) in the file, \(32, 8\) here"),
+    ("other_optimizer", r"the saved optimizer is torch\.optim\.adam\.Adam, this one torch\.optim\.sgd\.SGD"),
+    ("none", r"load_state_dict takes a dict from trainer\.state_dict\(\), got NoneType"),
+    ("groups", r"the saved optimizer has 1 parameter groups, this one 2"),
+    ("counters", r"the saved counters are not whole numbers >= 0"),
+    ("precision", r"trained with precision='32-true', this Trainer with 'bf16-true'"),
+])
+def test_a_bad_state_is_refused_in_one_line_and_changes_nothing(tmp_path, damage, message):
+    trained, path = _trained(tmp_path)
+    state = memfit.statefile.read(path)
+    model_fn, optimizer_fn, config = mlp, lambda p: torch.optim.Adam(p, lr=1e-2), Config(micro_batch=4)
+    if damage == "missing_key":
+        del state["model"]["2.bias"]
+    elif damage == "other_shapes":
+        model_fn = lambda seed=0: (torch.manual_seed(seed), nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)))[1]
+    elif damage == "other_optimizer":
+        optimizer_fn = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)
+    elif damage == "none":
+        state = None
+    elif damage == "groups":
+        optimizer_fn = lambda p: torch.optim.Adam([{"params": list(p)[:2]}, {"params": []}], lr=1e-2)
+    elif damage == "counters":
+        state["counters"]["step"] = -1
+    elif damage == "precision":
+        config = Config(micro_batch=4, precision="bf16-true")
+    model = model_fn(3)
+    optimizer = optimizer_fn(model.parameters())
+    if damage == "groups":
+        optimizer.add_param_group({"params": list(model.parameters())[2:]})
+        optimizer.param_groups.pop(1)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, config)
+    before = copy.deepcopy(model.state_dict())
+    optimizer_before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(memfit.UsageError, match=message) as info:
+        trainer.load_state_dict(state)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert optimizer.state_dict() == optimizer_before and trainer.step_count == 0
+
+
+def test_a_truncated_or_damaged_file_is_refused_naming_it(tmp_path):
+    _, path = _trained(tmp_path)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    # 64 bytes zeroed in the middle of the largest tensor's data (an Adam moment, say): torch.load reads it.
+    with zipfile.ZipFile(path) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    local = data[entry.header_offset:entry.header_offset + 30]
+    start = entry.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+    middle = start + entry.file_size // 2 - 32
+    assert entry.file_size >= 128 and any(data[middle:middle + 64])
+    zeroed = tmp_path / "zeroed.pt"
+    zeroed.write_bytes(data[:middle] + bytes(64) + data[middle + 64:])
+    assert torch.load(zeroed, weights_only=True)["state"]["counters"]["step"] == 3  # it loads without complaint
+    trainer, before = _fresh()
+    with pytest.raises(memfit.UsageError, match=rf"{truncated} cannot be read as a saved memfit state .* truncated"):
+        trainer.load(truncated)
+    with pytest.raises(memfit.UsageError, match=rf"{zeroed} is damaged: its content does not match the checksum"):
+        trainer.load(zeroed)
+    with pytest.raises(memfit.UsageError, match=r"no saved state at .*missing\.pt"):
+        trainer.load(tmp_path / "missing.pt")
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+# ---------------------------------------------------------------------- warnings people see
+
+
+def _keeps_logits(kept: list, detach: bool):
+    def loss(model, batch):
+        logits = model(batch[0])
+        # Every step's logits (8 x 4 floats, 128 bytes), with their graph or without.
+        kept.append(logits.detach().clone() if detach else logits)
+        return F.cross_entropy(logits, batch[1])
+
+    return loss
+
+
+@pytest.mark.parametrize("detach, budget", [(False, "1GiB"), (False, None), (True, "1GiB")],
+                         ids=["graph-simulated", "graph-plain-cpu", "detached-simulated"])
+def test_a_small_leak_of_logits_is_flagged_within_ten_steps(detach, budget):
+    # With their graph, the graph's mark on the model's output outlives its step; without, only
+    # live memory shows it, rising at every step start (128 bytes, far under the 1 MiB threshold).
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), _keeps_logits([], detach),
+                                 Config(micro_batch=8), budget=budget)
+    with pytest.warns(LeakWarning) as caught:
+        trainer.fit(classification_batches(40, 8), progress=False)
+    leaks = [str(w.message) for w in caught if issubclass(w.category, LeakWarning)]
+    assert len(leaks) == 1
+    step = int(leaks[0].split("at the start of step ")[1].split(":")[0])
+    assert step <= 11, leaks[0]  # not after 1 MiB of growth (8000 steps at 128 bytes)
+    if budget is not None:
+        assert "most of it activations and outputs of earlier steps" in leaks[0]
+
+
+def test_the_leak_check_does_not_mistake_lazily_created_optimizer_state_for_a_leak():
+    # A parameter that first gets a gradient at step k gets Adam state then: live memory rises
+    # at every step start for 16 steps (a new head each step), and it is not a leak.
+    class Late(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Linear(8, 4) for _ in range(16))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.heads[min(self.calls - 1, 15)](x)
+
+    torch.manual_seed(0)
+    model = Late()
+    trainer = Trainer.from_parts(model, torch.optim.Adam(model.parameters()), classification_loss,
+                                 Config(micro_batch=8), budget="1GiB")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(classification_batches(30, 8), progress=False)
+    assert not [w for w in caught if issubclass(w.category, LeakWarning)]
+
+
+def test_memfit_warnings_are_shown_by_a_plain_python_run(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch, memfit\n"
+        "model = torch.nn.Linear(8, 4)\n"
+        "kept = []\n"
+        "def loss(m, b):\n"
+        "    out = m(b[0]).square().mean()\n"
+        "    kept.append(out)\n"
+        "    return out\n"
+        "trainer = memfit.Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss,\n"
+        "                                    memfit.Config(micro_batch=4))\n"
+        "trainer.fit([(torch.randn(4, 8),) for _ in range(6)], progress=False)\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "LeakWarning: memfit: possible memory leak at the start of step 3" in run.stderr
+    assert issubclass(LeakWarning, UserWarning) and issubclass(memfit.NonFiniteLossWarning, UserWarning)

@@ -11,7 +11,8 @@ int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_byte
 from memfit import presets
 from memfit.budget import simulate_budget
 from memfit.config import PRECISIONS, Config
-from memfit.errors import LeakWarning, MemfitError, OutOfMemory, UsageError
+from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLossWarning, OutOfMemory, ResumeWarning,
+                           UsageError)
 from memfit.estimator import Estimate, estimate
 from memfit.planner import Plan, PlanError, find_batch_size, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
@@ -36,7 +37,10 @@ __all__ = [
     "FitResult",
     "LeakWarning",
     "MemfitError",
+    "NonFiniteLoss",
+    "NonFiniteLossWarning",
     "OutOfMemory",
+    "ResumeWarning",
     "StepResult",
     "Trainer",
     "MemoryReport",

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["MemfitError", "UsageError", "OutOfMemory", "LeakWarning"]
+__all__ = ["MemfitError", "UsageError", "OutOfMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
+           "ResumeWarning"]
 
 
 class MemfitError(Exception):
@@ -41,5 +42,21 @@ class OutOfMemory(MemfitError, torch.OutOfMemoryError):
         self.advice = tuple(advice)
 
 
-class LeakWarning(ResourceWarning):
-    """Live memory at the start of a training step grew past the second step's: something keeps tensors alive."""
+class NonFiniteLoss(MemfitError, FloatingPointError):
+    """A step's loss was NaN or inf and the Trainer was asked to stop (``on_nonfinite="raise"``).
+
+    The step was undone: the model, optimizer and BatchNorm statistics are as before it.
+    """
+
+
+# Warnings are UserWarnings: Python shows those by default (a ResourceWarning it hides).
+class LeakWarning(UserWarning):
+    """Live memory at the start of a training step keeps growing: something keeps tensors alive."""
+
+
+class NonFiniteLossWarning(UserWarning):
+    """A step's loss was NaN or inf: its update was skipped and the model left as it was."""
+
+
+class ResumeWarning(UserWarning):
+    """A resumed run cannot be (or was not) the uninterrupted run's continuation bit for bit."""

@@ -107,7 +107,7 @@ def test_a_crashing_workload_is_one_line_unless_traceback_is_asked(tmp_path, cap
         "                          lambda m, b: m(b).sum(), None)\n"
     )
     code, _, err = run(capsys, "profile", f"{crash}:make", "-b", "2")
-    assert code == 2 and err.count("\n") == 1
+    assert code == 1 and err.count("\n") == 1  # the workload's own code failed: not a usage error
     assert "RuntimeError" in err and "--traceback" in err
     with pytest.raises(RuntimeError):
         main(["--traceback", "profile", f"{crash}:make", "-b", "2"])
@@ -118,7 +118,7 @@ def test_estimate_prints_what_it_needs(capsys):
                          "--checkpoint", "all", "--budget", "24GiB")
     assert code == 0, err
     assert "Needs" in out and "CUDA context" in out and "Checkpointed: transformer.h.0, transformer.h.1" in out
-    assert "Budget 24.00 GiB: the step fits" in out
+    assert "Budget 24.00 GiB (25.77 GB): the step fits" in out  # both forms: GiB and GB differ by 7%
 
 
 def test_estimate_json_schema(capsys):
@@ -170,3 +170,73 @@ def test_out_of_memory_exits_1_with_one_line(tmp_path, capsys):
     code, out, err = run(capsys, "profile", f"{workloads}:device", "-b", "2")
     assert (code, out) == (1, "")
     assert err == "memfit: error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1 GiB\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["estimate", "gpt2-tiny", "-b", "2", "--budget", "-1GB"], "bad byte quantity '-1GB': it must not be negative"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--budget=-1GB"], "bad byte quantity '-1GB': it must not be negative"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--budget", "0.5"], "bad byte quantity '0.5': a fraction of a byte"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--budget", "1.9B"], "bad byte quantity '1.9B': a fraction of a byte"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--steps", "1000000"], "--steps takes 1 to 1000, got '1000000'"),
+        (["profile", "cifar-cnn", "-b", "2", "--steps", "1001"], "--steps takes 1 to 1000"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--arg", "seq_len"], "--arg takes KEY=VALUE"),
+        (["estimate", "gpt2-tiny", "-b", "2", "--arg", "seq_len=8", "--seq-len", "8"], "both give the sequence length"),
+        (["estimate", "cifar-cnn", "-b", "2", "--arg", "depth=3"], "preset 'cifar-cnn' takes no option 'depth'"),
+        (["profile", "cifar-cnn", "-b", "2", "--plot", "no/such/folder/t.png"], "the folder 'no/such/folder' does not exist"),
+        (["plan", "gpt2-tiny", "-b", "4", "--budget", "1GiB", "--checkpoint-candidates", "decoder.*"],
+         "checkpoint glob 'decoder.*' matches no module"),
+    ],
+)
+def test_more_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("memfit: error: ") and message in err
+
+
+def test_arg_passes_keyword_arguments_to_the_workload(capsys):
+    code, out, err = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--arg", "image_size=64", "--device", "cpu",
+                         "--json")
+    assert code == 0, err
+    big = json.loads(out)["peak"]
+    code, out, err = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--device", "cpu", "--json")
+    # The linear layer takes 64 * (64 / 2)^2 inputs instead of 64 * 16^2: four times the weights.
+    assert code == 0 and big > json.loads(out)["peak"] * 3
+
+
+def test_cards_as_budgets_and_both_units_in_the_verdict(capsys):
+    code, out, err = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--budget", "rtx4090")
+    assert code == 0, err
+    assert "Budget 23.64 GiB (25.38 GB): the step fits" in out
+
+
+def test_host_out_of_memory_exits_1_with_what_ran_and_ctrl_c_exits_130(tmp_path, capsys):
+    workloads = tmp_path / "host.py"
+    workloads.write_text(
+        "import torch, memfit\n"
+        "def _memory(model, batch):\n"
+        "    raise MemoryError()\n"
+        "def _interrupt(model, batch):\n"
+        "    raise KeyboardInterrupt\n"
+        "def memory():\n"
+        "    return memfit.Workload(lambda: torch.nn.Linear(4, 2), lambda n: torch.ones(n, 4), _memory, None)\n"
+        "def interrupt():\n"
+        "    return memfit.Workload(lambda: torch.nn.Linear(4, 2), lambda n: torch.ones(n, 4), _interrupt, None)\n"
+    )
+    code, out, err = run(capsys, "estimate", f"{workloads}:memory", "-b", "2")
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert err.startswith("memfit: error: out of host memory (MemoryError: no detail: Python could not allocate")
+    assert f"while running `memfit estimate {workloads}:memory -b 2`" in err
+    code, out, err = run(capsys, "estimate", f"{workloads}:interrupt", "-b", "2")
+    assert (code, out, err) == (130, "", "memfit: interrupted\n")
+
+
+def test_a_machine_without_the_memory_is_refused_before_real_steps_run(monkeypatch, capsys):
+    import memfit.host
+
+    monkeypatch.setattr(memfit.host, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB free
+    code, out, err = run(capsys, "profile", "cifar-cnn", "-b", "64")
+    assert (code, out) == (1, "")
+    assert "measuring cifar-cnn at micro-batch 64 on the CPU needs" in err and "1.00 MiB available" in err
+    assert "estimate it instead" in err

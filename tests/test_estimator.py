@@ -224,8 +224,12 @@ def test_bad_configs(kwargs, message):
 def test_glob_that_matches_nothing():
     with pytest.raises(UsageError, match=r"checkpoint glob 'decoder\.\*' matches no module; module paths look like: embed, blocks"):
         estimate(ZOO["tied-lm"](), Config(micro_batch=2, checkpoint=("decoder.*",)))
-    with pytest.raises(UsageError, match="largest nn.ModuleList"):
+    with pytest.raises(UsageError, match=r"checkpoint 'all' means every repeated block .* this model has none"):
         estimate(memfit.presets.load("cifar-cnn"), Config(micro_batch=2, checkpoint="all"))
+    with pytest.raises(UsageError, match=r"checkpoint segment 'blocks\[0:2\]': 'blocks' is not an nn.Sequential"):
+        estimate(ZOO["tied-lm"](), Config(micro_batch=2, checkpoint=("blocks[0:2]",)))
+    with pytest.raises(UsageError, match=r"'blocks\.0' has 5 layers; give \[start:stop\] with 0 <= start < stop <= 5"):
+        estimate(ZOO["tied-lm"](), Config(micro_batch=2, checkpoint=("blocks.0[3:9]",)))
 
 
 def test_globs_match_one_component_per_star():
@@ -245,8 +249,11 @@ def test_bad_estimate_arguments():
         estimate(workload, 4)
     with pytest.raises(UsageError, match="use one of cpu, cuda"):
         estimate(workload, Config(micro_batch=2), device="tpu")
-    with pytest.raises(UsageError, match="steps must be a positive int"):
+    with pytest.raises(UsageError, match=r"steps must be a whole number from 1 to 1000 .*got 0"):
         estimate(workload, Config(micro_batch=2), steps=0)
+    with pytest.raises(UsageError, match=r"steps must be a whole number from 1 to 1000 .*got 1001"):
+        estimate(workload, Config(micro_batch=2), steps=1001)
+    assert estimate(workload, Config(micro_batch=2), steps=1000).report.steps == 1000  # the bound itself runs
 
 
 def test_a_factory_may_cast_the_model():
@@ -282,3 +289,33 @@ def test_cuda_estimate_matches_the_device():
     allocated = torch.cuda.max_memory_allocated() - base_allocated
     assert abs(real.peak - est.peak) <= 0.05 * real.peak, (est.peak, real.peak)
     assert abs(est.allocator.allocated - allocated) <= 0.10 * allocated, (est.allocator.allocated, allocated)
+
+
+def _data_dependent(loss) -> memfit.Workload:
+    return memfit.Workload(model=lambda: torch.nn.Linear(8, 4),
+                           batch=lambda n: (torch.randn(n, 8), torch.randint(0, 4, (n,))),
+                           loss=loss, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+
+
+def _masked_loss(model, batch):
+    keep = batch[1] >= 0
+    return torch.nn.functional.cross_entropy(model(batch[0])[keep], batch[1][keep])
+
+
+def _item_loss(model, batch):
+    loss = torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+    return loss * 0 if loss.item() > 100 else loss
+
+
+@pytest.mark.parametrize("loss, message", [
+    (_masked_loss, r"the step calls aten\.nonzero\.default at .*test_estimator\.py:\d+, whose output's shape depends "
+                   r"on tensor values .*\(torch\.where\(mask, x, 0\)"),
+    (_item_loss, r"the step reads a tensor's value \(aten\._local_scalar_dense\.default: \.item\(\).*\) at "
+                 r".*test_estimator\.py:\d+, which fake tensors do not have"),
+])
+def test_a_loss_that_reads_tensor_values_is_refused_in_one_line_and_can_be_measured(loss, message):
+    workload = _data_dependent(loss)
+    with pytest.raises(UsageError, match=message) as info:
+        estimate(workload, Config(micro_batch=4))
+    assert "\n" not in str(info.value) and "memfit profile" in str(info.value)
+    assert measure(workload, 4).peak > 0  # real tensors have the values: measuring works

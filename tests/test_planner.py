@@ -112,7 +112,7 @@ def test_plan_error_states_the_floor_and_the_levers():
     assert error.budget == 8_000_000
     assert error.levers["sharding over 2 GPUs (FSDP)"] == error.floor - error.floor // 2
     assert error.levers["an optimizer with less state (SGD without momentum keeps none)"] == 2 * params + 8
-    assert error.levers["--precision bf16-true"] == error.floor // 2 - 4  # step counters stay fp32
+    assert error.levers["precision bf16-true"] == error.floor // 2 - 4  # step counters stay fp32
     assert "nothing fits in 7.63 MiB" in str(error) and "Levers:" in str(error)
 
 
@@ -153,7 +153,7 @@ def test_plan_cli(capsys):
     assert sum(data["accumulation"]) == 64 and data["required"] <= data["budget"]
     code = main(["plan", "gpt2-tiny", "--budget", "1MiB", "-b", "64"])
     out, err = capsys.readouterr()
-    assert code == 2 and err.startswith("memfit: error: nothing fits in 1.00 MiB") and err.count("\n") == 1
+    assert code == 1 and err.startswith("memfit: error: nothing fits in 1.00 MiB") and err.count("\n") == 1
     code = main(["plan", "gpt2-tiny", "--budget", "big", "-b", "64"])
     out, err = capsys.readouterr()
     assert code == 2 and "bad byte quantity 'big'" in err
@@ -210,3 +210,16 @@ def test_for_any_budget_the_largest_micro_batch_fits_and_the_next_does_not(share
     assert p.required <= budget and sum(p.accumulation) == batch
     assert required(largest) <= budget and required(p.config.micro_batch) == p.required
     assert largest == batch or required(largest + 1) > budget
+
+
+def test_find_batch_size_refuses_what_it_cannot_run_here(monkeypatch):
+    import memfit.host
+
+    workload = ZOO["tied-lm"]()
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match=r"find_batch_size\(device='cuda'\) runs real steps on a GPU"):
+            memfit.find_batch_size(workload, "1GiB", device="cuda")
+    monkeypatch.setattr(memfit.host, "available_memory", lambda: 64 << 20)  # a machine with 64 MiB free
+    with pytest.raises(memfit.errors.NotEnoughMemory, match=r"verifying micro-batch \d+ with real steps under the "
+                                                            r"simulated budget of 22\.35 GiB \(24\.00 GB\) needs"):
+        memfit.find_batch_size(workload, "24GB", device="cpu", limit=100_000)

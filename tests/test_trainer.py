@@ -1238,3 +1238,68 @@ def test_memfit_warnings_are_shown_by_a_plain_python_run(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "LeakWarning: memfit: possible memory leak at the start of step 3" in run.stderr
     assert issubclass(LeakWarning, UserWarning) and issubclass(memfit.NonFiniteLossWarning, UserWarning)
+
+
+# ---------------------------------------------------------------------- everyday models
+
+
+def _tiny_llama_workload() -> memfit.Workload:
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+
+    def batch(n: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 64, (n, 24), generator=g)
+        mask = torch.ones(n, 24, dtype=torch.long)
+        mask[0, 16:] = 0  # a padded row: attention takes a mask
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return memfit.Workload(model=lambda: transformers.LlamaForCausalLM(config), batch=batch,
+                           loss=lambda m, b: m(**b).loss, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                           name="tiny-llama")
+
+
+def test_a_transformers_llama_with_padding_plans_and_trains_with_checkpointing(caplog):
+    # With the KV cache on, checkpointing's recomputation appends keys and values twice and a
+    # padded batch fails in backward; memfit turns the cache off, as gradient_checkpointing_enable does.
+    workload = _tiny_llama_workload()
+    plain = memfit.estimate(workload, Config(micro_batch=8), device="cpu").required
+    ckpt = memfit.estimate(workload, Config(micro_batch=8, checkpoint="all"), device="cpu").required
+    assert ckpt < plain
+    chosen = memfit.plan(workload, (plain + ckpt) // 2, 8, device="cpu")
+    assert chosen.required <= (plain + ckpt) // 2 and sum(chosen.accumulation) == 8
+
+    batches = [workload.batch(4, seed) for seed in range(2)]
+    torch.manual_seed(0)
+    reference = workload.model()
+    model = copy.deepcopy(reference)
+    for m, config in ((reference, Config(micro_batch=2)), (model, Config(micro_batch=2, checkpoint="all"))):
+        with caplog.at_level(logging.INFO, logger="memfit"):
+            trainer = Trainer.from_parts(m, workload.optimizer(m.parameters()), workload.loss, config)
+        for b in batches:
+            trainer.step(b)
+    assert model.config.use_cache is False and reference.config.use_cache is True
+    assert any("turned off the KV cache of LlamaForCausalLM" in r.getMessage() for r in caplog.records)
+    assert_same_weights(model, reference, 1e-5)
+
+
+def test_a_cpu_budget_larger_than_the_machine_is_refused_and_a_long_run_keeps_a_bounded_history(monkeypatch):
+    import memfit.host
+
+    model = mlp()
+    monkeypatch.setattr(memfit.host, "available_memory", lambda: 1 << 30)
+    with pytest.raises(memfit.errors.NotEnoughMemory, match=r"simulated budget of 2\.00 GiB \(2\.15 GB\) needs "
+                                                            r"2\.00 GiB of host memory and this machine has 1\.00 GiB"):
+        Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                           Config(micro_batch=4, checkpoint="0"), budget="2GiB")
+    assert "forward" not in model[0].__dict__  # refused before the model was touched
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4), budget="512MiB")
+    batches = classification_batches(40, 8)
+    trainer.fit(batches[:5], progress=False)
+    after_5 = len(trainer._sim.allocation_events())
+    trainer.fit(batches[5:], progress=False)
+    assert len(trainer._sim.allocation_events()) == after_5  # one attempt's history, not the run's

@@ -79,3 +79,34 @@ def test_formatted_bytes_parse_back_exactly_where_two_decimals_can_say_it(n, dec
         assert back == n
     else:  # two decimals round to the nearest hundredth; the parser rounds down to a byte
         assert abs(back - n) <= unit // 200 + 1
+
+
+def test_budgets_take_card_names_meaning_what_cuda_reports():
+    from memfit.units import CARDS
+
+    assert parse_bytes("rtx4090") == parse_bytes("RTX-4090") == parse_bytes("4090") == int(23.64 * 2**30)
+    assert parse_bytes("a100-80gb") == parse_bytes("A100_80GB") == int(79.14 * 2**30)
+    assert parse_bytes("h100") == int(79.11 * 2**30) and parse_bytes("t4") == int(14.75 * 2**30)
+    # Each card's CUDA total is below what it is sold as in GB, and below nvidia-smi's MiB figure.
+    for name, (size, source) in CARDS.items():
+        assert 14 * 2**30 < size < 80 * 2**30 and "GiB" in source and "issue" in source
+    with pytest.raises(ValueError, match=r"or a card: t4, a10, rtx3090, rtx4090"):
+        parse_bytes("rtx9090")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0.5", "a fraction of a byte"), ("1.9B", "a fraction of a byte"), ("-1GB", "must not be negative"),
+])
+def test_fractions_of_a_byte_and_negative_sizes_are_refused(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_bytes(text)
+    assert parse_bytes("1.5KB") == 1500 and parse_bytes("22.35 GiB") == 23998129766  # a unit's fraction rounds down
+
+
+def test_budgets_show_both_forms_where_gib_and_gb_differ_by_more_than_5_percent():
+    from memfit.units import format_budget
+
+    assert format_budget(24 * 10**9) == "22.35 GiB (24.00 GB)"
+    assert format_budget(24 * 2**30) == "24.00 GiB (25.77 GB)"
+    assert format_budget(5 * 2**20) == "5.00 MiB"  # 5.24 MB: 4.6% apart, one form is enough
+    assert format_budget(1000) == "1000 B"

@@ -47,6 +47,10 @@ def test_workload_fields_must_be_factories():
         Workload(nn.Linear(2, 2)(torch.ones(1, 2)), lambda n: n, lambda m, b: b, None)
     with pytest.raises(UsageError, match="Workload.optimizer must be a factory"):
         Workload(lambda: nn.Linear(2, 2), lambda n: n, lambda m, b: b, optimizer=torch.ones(1))
+    with pytest.raises(UsageError, match=r"Workload\.batch must be callable .* pass e\.g\. batch=lambda n: "):
+        Workload(lambda: nn.Linear(2, 2), torch.ones(4, 2), lambda m, b: b, None)
+    with pytest.raises(UsageError, match=r"pass e\.g\. loss=lambda model, batch: "):
+        Workload(lambda: nn.Linear(2, 2), lambda n: n, 3.0, None)
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "8"])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["in_backward", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state", "reset_grad_scaler_step"]
+__all__ = ["in_backward", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state", "reset_grad_scaler_step",
+           "data_dependent_errors"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -65,3 +66,21 @@ def reset_grad_scaler_step(scaler) -> None:
     states = getattr(scaler, "_per_optimizer_states", None)
     if states is not None:
         states.clear()  # a defaultdict: the next step starts fresh
+
+
+def data_dependent_errors() -> tuple[type[Exception], tuple[type[Exception], ...]]:
+    """FakeTensorMode's errors for ops that need tensor values: (output shape depends on values, value read).
+
+    ``DynamicOutputShapeException`` (nonzero, boolean-mask indexing, unique) and
+    ``DataDependentOutputException`` (``.item()``, ``float(t)``, ``if t:``), both
+    with the op in ``.func``; in torch._subclasses.fake_tensor since 2.0.
+    """
+    try:
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    except ImportError:  # pragma: no cover - future torch
+        return (_Never, (_Never,))
+    return DynamicOutputShapeException, (DataDependentOutputException,)
+
+
+class _Never(Exception):
+    """Stands for an exception class a torch release no longer has: never raised."""

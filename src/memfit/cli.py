@@ -1,9 +1,10 @@
 """The ``memfit`` command line.
 
-A user's mistake (a bad flag value, an unknown workload, a workload function
-that returns the wrong thing) prints one line on stderr and exits 2; an
-out-of-memory error prints one line and exits 1. ``--traceback`` shows the
-full traceback of an unexpected error instead.
+Exit codes: 0 done; 2 a usage error (a bad flag value, an unknown workload, a
+workload function that returns the wrong thing), one line on stderr; 1 anything
+else that stopped the command (out of device or host memory, nothing fits the
+budget, an error inside the workload's code), one line on stderr; 130 Ctrl-C.
+``--traceback`` shows the full traceback of an unexpected error instead.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from memfit.config import PRECISIONS
-from memfit.errors import MemfitError
+from memfit.config import MAX_STEPS, PRECISIONS
+from memfit.errors import MemfitError, UsageError
 
 __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
-EXIT_OOM = 1
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+# Flags whose value may start with "-" (a negative size, refused with the size's own message,
+# not argparse's "expected one argument").
+_VALUE_FLAGS = ("--budget",)
 
 
 class _UsageExit(Exception):
@@ -49,6 +54,28 @@ def _positive_int(flag: str):
     return parse
 
 
+def _steps(text: str) -> int:
+    value = _positive_int("--steps")(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"--steps takes 1 to {MAX_STEPS}, got {text!r}: the second step shows the "
+                                         "steady state, later ones repeat it")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import ast
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"--arg takes KEY=VALUE with KEY a Python name, got {text!r}; "
+                                         "e.g. --arg image_size=64 --arg arch=resnet18")
+    try:
+        value = ast.literal_eval(raw)  # numbers, True/False/None, quoted strings, lists
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string: --arg arch=resnet18
+    return key.strip(), value
+
+
 def _add_workload_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
     parser.add_argument(
         "spec",
@@ -58,6 +85,9 @@ def _add_workload_args(parser: argparse.ArgumentParser, batch_help: str) -> None
     )
     parser.add_argument("--batch-size", "-b", required=True, type=_positive_int("--batch-size"), help=batch_help)
     parser.add_argument("--seq-len", type=_positive_int("--seq-len"), help="sequence length, for language-model presets")
+    parser.add_argument("--arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
+                        help="a keyword argument for the workload function or preset, e.g. --arg image_size=64 "
+                        "(numbers, True/False and quoted strings are Python values; other words are strings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report the peak by category, phase and module.",
     )
     _add_workload_args(profile, "micro-batch size")
-    profile.add_argument("--steps", type=_positive_int("--steps"), default=2, help="training steps to run (default 2)")
+    profile.add_argument("--steps", type=_steps, default=2, help=f"training steps to run, 1 to {MAX_STEPS} (default 2)")
     profile.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to run on (default cpu)")
     profile.add_argument("--plot", metavar="PATH", help="also plot the timeline to PATH (.png, .svg or .pdf)")
     profile.add_argument("--json", action="store_true", help="print only JSON")
@@ -100,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
     estimate.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
                           help="the target to estimate for (default cuda; no GPU is needed)")
-    estimate.add_argument("--steps", type=_positive_int("--steps"), default=2, help="training steps to simulate (default 2)")
-    estimate.add_argument("--budget", metavar="BYTES", help="say whether the step fits in this much memory, e.g. 24GiB")
+    estimate.add_argument("--steps", type=_steps, default=2, help=f"training steps to simulate, 1 to {MAX_STEPS} (default 2)")
+    estimate.add_argument("--budget", metavar="BYTES",
+                          help="say whether the step fits in this much memory: 24GiB, or a card such as rtx4090, h100")
     estimate.add_argument("--json", action="store_true", help="print only JSON")
 
     plan = commands.add_parser(
@@ -111,10 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         "step of the given effective batch fits the budget at the lowest predicted cost, from estimates (no GPU needed).",
     )
     _add_workload_args(plan, "the effective batch to keep")
-    plan.add_argument("--budget", required=True, metavar="BYTES", help="device memory to fit, e.g. 24GiB, or 'auto' (free CUDA memory)")
+    plan.add_argument("--budget", required=True, metavar="BYTES",
+                      help="device memory to fit: 24GiB, a card (rtx4090, a100-80gb, h100; see the README), or 'auto' "
+                      "(free CUDA memory)")
     plan.add_argument("--precision", nargs="+", default=None, metavar="P",
                       help=f"precisions the plan may use (default: 32-true only), among {', '.join(PRECISIONS)}")
     plan.add_argument("--no-checkpoint", action="store_true", help="never checkpoint activations")
+    plan.add_argument("--checkpoint-candidates", nargs="+", default=None, metavar="GLOB",
+                      help="the modules the plan may checkpoint (globs, or 'seq[2:5]' for a Sequential's segment); "
+                      "by default the model's repeated blocks")
     plan.add_argument("--offload-activations", action="store_true", help="allow offloading saved activations to CPU memory")
     plan.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="the target (default cuda; no GPU needed)")
     plan.add_argument("--calibrate", action="store_true", help="time a few real micro-steps on --device to fit the efficiency curve")
@@ -138,9 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--budget -1GB`` as ``--budget=-1GB``: argparse would take "-1GB" for a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _VALUE_FLAGS and i + 1 < len(argv) and argv[i + 1][:2] not in ("--", "-h") \
+                and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``memfit`` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     show_traceback = "--traceback" in argv
     try:
         args = build_parser().parse_args(argv)
@@ -158,25 +208,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _profile(args)
     except _UsageExit as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("memfit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except MemfitError as exc:
-        import torch
-
-        return _fail(str(exc), EXIT_OOM if isinstance(exc, torch.OutOfMemoryError) else EXIT_USAGE)
+        # A memfit error is the user's to fix (exit 2) unless it reports a failure:
+        # out of memory, nothing fits the budget, a NaN loss.
+        usage = isinstance(exc, UsageError) or type(exc) is MemfitError
+        return _fail(str(exc), EXIT_USAGE if usage else EXIT_FAILURE)
+    except MemoryError as exc:
+        if show_traceback:
+            raise
+        detail = str(exc) or "no detail: Python could not allocate an object"
+        return _fail(f"out of host memory (MemoryError: {detail}) while running `memfit "
+                     f"{' '.join(argv)}`; give a smaller batch or budget, or estimate instead of profiling", EXIT_FAILURE)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):
-            return _fail(f"out of memory: {exc}", EXIT_OOM)
+            return _fail(f"out of memory: {exc}", EXIT_FAILURE)
         if show_traceback:
             raise
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         at = f" (at {where.filename}:{where.lineno})" if where else ""
-        return _fail(f"{type(exc).__name__}: {exc}{at}; rerun with --traceback for details", EXIT_USAGE)
+        return _fail(f"{type(exc).__name__}: {exc}{at}; rerun with --traceback for details", EXIT_FAILURE)
 
 
 def _fail(message: str, code: int) -> int:
     print(f"memfit: error: {' '.join(message.split())}", file=sys.stderr)
     return code
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The workload function's keyword arguments: --seq-len and each --arg KEY=VALUE."""
+    overrides: dict[str, object] = {}
+    for key, value in args.arg:
+        if key in overrides:
+            raise UsageError(f"--arg {key}= is given twice; give each key once")
+        overrides[key] = value
+    if args.seq_len is not None:
+        if "seq_len" in overrides:
+            raise UsageError("--seq-len and --arg seq_len=... both give the sequence length; give one")
+        overrides["seq_len"] = args.seq_len
+    return overrides
 
 
 def _presets() -> int:
@@ -192,19 +266,20 @@ def _profile(args: argparse.Namespace) -> int:
 
     from memfit import presets
     from memfit.display import PLOT_SUFFIXES
-    from memfit.errors import UsageError
     from memfit.workload import measure
 
     if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"--plot {args.plot}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        raise UsageError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; "
+                         "create it first")
     if args.timeline and not args.json:
         raise UsageError("--timeline only applies with --json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             f"--device cuda: no CUDA device is available to torch {torch.__version__} here; use --device cpu"
         )
-    overrides = {"seq_len": args.seq_len} if args.seq_len is not None else {}
-    workload = presets.resolve(args.spec, **overrides)
+    workload = presets.resolve(args.spec, **_overrides(args))
     report = measure(workload, args.batch_size, steps=args.steps, device=args.device)
     if args.plot is not None:
         report.plot(args.plot)
@@ -221,24 +296,23 @@ def _estimate(args: argparse.Namespace) -> int:
     from memfit import presets
     from memfit.config import Config
     from memfit.estimator import estimate
-    from memfit.units import format_bytes, parse_bytes
+    from memfit.units import format_budget, format_bytes, parse_bytes
 
     budget = parse_bytes(args.budget) if args.budget is not None else None
     if args.precision not in PRECISIONS:
-        raise MemfitError(f"--precision {args.precision}: expected one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"--precision {args.precision}: expected one of {', '.join(PRECISIONS)}")
     checkpoint = tuple(args.checkpoint)
     if checkpoint == ("none",):
         checkpoint = ()
     elif "none" in checkpoint:
-        raise MemfitError("--checkpoint none cannot be combined with globs")
+        raise UsageError("--checkpoint none cannot be combined with globs")
     config = Config(
         micro_batch=args.batch_size,
         precision=args.precision,
         checkpoint=checkpoint,
         offload_activations=args.offload_activations,
     )
-    overrides = {"seq_len": args.seq_len} if args.seq_len is not None else {}
-    workload = presets.resolve(args.spec, **overrides)
+    workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Estimating {workload.name} on fake tensors"):
         est = estimate(workload, config, steps=args.steps, device=args.device)
     fits = None if budget is None else est.required <= budget
@@ -251,7 +325,7 @@ def _estimate(args: argparse.Namespace) -> int:
     print(est.table(), end="")
     if budget is not None:
         verdict = "fits" if fits else "does NOT fit"
-        print(f"Budget {format_bytes(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
+        print(f"Budget {format_budget(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
               f"{format_bytes(abs(budget - est.required))} {'to spare' if fits else 'short'}).")
     return 0
 
@@ -259,20 +333,21 @@ def _estimate(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from memfit import presets
     from memfit.planner import plan, resolve_budget
+    from memfit.units import format_budget
 
     budget = resolve_budget(args.budget, args.device)
     for p in args.precision or ():
         if p not in PRECISIONS:
-            raise MemfitError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
-    overrides = {"seq_len": args.seq_len} if args.seq_len is not None else {}
-    workload = presets.resolve(args.spec, **overrides)
-    with _progress(f"Planning {workload.name} for {args.budget}"):
+            raise UsageError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
+    workload = presets.resolve(args.spec, **_overrides(args))
+    with _progress(f"Planning {workload.name} for {format_budget(budget)}"):
         result = plan(
             workload,
             budget,
             args.batch_size,
             precisions=args.precision,
             allow_checkpoint=not args.no_checkpoint,
+            checkpoint_candidates=args.checkpoint_candidates,
             allow_offload=args.offload_activations,
             device=args.device,
             calibrate=args.calibrate,

@@ -6,7 +6,10 @@ from dataclasses import dataclass
 
 from memfit.errors import UsageError
 
-__all__ = ["Config", "PRECISIONS"]
+__all__ = ["Config", "PRECISIONS", "MAX_STEPS"]
+
+MAX_STEPS = 1000
+"""The most training steps measure() and estimate() run: the second shows the steady state, later ones repeat it."""
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 """Precision names, as Lightning spells them: ``*-mixed`` keeps fp32 weights and runs
@@ -28,7 +31,9 @@ class Config:
     checkpoint: tuple[str, ...] = ()
     """Module-path globs whose forward is recomputed in backward (torch.utils.checkpoint,
     ``use_reentrant=False``). ``*`` matches within one path component, ``**`` across
-    components; ``"all"`` means every block of the model's largest ``nn.ModuleList``.
+    components, ``"seq[2:5]"`` names a segment of an ``nn.Sequential`` (its layers 2 to 4);
+    ``"all"`` means every repeated block of the model (:func:`memfit.strategies.blocks`:
+    transformer layers, ResNet's residual blocks, VGG's segments).
     A module inside another matched module is not checkpointed twice."""
     offload_activations: bool = False
     """Keep tensors saved for backward in CPU memory (``torch.autograd.graph.save_on_cpu``)."""

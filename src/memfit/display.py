@@ -169,6 +169,8 @@ def plot_report(report: MemoryReport, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"cannot plot to {str(path)!r}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+    if not path.resolve().parent.is_dir():  # a typo in a folder name should not create folders
+        raise UsageError(f"cannot plot to {str(path)!r}: the folder {str(path.parent)!r} does not exist; create it first")
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
@@ -203,7 +205,6 @@ def plot_report(report: MemoryReport, path: str | Path) -> Path:
         ax.margins(x=0)
         ax.legend(loc="upper left", fontsize=8, ncol=4)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
     finally:
         plt.close(fig)

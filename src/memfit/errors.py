@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MemfitError", "UsageError", "OutOfMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
+__all__ = ["MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
            "ResumeWarning"]
 
 
@@ -40,6 +40,10 @@ class OutOfMemory(MemfitError, torch.OutOfMemoryError):
         self.retries = retries
         self.report = report
         self.advice = tuple(advice)
+
+
+class NotEnoughMemory(MemfitError):
+    """The machine has less memory than a run needs: memfit refused to start it (the message has the figures)."""
 
 
 class NonFiniteLoss(MemfitError, FloatingPointError):

@@ -34,15 +34,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit import _torch_private
 from memfit.allocator import CUDA_CONTEXT_BYTES, AllocatorEstimate, simulate_caching_allocator
-from memfit.config import Config
+from memfit.config import MAX_STEPS, Config
 from memfit.errors import MemfitError, UsageError
 from memfit.report import PHASES, MemoryReport
 from memfit.strategies import Recipe
 from memfit.tracker import track
 from memfit.workload import Workload, build_model, run_steps
 
-__all__ = ["Estimate", "estimate"]
+__all__ = ["Estimate", "estimate", "DataDependentStep"]
+
+
+class DataDependentStep(UsageError):
+    """The step needs tensor values (boolean-mask indexing, ``.item()``) that fake tensors do not have."""
 
 _TARGETS = ("cpu", "cuda")
 
@@ -169,8 +174,9 @@ def estimate(
         raise UsageError(f"estimate() takes a memfit.Workload, got {type(workload).__name__}")
     if not isinstance(config, Config):
         raise UsageError(f"estimate() takes a memfit.Config, got {type(config).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"steps must be a whole number from 1 to {MAX_STEPS} (the second step shows the steady "
+                         f"state, later ones repeat it), got {steps!r}")
     if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
         raise UsageError(f"accumulation must be a positive int (micro-steps per optimizer step), got {accumulation!r}")
     try:
@@ -193,17 +199,32 @@ def estimate(
         optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
         if optimizer is not None:
             recipe.tune_optimizer(optimizer)
-        with recipe.emulation(), track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
-            start = tracker.position()
-            run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe,
-                      accumulation=accumulation)
-            # Later steps repeat the first minus what it created and kept (optimizer
-            # state): derive them from its trace, unless asked to run them all or the
-            # trace cannot be repeated (then they run).
-            remaining = steps - 1
-            if remaining and (run_all_steps or not tracker.repeat_since(start, remaining)):
-                run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker, recipe=recipe,
+        shape_error, value_errors = _torch_private.data_dependent_errors()
+        try:
+            with recipe.emulation(), track(model, optimizer, device="cpu",
+                                           round_to=512 if target == "cuda" else 1) as tracker:
+                start = tracker.position()
+                run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe,
                           accumulation=accumulation)
+                # Later steps repeat the first minus what it created and kept (optimizer
+                # state): derive them from its trace, unless asked to run them all or the
+                # trace cannot be repeated (then they run).
+                remaining = steps - 1
+                if remaining and (run_all_steps or not tracker.repeat_since(start, remaining)):
+                    run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker,
+                              recipe=recipe, accumulation=accumulation)
+        except shape_error as exc:
+            raise DataDependentStep(
+                f"the step calls {exc.func}{_user_frame(exc)}, whose output's shape depends on tensor values "
+                "(boolean-mask indexing x[mask], nonzero, masked_select, unique) that fake tensors do not have, so "
+                "it cannot be estimated; write the mask arithmetically (torch.where(mask, x, 0), a masked sum "
+                "divided by mask.sum()), or measure real steps (memfit profile, memfit.measure)") from None
+        except value_errors as exc:
+            raise DataDependentStep(
+                f"the step reads a tensor's value ({exc.func}: .item(), float(t), int(t) or `if t:`)"
+                f"{_user_frame(exc)}, which fake tensors do not have, so it cannot be estimated; keep the value "
+                "on the device (torch.where, torch.clamp), or measure real steps (memfit profile, memfit.measure)"
+            ) from None
     report = tracker.report()
 
     allocator = None
@@ -226,6 +247,16 @@ def estimate(
         context=CUDA_CONTEXT_BYTES if target == "cuda" else 0,
         extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
     )
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` at file.py:line`` of the innermost frame outside torch and memfit, where the user's code asked for it."""
+    import os
+    import traceback
+
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _phases(report: MemoryReport, steps: int) -> dict[str, dict[str, int]]:

@@ -22,8 +22,9 @@ optimizer, and any precision outside ``precisions`` stay as they are.
 
 Known limitations: the cost model is a model (FLOPs, not a profile): use
 ``calibrate=True`` on the target device for the efficiency curve. Checkpoint
-candidates are the first k blocks of the model's largest ``nn.ModuleList``
-(every k up to 8 blocks, powers of two and all beyond): for identical blocks
+candidates are the first k of the model's repeated blocks
+(:func:`memfit.strategies.blocks`, or the ``checkpoint_candidates`` globs given;
+every k up to 8 blocks, powers of two and all beyond): for identical blocks
 (a transformer's) which k blocks makes no difference to memory or FLOPs; for
 blocks that differ, the set is not chosen by each block's activation bytes per
 recomputed FLOP yet. Offload is costed as free (its PCIe traffic is not modelled).
@@ -41,7 +42,7 @@ import torch
 from memfit.config import PRECISIONS, Config
 from memfit.errors import MemfitError, UsageError
 from memfit.estimator import Estimate, estimate
-from memfit.units import format_bytes, parse_bytes
+from memfit.units import format_budget, format_bytes, parse_bytes
 from memfit.workload import Workload
 
 __all__ = ["Plan", "Alternative", "PlanError", "CostModel", "plan", "find_batch_size", "accumulation_steps",
@@ -263,11 +264,18 @@ class CostModel:
 
     def step_cost(self, config: Config, batch_size: int) -> float:
         total, per_module = self.flops(config.precision)
-        recompute = sum(per_module.get(path, 0) for path in config.checkpoint)
+        recompute = sum(per_module.get(path, 0) for name in config.checkpoint for path in _module_paths(name))
         speed = _CUDA_SPEED[config.precision] if self.device == "cuda" else 1.0
         per_sample = (total + recompute) * speed
         # time(mb) = flops(mb) / efficiency(mb) = per_sample * mb * (mb + m_half) / mb
         return sum(per_sample * (mb + self.m_half) for mb in accumulation_steps(batch_size, config.micro_batch))
+
+
+def _module_paths(name: str) -> list[str]:
+    """The module paths a checkpointed name covers: itself, or a Sequential segment's layers ("f[2:4]": f.2, f.3)."""
+    from memfit.strategies import segment_layers
+
+    return segment_layers(name) or [name]
 
 
 def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
@@ -299,14 +307,15 @@ def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, d
     return int(total), per_module
 
 
-def _blocks(workload: Workload) -> list[str]:
+def _candidates(workload: Workload, globs: tuple[str, ...] | None) -> list[str]:
+    """The modules the planner may checkpoint, in forward order: the model's repeated blocks, or the user's globs."""
     from memfit.estimator import _source_model
-    from memfit.strategies import _blocks as blocks_of
+    from memfit.strategies import Checkpointing, blocks
 
-    try:
-        return blocks_of(_source_model(workload))
-    except UsageError:
-        return []
+    model = _source_model(workload)
+    if globs is None:
+        return blocks(model)
+    return Checkpointing(tuple(globs)).select(model)
 
 
 def plan(
@@ -316,6 +325,7 @@ def plan(
     *,
     precisions: tuple[str, ...] | list[str] | None = None,
     allow_checkpoint: bool = True,
+    checkpoint_candidates: tuple[str, ...] | list[str] | str | None = None,
     allow_offload: bool = False,
     device: str = "cuda",
     m_half: float | None = None,
@@ -328,9 +338,12 @@ def plan(
         budget: "24GiB", int bytes, or "auto" (free CUDA memory minus 5%).
         batch_size: the effective batch the user trains with; the plan splits it
             into micro-batches that sum to it exactly.
-        precisions: the precisions the planner may choose from (Lightning's names);
-            by default only "32-true", i.e. the model's own math.
+        precisions: the precisions the planner may choose from (Lightning's names; one
+            name or several); by default only "32-true", i.e. the model's own math.
         allow_checkpoint: whether activation checkpointing of blocks may be used.
+        checkpoint_candidates: module-path globs of the modules the plan may checkpoint
+            (``("features.*",)``), in forward order; by default the model's repeated
+            blocks (:func:`memfit.strategies.blocks`).
         allow_offload: whether saved activations may be offloaded to CPU memory.
         device: the target, "cuda" (default) or "cpu".
         m_half: the efficiency curve's half-throughput micro-batch (default 2, or calibrated).
@@ -346,16 +359,26 @@ def plan(
     if device not in ("cpu", "cuda"):
         raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
     budget = resolve_budget(budget, device)
+    if isinstance(precisions, str):
+        precisions = (precisions,)
     precisions = tuple(precisions) if precisions else ("32-true",)
     for p in precisions:
         if p not in PRECISIONS:
             raise UsageError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
+    if m_half is not None and (isinstance(m_half, bool) or not isinstance(m_half, (int, float))
+                               or not 0 < m_half < float("inf")):
+        raise UsageError(f"m_half must be a positive number of samples (the micro-batch at half the device's "
+                         f"throughput), got {m_half!r}")
+    if isinstance(checkpoint_candidates, str):
+        checkpoint_candidates = (checkpoint_candidates,)
+    if checkpoint_candidates is not None and not allow_checkpoint:
+        raise UsageError("checkpoint_candidates were given with allow_checkpoint=False; give one or the other")
     if calibrate:
         m_half = calibrate_efficiency(workload, device=device)
     m_half = _DEFAULT_M_HALF if m_half is None else float(m_half)
 
     searcher = _Searcher(workload, device, batch_size=batch_size)
-    blocks = _blocks(workload) if allow_checkpoint else []
+    blocks = _candidates(workload, checkpoint_candidates) if allow_checkpoint else []
     # Every count of blocks up to 8; beyond, powers of two and all (each count costs a search).
     counts = range(1, len(blocks) + 1) if len(blocks) <= 8 else sorted({2**i for i in range(len(blocks).bit_length()) if 2**i < len(blocks)} | {len(blocks)})
     checkpoint_sets: list[tuple[str, ...]] = [()] + [tuple(blocks[:k]) for k in counts]
@@ -445,7 +468,7 @@ def _nothing_fits(searcher: _Searcher, precisions, budget: int, blocks) -> PlanE
     levers: dict[str, int] = {}
     if cheapest != "bf16-true":
         low = searcher.estimate(Config(micro_batch=1, precision="bf16-true", checkpoint=tuple(blocks))).report.peak_by_category
-        levers["--precision bf16-true"] = floor - (low["parameters"] + low["gradients"] + low["optimizer_state"])
+        levers["precision bf16-true"] = floor - (low["parameters"] + low["gradients"] + low["optimizer_state"])
     levers["an optimizer with less state (SGD without momentum keeps none)"] = own["optimizer_state"]
     for n in (2, 4, 8):
         levers[f"sharding over {n} GPUs (FSDP)"] = floor - floor // n
@@ -513,13 +536,30 @@ def find_batch_size(
     from memfit.strategies import Recipe
     from memfit.workload import build_model, run_steps
 
+    if not isinstance(workload, Workload):
+        raise UsageError(f"find_batch_size() takes a memfit.Workload, got {type(workload).__name__}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"find_batch_size(device='cuda') runs real steps on a GPU, and torch {torch.__version__} "
+                         "sees none here; use device='cpu' with a budget, or memfit.plan() (estimates only)")
     if device == "cpu" and budget is None:
         raise UsageError("find_batch_size on the CPU needs budget=... (the simulated device size, e.g. '2GiB')")
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise UsageError(f"limit must be a positive whole number (the largest micro-batch to try), got {limit!r}")
     budget_bytes = resolve_budget(budget if budget is not None else "auto", device)
     target = "cuda" if device == "cuda" else "cpu"
     searcher = _Searcher(workload, target)
     m = searcher.largest_micro_batch(Config(micro_batch=1, precision=precision), budget_bytes, limit)
+    if device == "cpu" and m > 0:
+        from memfit.host import check_fits
+
+        # The verification runs real steps: on the CPU they take real memory, as much as the estimate says.
+        check_fits(searcher.estimate(Config(micro_batch=m, precision=precision)).required,
+                   f"verifying micro-batch {m} with real steps under the simulated budget of "
+                   f"{format_budget(budget_bytes)}",
+                   "give a budget this machine can hold, or use memfit.plan() (estimates only, no real steps)")
     while m > 0:
         config = Config(micro_batch=m, precision=precision)
         recipe = Recipe(config, target)

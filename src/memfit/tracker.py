@@ -259,6 +259,23 @@ class MemoryTracker:
         """Bytes alive now, by category (roles as known at this moment)."""
         return dict(zip(CATEGORIES, self._live_cat))
 
+    def forget_history(self) -> None:
+        """Drop the history of ops and events, keeping the live storages (as allocated before any op).
+
+        For a tracker entered for a long run (a Trainer's simulated budget): its history
+        would grow by every op of every step. Afterwards :meth:`report` covers what ran
+        since, starting from what is alive now, and the peak starts over from the live bytes.
+        """
+        self._sid_cat, self._sid_module, self._events, self._ops = [], [], [], []
+        for rec in self._recs.values():
+            rec.sid = len(self._sid_cat)
+            self._sid_cat.append(rec.cat)
+            self._sid_module.append(-1)
+            self._events.append((0, rec.sid, rec.nbytes))
+        self._peak = self._live
+        self._peak_event = len(self._events)
+        self._peak_op = 0
+
     def position(self) -> tuple[int, int, int, int]:
         """A position in the history, for :meth:`repeat_since`."""
         return len(self._events), len(self._ops), len(self._sid_cat), self._steps

@@ -73,8 +73,8 @@ from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLos
                            UsageError)
 from memfit.estimator import estimate
 from memfit.planner import Plan, accumulation_steps
-from memfit.strategies import Checkpointing, Precision, Recipe
-from memfit.units import format_bytes, parse_bytes
+from memfit.strategies import Checkpointing, Precision, Recipe, blocks
+from memfit.units import format_budget, format_bytes, parse_bytes
 from memfit.workload import Workload, batch_size_of, build_model, move_batch
 
 __all__ = ["Trainer", "StepResult", "FitResult"]
@@ -254,6 +254,12 @@ class Trainer:
                on_nonfinite) -> None:
         # Every argument is checked before the model is touched (checkpoint wrappers below).
         _check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget)
+        if budget is not None and device.type == "cpu":
+            from memfit.host import check_fits
+
+            # The simulated device is real host memory: it must not promise more than the machine has.
+            check_fits(parse_bytes(budget), f"a Trainer on the CPU with a simulated budget of "
+                       f"{format_budget(parse_bytes(budget))}", "give a budget this machine can hold")
         self.on_nonfinite = on_nonfinite
         self.model = model
         self.optimizer = optimizer
@@ -985,7 +991,7 @@ class Trainer:
         advice = []
         if failed.precision == "32-true":
             advice.append("precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16) halves activations")
-        if not failed.checkpoint and any(isinstance(m, nn.ModuleList) and len(m) for m in self.model.modules()):
+        if not failed.checkpoint and blocks(self.model):
             advice.append("checkpoint='all' recomputes each block's activations in backward")
         if self.device.type == "cuda" and not failed.offload_activations:
             advice.append("offload_activations=True keeps saved activations in CPU memory")
@@ -1016,7 +1022,7 @@ class _Measured:
         t = self.trainer
         if t._sim is not None:
             t._sim.__enter__()
-            t._sim.reset_peak()
+            t._sim.forget_history()  # only this attempt's history is kept: a long run's would grow without bound
         elif t.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(t.device)
         return lambda: self.value

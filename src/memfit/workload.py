@@ -19,7 +19,7 @@ from torch import nn
 
 from memfit import _torch_private
 from memfit._tree import map_tensors, tensors
-from memfit.config import Config
+from memfit.config import MAX_STEPS, Config
 from memfit.errors import MemfitError, UsageError
 from memfit.report import MemoryReport
 from memfit.strategies import Recipe
@@ -54,11 +54,13 @@ class Workload:
     """A label for reports."""
 
     def __post_init__(self) -> None:
-        for name in ("model", "batch", "loss"):
+        examples = {"model": "model=lambda: MyModel()", "batch": "batch=lambda n: (torch.randn(n, 8),)",
+                    "loss": "loss=lambda model, batch: model(batch[0]).mean()"}
+        for name, example in examples.items():
             if not callable(getattr(self, name)):
                 raise UsageError(
                     f"Workload.{name} must be callable (a factory), got {type(getattr(self, name)).__name__}; "
-                    f"pass e.g. {name}=lambda: ... instead of an object"
+                    f"pass e.g. {example} instead of an object"
                 )
         if self.optimizer is not None and not callable(self.optimizer):
             raise UsageError(
@@ -127,9 +129,23 @@ def measure(
     config = _resolve_config(micro_batch, config)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise UsageError(f"steps must be a positive int, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise UsageError(f"steps must be at most {MAX_STEPS}, got {steps}: the second step shows the steady state")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("device 'cuda' was asked for but torch.cuda.is_available() is False; use device='cpu'")
+    if device.type == "cpu":
+        from memfit.estimator import DataDependentStep, estimate
+        from memfit.host import check_fits
+
+        # Real steps on the CPU take real memory: check what they need first (fake tensors, no memory).
+        try:
+            needed = estimate(workload, config, steps=min(steps, 2), device="cpu").peak
+        except DataDependentStep:
+            needed = None  # a step that reads tensor values cannot be estimated: measuring it is the way
+        if needed is not None:
+            check_fits(needed, f"measuring {workload.name} at micro-batch {config.micro_batch} on the CPU",
+                       "estimate it instead (memfit.estimate / memfit estimate), or give a smaller micro-batch")
     recipe = Recipe(config, device.type)
     model = build_model(workload)
     model = recipe.apply(model.to(device))

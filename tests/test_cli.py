@@ -1,8 +1,10 @@
 """The memfit command line: output, JSON schema, exit codes, one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +242,27 @@ def test_a_machine_without_the_memory_is_refused_before_real_steps_run(monkeypat
     assert (code, out) == (1, "")
     assert "measuring cifar-cnn at micro-batch 64 on the CPU needs" in err and "1.00 MiB available" in err
     assert "estimate it instead" in err
+
+
+GOLDEN_HELP = Path(__file__).parent / "cli_help.txt"
+
+
+def _all_help(capsys, monkeypatch) -> str:
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal's width
+    pages = []
+    for argv in ([], ["profile"], ["estimate"], ["plan"], ["demo"], ["presets"]):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "-h"])
+        assert info.value.code == 0
+        pages.append(f"$ memfit {' '.join(argv + ['-h'])}\n{capsys.readouterr().out}")
+    return "\n".join(pages)
+
+
+@pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the golden text is Python 3.11's argparse formatting")
+def test_the_help_is_what_the_readme_and_users_rely_on(capsys, monkeypatch):
+    # The help text is the CLI's documentation: a change to it must be deliberate. After one,
+    # MEMFIT_UPDATE_GOLDEN=1 pytest tests/test_cli.py -k help writes the new text; review the diff.
+    text = _all_help(capsys, monkeypatch)
+    if os.environ.get("MEMFIT_UPDATE_GOLDEN"):
+        GOLDEN_HELP.write_text(text)
+    assert text == GOLDEN_HELP.read_text()

@@ -250,12 +250,14 @@ def estimate(
 
 
 def _user_frame(exc: BaseException) -> str:
-    """`` at file.py:line`` of the innermost frame outside torch and memfit, where the user's code asked for it."""
+    """`` at file.py:line`` of the innermost frame of the user's own code (outside memfit and installed packages)."""
     import os
+    import sysconfig
     import traceback
 
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
+    libraries = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)),
+                 sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], sysconfig.get_paths()["stdlib"])
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(libraries)]
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 

@@ -98,6 +98,16 @@ def test_console_script_exit_code_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"memfit: error: {bad}:make returned int, expected a memfit.Workload"
     assert "Traceback" not in result.stderr
+    # A workload that fails on fake tensors: torch logs the failure with a traceback; the CLI keeps one line.
+    crash = tmp_path / "crash.py"
+    crash.write_text("import torch, memfit\n"
+                     "def make():\n"
+                     "    return memfit.Workload(lambda: torch.nn.Linear(4, 2), lambda n: torch.ones(n, 3),\n"
+                     "                          lambda m, b: m(b).sum(), None)\n")
+    result = subprocess.run([sys.executable, "-m", "memfit", "estimate", f"{crash}:make", "-b", "2"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("memfit: error: RuntimeError: a and b must have same reduction dim")
 
 
 def test_a_crashing_workload_is_one_line_unless_traceback_is_asked(tmp_path, capsys):
@@ -110,7 +120,8 @@ def test_a_crashing_workload_is_one_line_unless_traceback_is_asked(tmp_path, cap
     )
     code, _, err = run(capsys, "profile", f"{crash}:make", "-b", "2")
     assert code == 1 and err.count("\n") == 1  # the workload's own code failed: not a usage error
-    assert "RuntimeError" in err and "--traceback" in err
+    assert "RuntimeError" in err and "--traceback" in err and "Traceback" not in err
+    assert f"(at {crash}:4)" in err  # the user's line (the lambda calling the model), not torch's
     with pytest.raises(RuntimeError):
         main(["--traceback", "profile", f"{crash}:make", "-b", "2"])
 

@@ -6,10 +6,13 @@ that renames one degrades a feature instead of breaking memfit.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 
 __all__ = ["in_backward", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state", "reset_grad_scaler_step",
-           "data_dependent_errors"]
+           "data_dependent_errors", "quiet_fake_tensor_errors"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -84,3 +87,19 @@ def data_dependent_errors() -> tuple[type[Exception], tuple[type[Exception], ...
 
 class _Never(Exception):
     """Stands for an exception class a torch release no longer has: never raised."""
+
+
+@contextlib.contextmanager
+def quiet_fake_tensor_errors():
+    """Silence FakeTensorMode's own log of an op that failed (a traceback at ERROR level on stderr).
+
+    The exception still propagates and memfit reports it in one line; the logger's
+    name is torch._subclasses.fake_tensor (torch 2.6 to 2.13).
+    """
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -229,9 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(f"out of memory: {exc}", EXIT_FAILURE)
         if show_traceback:
             raise
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        at = f" (at {where.filename}:{where.lineno})" if where else ""
-        return _fail(f"{type(exc).__name__}: {exc}{at}; rerun with --traceback for details", EXIT_FAILURE)
+        from memfit.errors import user_frame
+
+        # The line of the user's code that asked for it, not torch's internals that raised it.
+        at = user_frame(exc) or (f" at {traceback.extract_tb(exc.__traceback__)[-1].filename}:"
+                                 f"{traceback.extract_tb(exc.__traceback__)[-1].lineno}" if exc.__traceback__ else "")
+        return _fail(f"{type(exc).__name__}: {exc} ({at.strip()}); rerun with --traceback for details"
+                     if at else f"{type(exc).__name__}: {exc}; rerun with --traceback for details", EXIT_FAILURE)
 
 
 def _fail(message: str, code: int) -> int:

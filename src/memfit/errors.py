@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
+__all__ = ["user_frame", "MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
            "ResumeWarning"]
 
 
@@ -64,3 +64,19 @@ class NonFiniteLossWarning(UserWarning):
 
 class ResumeWarning(UserWarning):
     """A resumed run cannot be (or was not) the uninterrupted run's continuation bit for bit."""
+
+
+def user_frame(exc: BaseException) -> str:
+    """`` at file.py:line`` of the innermost frame of the user's own code (outside memfit and installed packages).
+
+    Where an error raised deep in torch was asked for: the line to look at.
+    """
+    import os
+    import sysconfig
+    import traceback
+
+    paths = sysconfig.get_paths()
+    libraries = (os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__))),
+                 os.path.dirname(os.path.abspath(__file__)), paths["purelib"], paths["platlib"], paths["stdlib"])
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(libraries)]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""

@@ -37,7 +37,7 @@ from torch import nn
 from memfit import _torch_private
 from memfit.allocator import CUDA_CONTEXT_BYTES, AllocatorEstimate, simulate_caching_allocator
 from memfit.config import MAX_STEPS, Config
-from memfit.errors import MemfitError, UsageError
+from memfit.errors import MemfitError, UsageError, user_frame
 from memfit.report import PHASES, MemoryReport
 from memfit.strategies import Recipe
 from memfit.tracker import track
@@ -201,8 +201,8 @@ def estimate(
             recipe.tune_optimizer(optimizer)
         shape_error, value_errors = _torch_private.data_dependent_errors()
         try:
-            with recipe.emulation(), track(model, optimizer, device="cpu",
-                                           round_to=512 if target == "cuda" else 1) as tracker:
+            with recipe.emulation(), _torch_private.quiet_fake_tensor_errors(), \
+                    track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
                 start = tracker.position()
                 run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe,
                           accumulation=accumulation)
@@ -215,14 +215,14 @@ def estimate(
                               recipe=recipe, accumulation=accumulation)
         except shape_error as exc:
             raise DataDependentStep(
-                f"the step calls {exc.func}{_user_frame(exc)}, whose output's shape depends on tensor values "
+                f"the step calls {exc.func}{user_frame(exc)}, whose output's shape depends on tensor values "
                 "(boolean-mask indexing x[mask], nonzero, masked_select, unique) that fake tensors do not have, so "
                 "it cannot be estimated; write the mask arithmetically (torch.where(mask, x, 0), a masked sum "
                 "divided by mask.sum()), or measure real steps (memfit profile, memfit.measure)") from None
         except value_errors as exc:
             raise DataDependentStep(
                 f"the step reads a tensor's value ({exc.func}: .item(), float(t), int(t) or `if t:`)"
-                f"{_user_frame(exc)}, which fake tensors do not have, so it cannot be estimated; keep the value "
+                f"{user_frame(exc)}, which fake tensors do not have, so it cannot be estimated; keep the value "
                 "on the device (torch.where, torch.clamp), or measure real steps (memfit profile, memfit.measure)"
             ) from None
     report = tracker.report()
@@ -247,18 +247,6 @@ def estimate(
         context=CUDA_CONTEXT_BYTES if target == "cuda" else 0,
         extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
     )
-
-
-def _user_frame(exc: BaseException) -> str:
-    """`` at file.py:line`` of the innermost frame of the user's own code (outside memfit and installed packages)."""
-    import os
-    import sysconfig
-    import traceback
-
-    libraries = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)),
-                 sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], sysconfig.get_paths()["stdlib"])
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(libraries)]
-    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _phases(report: MemoryReport, steps: int) -> dict[str, dict[str, int]]:

@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import random
+import re
 import warnings
 import zipfile
 
@@ -21,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import memfit
 import memfit.statefile
-from memfit import Config, LeakWarning, OutOfMemory, Trainer
+from memfit import Config, LeakWarning, OutOfMemory, StepResult, Trainer
 from memfit.planner import Alternative
 
 
@@ -1303,3 +1304,275 @@ def test_a_cpu_budget_larger_than_the_machine_is_refused_and_a_long_run_keeps_a_
     after_5 = len(trainer._sim.allocation_events())
     trainer.fit(batches[5:], progress=False)
     assert len(trainer._sim.allocation_events()) == after_5  # one attempt's history, not the run's
+
+
+# ---------------------------------------------------------------------- the progress bar
+
+
+def _render_progress(monkeypatch, trainer, loader, epochs, advances, times, console=None):
+    """Drive fit's progress bar by hand under a clock that reads ``times`` in turn; its final text."""
+    from rich.console import Console
+
+    from memfit import trainer as trainer_module
+
+    clock = iter(times)
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    bar = trainer_module._Progress(trainer, loader, epochs, console or Console(file=out, width=150))
+    for samples, loss, peak in advances:
+        result = StepResult(step=1, samples=samples, micro_batches=(samples,), retries=0, skipped=False, peak=peak,
+                            loss_tensor=torch.tensor(0.0), items_tensor=torch.tensor(float(samples)))
+        bar.advance(result, loss, peak)
+    bar.close()
+    return bar, out.getvalue()
+
+
+def test_the_progress_bar_shows_steps_samples_per_second_loss_and_peak_against_the_budget(monkeypatch):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4), budget="1MiB")
+    trainer.epoch, trainer.batch_in_epoch = 1, 2  # resumed: 4 batches an epoch, 6 done of 12
+    _, text = _render_progress(monkeypatch, trainer, [None] * 4, 3,
+                               [(8, None, 2048), (8, 1.234567, 3072), (24, 1.5, 1024)], [100.0, 104.0, 108.0, 110.0])
+    # 40 samples in the 10 s since the bar began; the last loss logged; the highest peak it was given last.
+    assert re.fullmatch(r"train ━━━━━━━╸    9/12 \d:\d\d:\d\d 4 samples/s loss 1\.5000 peak 1\.00 KiB/1\.00 MiB\s*",
+                        text), text
+
+
+def test_the_progress_bar_without_length_budget_peak_or_loss(monkeypatch):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    bar, text = _render_progress(monkeypatch, trainer, iter([]), 2, [(16, None, None)], [0.0, 8.0])
+    assert re.fullmatch(r"train ━+ 1/\? \d:\d\d:\d\d 2 samples/s loss - \s*", text), text
+    _, fresh = _render_progress(monkeypatch, trainer, [None] * 3, 2, [], [0.0])
+    assert re.fullmatch(r"train {12}0/6 \d:\d\d:\d\d  loss -  \s*", fresh), fresh
+    _, peaked = _render_progress(monkeypatch, trainer, [None], 1, [(4, 2.0, 512)], [0.0, 1.0])
+    assert re.fullmatch(r"train ━{10} 1/1 \d:\d\d:\d\d 4 samples/s loss 2\.0000 peak 512 B\s*", peaked), peaked
+    # By default the bar goes to stderr and stays on screen when done.
+    from memfit import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: 0.0)
+    default = trainer_module._Progress(trainer, [None], 1, None)
+    default.close()
+    assert default.progress.console.stderr is True and default.progress.live.transient is False
+
+
+def _three_layers(seed: int = 0, width: int = 16) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 4))
+
+
+def _good_state(**trainer_kwargs) -> dict:
+    model = _three_layers()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), classification_loss,
+                                 Config(micro_batch=4), **trainer_kwargs)
+    trainer.step(classification_batches(1, 8)[0])
+    return trainer.state_dict()
+
+
+def _wider(state):
+    return dict(state, model=_three_layers(width=32).state_dict())
+
+
+def _momentum_shape(state):
+    state = copy.deepcopy(state)
+    state["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3, 3)
+    return state
+
+
+def _many_optimizer_problems(state):
+    state = copy.deepcopy(state)
+    for pid in range(6):  # six wrong shapes: the message names four
+        state["optimizer"]["state"][pid]["momentum_buffer"] = torch.zeros(1) if pid % 2 else torch.zeros(1, 1)
+    return state
+
+
+_PREFIX = "cannot resume from this state (nothing was changed): "
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: None, "load_state_dict takes a dict from trainer.state_dict(), got NoneType"),
+    (lambda s: {"model": s["model"], "counters": {}},
+     "not a memfit Trainer state_dict: it lacks ['config', 'optimizer', 'rng']; save one with trainer.save(path) or "
+     "torch.save(trainer.state_dict(), path)"),
+    (lambda s: dict(s, model={k: v for k, v in s["model"].items() if k != "4.bias"} | {"extra.weight": torch.ones(1)}),
+     _PREFIX + "the saved model lacks 4.bias; the saved model has extra.weight, which this model does not"),
+    (lambda s: dict(s, model={}),
+     _PREFIX + "the saved model lacks 0.weight, 0.bias, 2.weight, 2.bias and 2 more"),
+    (_wider, _PREFIX + "0.weight has shape (32, 8) in the file, (16, 8) here; 0.bias has shape (32,) in the file, "
+                       "(16,) here; 2.weight has shape (32, 32) in the file, (16, 16) here; 2.bias has shape (32,) in "
+                       "the file, (16,) here; and 1 more tensors differ"),
+    (lambda s: dict(s, model=dict(s["model"], **{"0.bias": s["model"]["0.bias"].double(), "2.bias": 3})),
+     _PREFIX + "0.bias is torch.float64 in the file, torch.float32 here; 2.bias is not a tensor in the file (int)"),
+    (lambda s: dict(s, model=[1]), _PREFIX + "the saved model state is a list, not a state_dict"),
+    (lambda s: dict(s, optimizer=[], optimizer_type=None), _PREFIX + "the saved optimizer state is not an optimizer "
+                                                                     "state_dict"),
+    (lambda s: dict(s, optimizer=dict(s["optimizer"], state={**s["optimizer"]["state"], 9: {}})),
+     _PREFIX + "the saved optimizer has state for parameter 9, which its groups do not list"),
+    (_momentum_shape, _PREFIX + "its momentum_buffer for parameter 0 has shape (3, 3), the parameter (16, 8)"),
+    (_many_optimizer_problems, _PREFIX + "its momentum_buffer for parameter 0 has shape (1, 1), the parameter (16, 8); "
+                               "its momentum_buffer for parameter 1 has shape (1,), the parameter (16,); its "
+                               "momentum_buffer for parameter 2 has shape (1, 1), the parameter (16, 16); its "
+                               "momentum_buffer for parameter 3 has shape (1,), the parameter (16,)"),
+    (lambda s: dict(s, optimizer=dict(s["optimizer"], param_groups=s["optimizer"]["param_groups"] * 2)),
+     _PREFIX + "the saved optimizer has 2 parameter groups, this one 1"),
+    (lambda s: dict(s, optimizer=dict(s["optimizer"], param_groups=[dict(s["optimizer"]["param_groups"][0],
+                                                                         params=[0, 1])])),
+     _PREFIX + "parameter group 0 has 2 parameters in the file, 6 here"),
+    (lambda s: dict(s, scheduler={"last_epoch": 3}), _PREFIX + "the saved run had an LR scheduler, this trainer none: "
+                                                               "pass scheduler=..."),
+    (lambda s: dict(s, config={"micro_batch": 0}), "the saved config is not a memfit Config (Config.micro_batch must be "
+                                                   "a positive int, got 0)"),
+    (lambda s: dict(s, config="x"), "the saved config is not a memfit Config (memfit.config.Config() argument after ** "
+                                    "must be a mapping, not str)"),
+    (lambda s: dict(s, config=dict(s["config"], precision="bf16-true", offload_activations=True)),
+     _PREFIX + "the saved run trained with precision='bf16-true', this Trainer with '32-true'; build the Trainer with "
+               "precision='bf16-true' to resume; the saved run trained with offload_activations=True, this Trainer "
+               "with False; build the Trainer with offload_activations=True to resume"),
+    (lambda s: dict(s, counters=dict(s["counters"], retries=1.5)),
+     _PREFIX + "the saved counters are not whole numbers >= 0 for step, epoch, batch_in_epoch, samples, retries, skipped"),
+    (lambda s: dict(s, counters=[]),
+     _PREFIX + "the saved counters are not whole numbers >= 0 for step, epoch, batch_in_epoch, samples, retries, skipped"),
+    (lambda s: dict(s, rng={"cpu": None}), _PREFIX + "the saved random state has no CPU generator state"),
+    (lambda s: dict(s, rng=[]), _PREFIX + "the saved random state has no CPU generator state"),
+    (lambda s: dict(s, config=dict(s["config"], checkpoint=("layers.*",))),
+     "the saved config does not fit this model: checkpoint glob 'layers.*' matches no module; module paths look like: "
+     "0, 1, 2, 3, 4 ('*' matches one path component, '**' several; 'seq[2:5]' a segment of an nn.Sequential)"),
+    (lambda s: dict(s, model={}, rng=[]), _PREFIX + "the saved model lacks 0.weight, 0.bias, 2.weight, 2.bias and 2 "
+                                                    "more; the saved random state has no CPU generator state"),
+])
+def test_every_difference_of_a_saved_state_is_named_and_nothing_changes(damage, message):
+    state = damage(_good_state())
+    model = _three_layers(seed=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=4))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(memfit.UsageError) as info:
+        trainer.load_state_dict(state)
+    assert str(info.value) == message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not optimizer.state
+    assert (trainer.step_count, trainer.config) == (0, Config(micro_batch=4))
+
+
+def test_a_scheduler_or_a_grad_scaler_the_saved_run_lacked_is_named():
+    state = _good_state()
+    model = _three_layers()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduled = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=4),
+                                   scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 10))
+    with pytest.raises(memfit.UsageError, match=r"the saved run had no LR scheduler, this trainer has one$"):
+        scheduled.load_state_dict(state)
+    scaled = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=4, precision="16-mixed"))
+    with pytest.raises(memfit.UsageError, match="the saved run has no GradScaler state, this trainer \\(16-mixed\\) "
+                                                "needs one; the saved run trained with precision='32-true'"):
+        scaled.load_state_dict(state)
+
+
+def test_the_saved_state_holds_the_scaler_the_scheduler_the_plan_and_the_counters():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=4, precision="16-mixed"),
+                                 scheduler=scheduler)
+    batches = classification_batches(2, 8)
+    batches[1][0][0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", memfit.NonFiniteLossWarning)
+        trainer.fit(batches, progress=False)
+    state = trainer.state_dict()
+    assert set(state) == {"model", "optimizer", "optimizer_type", "scaler", "scheduler", "config", "plan", "counters",
+                          "rng", "loader"}
+    assert state["scaler"] == trainer._recipe.scaler().state_dict() and state["scaler"]["scale"] == 65536.0
+    assert state["scheduler"]["last_epoch"] == 1 and state["plan"] is None
+    assert state["counters"] == {"step": 2, "epoch": 1, "batch_in_epoch": 0, "samples": 16, "retries": 0,
+                                 "skipped": 1, "nonfinite": 1}
+    assert state["loader"] == {"epoch_start": trainer._epoch_start, "generators": [], "last_batch": None}
+    assert state["optimizer_type"] == "torch.optim.sgd.SGD"
+    model2 = mlp()
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    resumed = Trainer.from_parts(model2, optimizer2, classification_loss, Config(micro_batch=4, precision="16-mixed"),
+                                 scheduler=torch.optim.lr_scheduler.StepLR(optimizer2, 1, gamma=0.5))
+    resumed.load_state_dict(state)
+    assert resumed.scheduler.last_epoch == 1 and optimizer2.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert resumed._recipe.scaler().get_scale() == 65536.0 and resumed.nonfinite_steps == 1
+
+
+class _StopsAfterStepping:
+    """An LR scheduler whose step is interrupted (Ctrl-C arriving after optimizer.step() wrote)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def step(self) -> None:
+        self.calls += 1
+        raise KeyboardInterrupt
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def test_an_interrupt_after_the_update_counts_the_step_and_leaves_no_gradients():
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4), scheduler=_StopsAfterStepping())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.step(classification_batches(1, 8)[0])
+    # The update was applied: the batch counts (redoing it would apply it twice), and the next step starts clean.
+    assert (trainer.step_count, trainer.samples_seen, trainer._phase) == (1, 8, "done")
+    assert not torch.equal(before["0.weight"], model[0].weight) and all(p.grad is None for p in model.parameters())
+
+
+class _WritesThenFails(torch.optim.SGD):
+    def step(self, closure=None):
+        with torch.no_grad():
+            for group in self.param_groups:
+                group["params"][0].add_(1.0)  # written in place: this cannot be undone
+        raise _Boom("inside optimizer.step")
+
+
+def test_an_error_inside_optimizer_step_after_a_write_says_the_state_cannot_be_restored():
+    model = mlp()
+    trainer = Trainer.from_parts(model, _WritesThenFails(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    with pytest.raises(_Boom) as info:
+        trainer.step(classification_batches(1, 8)[0])
+    assert info.value.__notes__ == ["memfit: this happened inside optimizer.step() after it had updated tensors in "
+                                    "place; the model and optimizer are not as before the step: reload the last save."]
+    assert trainer.step_count == 0 and all(p.grad is None for p in model.parameters())
+    clean = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               lambda m, b: (_ for _ in ()).throw(_Boom("in the loss")), Config(micro_batch=4))
+    with pytest.raises(_Boom) as info:
+        clean.step(classification_batches(1, 8)[0])
+    assert not hasattr(info.value, "__notes__")  # nothing was written: nothing to add
+
+
+def test_a_skipped_step_leaves_no_gradients_but_keeps_the_callers(caplog):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    x, y = classification_batches(1, 8)[0]
+    x[0, 0] = float("nan")
+    with pytest.warns(memfit.NonFiniteLossWarning) as caught:
+        result = trainer.step((x, y))
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    assert result.skip_reason == "non-finite loss" and all(p.grad is None for p in model.parameters())
+    model[2].bias.grad = torch.full_like(model[2].bias, 3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once already: no second warning
+        trainer.step((x, y))
+    assert torch.equal(model[2].bias.grad, torch.full_like(model[2].bias, 3.0)) and model[0].weight.grad is None
+
+    torch.manual_seed(0)
+    lm = TinyLM()
+    padded = token_batches(1, 4)[0]
+    padded["labels"][:] = -100
+    lm_trainer = Trainer.from_parts(lm, torch.optim.SGD(lm.parameters(), lr=0.1), token_loss, Config(micro_batch=2))
+    lm_trainer.step_count = 6
+    caplog.clear()  # the NaN above was logged too
+    with caplog.at_level(logging.WARNING, logger="memfit"):
+        assert lm_trainer.step(padded).skip_reason == "no items"
+    assert [r.getMessage() for r in caplog.records] == [
+        "memfit: step 7 had no items (every item was padding); its update was skipped"]
+    assert all(p.grad is None for p in lm.parameters()) and lm_trainer.nonfinite_steps == 0

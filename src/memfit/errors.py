@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["user_frame", "MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
+__all__ = ["user_frame", "warn", "MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
            "ResumeWarning"]
 
 
@@ -80,3 +80,14 @@ def user_frame(exc: BaseException) -> str:
                  os.path.dirname(os.path.abspath(__file__)), paths["purelib"], paths["platlib"], paths["stdlib"])
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not os.path.abspath(f.filename).startswith(libraries)]
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the user's line that called into memfit (the first frame outside it)."""
+    import sys
+    import warnings
+
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is the line that called warn()
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "memfit":
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

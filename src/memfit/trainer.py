@@ -54,7 +54,6 @@ import math
 import os
 import time
 import traceback
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -70,7 +69,7 @@ from memfit._tree import tensors as _tree_tensors
 from memfit.budget import SimulatedBudget
 from memfit.config import Config
 from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLossWarning, OutOfMemory, ResumeWarning,
-                           UsageError)
+                           UsageError, warn)
 from memfit.estimator import estimate
 from memfit.planner import Plan, accumulation_steps
 from memfit.strategies import Checkpointing, Precision, Recipe, blocks
@@ -525,9 +524,9 @@ class Trainer:
         generators = self._generators
         if resume is not None:
             if len(resume["generators"]) != len(generators):
-                warnings.warn(f"memfit: the saved run's loader held {len(resume['generators'])} torch.Generator(s), "
-                              f"this one {len(generators)}; its order cannot be restored, so the resumed run may see "
-                              "other batches than the uninterrupted one", ResumeWarning, stacklevel=3)
+                warn(f"memfit: the saved run's loader held {len(resume['generators'])} torch.Generator(s), "
+                     f"this one {len(generators)}; its order cannot be restored, so the resumed run may see "
+                     "other batches than the uninterrupted one", ResumeWarning)
                 resume = dict(resume, generators=None, epoch_start=None)
         if resume is not None and self.batch_in_epoch and resume["epoch_start"] is not None:
             self._epoch_start = resume["epoch_start"]
@@ -548,10 +547,10 @@ class Trainer:
         if resume is not None:
             expected = resume.get("last_batch")
             if expected is not None and (last is None or rng.fingerprint(last) != expected):
-                warnings.warn(f"memfit: resuming at batch {self.batch_in_epoch} of epoch {self.epoch}, but the loader "
-                              "did not give the batch the saved run trained on last: its order depends on something "
-                              "memfit does not restore (a sampler's own random generator, say); the resumed run "
-                              "differs from the uninterrupted one", ResumeWarning, stacklevel=3)
+                warn(f"memfit: resuming at batch {self.batch_in_epoch} of epoch {self.epoch}, but the loader "
+                     "did not give the batch the saved run trained on last: its order depends on something "
+                     "memfit does not restore (a sampler's own random generator, say); the resumed run "
+                     "differs from the uninterrupted one", ResumeWarning)
             rng.restore(resume["rng"])  # as at the save: the skipped batches drew nothing the run keeps
             if resume["generators"] is not None:
                 _set_generator_states(generators, resume["generators"])
@@ -761,14 +760,14 @@ class Trainer:
                 mean = total
             if reason is None:
                 self._phase = "optimizer"
-                reason = self._optimizer_step(scaler)
+                reason = self._optimizer_step(scaler)  # "committed" once the update is applied
             else:
                 self._skip(restore, reason, loss_value)
-            self._phase = "done"
         if reason is not None:
             self.skipped_steps += 1
         elif self.scheduler is not None:
             self.scheduler.step()
+        self._phase = "done"
         return StepResult(step=self.step_count + 1, samples=n, micro_batches=sizes, retries=retries,
                           skipped=reason is not None, peak=peak(), loss_tensor=mean, items_tensor=items,
                           skip_reason=reason)
@@ -793,7 +792,7 @@ class Trainer:
                        "the model left as it was. Later ones are counted (StepResult.skip_reason, "
                        "FitResult.nonfinite) without a warning; pass on_nonfinite='raise' to stop instead.")
             log.warning(message)
-            warnings.warn(message, NonFiniteLossWarning, stacklevel=4)
+            warn(message, NonFiniteLossWarning)
 
     def _optimizer_step(self, scaler) -> str | None:
         optimizer = self.optimizer
@@ -891,7 +890,7 @@ class Trainer:
                      "its history (total_loss += loss keeps every step's graph); keep loss.item() or .detach() instead.")
         message = " ".join(parts)
         log.warning(message)
-        warnings.warn(message, LeakWarning, stacklevel=3)
+        warn(message, LeakWarning)
         self._graphs.clear()
 
     def _watch_output(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -1045,18 +1044,20 @@ class _Progress:
 
         self.trainer = trainer
         try:
-            total = len(loader) * epochs
-        except TypeError:
-            total = None
+            per_epoch = len(loader)
+        except TypeError:  # an iterable without a length: the bar counts steps without a total
+            per_epoch = None
         self.start = time.perf_counter()
         self.samples = 0
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(bar_width=10), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[speed]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[memory]}"),
             console=console or Console(stderr=True), transient=False,
         )
-        done = trainer.epoch * (total // epochs) + trainer.batch_in_epoch if total else 0
-        self.task = self.progress.add_task("train", total=total, completed=done, speed="", loss="-", memory="")
+        # A resumed run starts the bar where the saved run stopped.
+        done = trainer.epoch * per_epoch + trainer.batch_in_epoch if per_epoch is not None else 0
+        self.task = self.progress.add_task("train", total=per_epoch * epochs if per_epoch is not None else None,
+                                           completed=done, speed="", loss="-", memory="")
         self.progress.start()
 
     def advance(self, result: StepResult, loss: float | None, peak: int | None) -> None:
@@ -1136,14 +1137,13 @@ def _check_optimizer_owns(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 def _warn_if_not_replayable(loader: Any) -> None:
     """Warn at fit's start about loaders whose order a resumed run cannot replay."""
     if isinstance(loader, Iterator):
-        warnings.warn(f"memfit: fit got a one-shot iterator ({type(loader).__name__}), which yields its batches "
-                      "once: a resumed run cannot replay the interrupted epoch; pass a DataLoader or another "
-                      "iterable that can be iterated again", ResumeWarning, stacklevel=3)
+        warn(f"memfit: fit got a one-shot iterator ({type(loader).__name__}), which yields its batches "
+             "once: a resumed run cannot replay the interrupted epoch; pass a DataLoader or another "
+             "iterable that can be iterated again", ResumeWarning)
     if getattr(loader, "num_workers", 0) and getattr(loader, "persistent_workers", False):
-        warnings.warn("memfit: the DataLoader keeps its workers (persistent_workers=True), whose random state "
-                      "carries over from epoch to epoch and is not saved: random augmentations after a resume "
-                      "differ from the uninterrupted run's; persistent_workers=False makes them reproducible",
-                      ResumeWarning, stacklevel=3)
+        warn("memfit: the DataLoader keeps its workers (persistent_workers=True), whose random state "
+             "carries over from epoch to epoch and is not saved: random augmentations after a resume "
+             "differ from the uninterrupted run's; persistent_workers=False makes them reproducible", ResumeWarning)
 
 
 def _set_generator_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
@@ -1176,7 +1176,7 @@ def _model_differences(saved: Any, own: dict[str, torch.Tensor]) -> list[str]:
         if value is None:
             continue
         if not isinstance(value, torch.Tensor):
-            shapes.append(f"{key} is a {type(value).__name__} in the file")
+            shapes.append(f"{key} is not a tensor in the file ({type(value).__name__})")
         elif value.shape != tensor.shape:
             shapes.append(f"{key} has shape {tuple(value.shape)} in the file, {tuple(tensor.shape)} here")
         elif value.dtype != tensor.dtype:

@@ -1576,3 +1576,99 @@ def test_a_skipped_step_leaves_no_gradients_but_keeps_the_callers(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "memfit: step 7 had no items (every item was padding); its update was skipped"]
     assert all(p.grad is None for p in lm.parameters()) and lm_trainer.nonfinite_steps == 0
+
+
+def _crash_at(kind: str, path, kill_at: int, resume_from=None):
+    seed_everything(1234)
+    run = job_trainer()
+    if resume_from is not None:
+        seed_everything(55)
+        run.load(resume_from)
+    save = run.save
+
+    def save_then_crash(p):
+        save(p)
+        if run.step_count == kill_at:
+            raise _Crash
+
+    run.save = save_then_crash
+    with pytest.raises(_Crash):
+        run.fit(job_loader(kind), EPOCHS, save_to=path, save_every=1, progress=False)
+
+
+def test_a_run_resumed_and_killed_again_in_the_same_epoch_still_equals_the_uninterrupted_one(tmp_path):
+    expected = _uninterrupted("generator")
+    _crash_at("generator", tmp_path / "a.pt", 6)
+    saved = memfit.statefile.read(tmp_path / "a.pt")
+    reloaded = job_trainer()
+    reloaded.load(tmp_path / "a.pt")  # and saved again before fit: where the epoch began is kept
+    again = reloaded.state_dict()
+    assert again["loader"]["last_batch"] == saved["loader"]["last_batch"] is not None
+    assert torch.equal(again["loader"]["epoch_start"]["rng"]["cpu"], saved["loader"]["epoch_start"]["rng"]["cpu"])
+    _crash_at("generator", tmp_path / "b.pt", 8, resume_from=tmp_path / "a.pt")  # epoch 1 again: its start replayed
+    resumed = job_trainer()
+    seed_everything(3)
+    resumed.load(tmp_path / "b.pt")
+    resumed.fit(job_loader("generator"), EPOCHS, progress=False)
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_resume_warnings_say_what_cannot_be_replayed(tmp_path):
+    data = torch.utils.data.TensorDataset(*classification_batches(1, 16, seed=2)[0])
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    workers = torch.utils.data.DataLoader(data, batch_size=4, num_workers=1, persistent_workers=True)
+    with pytest.warns(memfit.ResumeWarning) as caught:
+        trainer.fit(workers, max_steps=0, save_to=tmp_path / "w.pt", progress=False)  # no worker starts
+    assert [str(w.message) for w in caught] == [
+        "memfit: the DataLoader keeps its workers (persistent_workers=True), whose random state carries over from "
+        "epoch to epoch and is not saved: random augmentations after a resume differ from the uninterrupted run's; "
+        "persistent_workers=False makes them reproducible"]
+    assert caught[0].filename == __file__
+    with pytest.warns(memfit.ResumeWarning) as caught:
+        trainer.fit(iter([]), max_steps=0, save_to=tmp_path / "w.pt", progress=False)
+    assert str(caught[0].message) == ("memfit: fit got a one-shot iterator (list_iterator), which yields its batches "
+                                      "once: a resumed run cannot replay the interrupted epoch; pass a DataLoader or "
+                                      "another iterable that can be iterated again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # workers that do not persist, a list: nothing to warn about
+        trainer.fit(torch.utils.data.DataLoader(data, batch_size=4, num_workers=1), max_steps=0,
+                    save_to=tmp_path / "w.pt", progress=False)
+        trainer.fit([], save_to=tmp_path / "w.pt", progress=False)
+
+    # Saved with a seeded loader, resumed with one that holds no generator: said, and training goes on.
+    seeded = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
+    model = mlp()
+    first = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                               Config(micro_batch=4))
+    first.fit(seeded, max_steps=2, save_to=tmp_path / "s.pt", progress=False)
+    model = mlp()
+    second = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                Config(micro_batch=4))
+    second.load(tmp_path / "s.pt")
+    with pytest.warns(memfit.ResumeWarning) as caught:
+        result = second.fit(torch.utils.data.DataLoader(data, batch_size=4), progress=False)
+    assert str(caught[0].message) == ("memfit: the saved run's loader held 1 torch.Generator(s), this one 0; its order "
+                                      "cannot be restored, so the resumed run may see other batches than the "
+                                      "uninterrupted one")
+    assert result.steps == 2 and second.step_count == 4
+
+
+def test_a_state_saved_before_loaders_were_recorded_still_resumes(tmp_path):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    batches = classification_batches(4, 8)
+    trainer.fit(batches, max_steps=2, progress=False)
+    state = trainer.state_dict()
+    del state["loader"], state["counters"]["nonfinite"]  # what a file from before this release holds
+    model = mlp()
+    resumed = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    resumed.load_state_dict(state)
+    assert resumed.nonfinite_steps == 0 and resumed._epoch_start is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resumed.fit(batches, progress=False).steps == 2  # the two trained batches are skipped

@@ -1672,3 +1672,63 @@ def test_a_state_saved_before_loaders_were_recorded_still_resumes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resumed.fit(batches, progress=False).steps == 2  # the two trained batches are skipped
+
+
+def test_out_of_memory_advice_is_what_would_help_this_step():
+    def give_up(config, **kwargs):
+        model = mlp()
+        trainer = Trainer.from_parts(model, torch.optim.Adam(model.parameters()), classification_loss, config,
+                                     budget="2KiB", **kwargs)
+        with pytest.raises(OutOfMemory) as info:
+            trainer.step(classification_batches(1, 8)[0])
+        return info.value.advice
+
+    assert give_up(Config(micro_batch=8)) == (
+        "precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16) halves activations",
+        "checkpoint='all' recomputes each block's activations in backward",
+        "848 B was still live after the failure; the model states alone are 848 B",  # weights and Adam's moments
+        "a larger budget or device",
+    )
+    assert give_up(Config(micro_batch=8, precision="bf16-mixed", checkpoint="all"), max_retries=0) == (
+        "848 B was still live after the failure; the model states alone are 848 B", "a larger budget or device")
+
+
+def test_an_oom_in_a_foreach_optimizer_step_before_it_writes_is_retried_with_the_per_tensor_one(caplog):
+    batches = classification_batches(2, 8)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    full_batch_run(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), classification_loss, batches)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, foreach=True)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8))
+    with caplog.at_level(logging.WARNING, logger="memfit"), _OptimizerFault(optimizer, step=0, at=2):
+        results = [trainer.step(b) for b in batches]
+    assert results[0].retries == 1 and results[0].micro_batches == (8,)  # same micro-batch, other implementation
+    assert optimizer.param_groups[0]["foreach"] is False and trainer.config.micro_batch == 8
+    assert caplog.records[0].getMessage().startswith(
+        "memfit: out of memory in optimizer.step() at step 1 (CUDA out of memory. Tried to allocate 1.00 GiB "
+        "(injected)); retrying the batch with the per-tensor optimizer implementation")
+    assert_same_weights(model, ref, 1e-6)
+    # foreach=None on the CPU is the per-tensor loop already: an OOM there re-plans the micro-batch instead.
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8))
+    with _OptimizerFault(optimizer, step=0, at=2):
+        assert trainer.step(batches[0]).micro_batches == (4, 4)
+    assert optimizer.param_groups[0]["foreach"] is None
+
+
+def test_a_trainer_from_a_workload_builds_everything_on_its_device():
+    workload = memfit.presets.load("cifar-cnn")
+    built = []
+    trainer = Trainer(workload, Config(micro_batch=2, precision="bf16-true"), device="cpu",
+                      scheduler=lambda opt: built.append(opt) or torch.optim.lr_scheduler.StepLR(opt, 5))
+    assert built == [trainer.optimizer] and trainer.scheduler.optimizer is trainer.optimizer
+    assert trainer.max_retries == 8 and trainer.device == torch.device("cpu") and trainer.on_nonfinite == "skip"
+    assert all(p.dtype == torch.bfloat16 for p in trainer.model.parameters())
+    with pytest.raises(memfit.UsageError) as info:
+        Trainer(mlp(), Config(micro_batch=2))
+    assert str(info.value) == ("Trainer() takes a memfit.Workload, got Sequential; for a model and optimizer you "
+                               "built, use Trainer.from_parts(model, optimizer, loss, config)")
+    with pytest.raises(memfit.UsageError) as info:
+        Trainer(dataclasses.replace(workload, optimizer=None), Config(micro_batch=2))
+    assert str(info.value) == "the workload 'cifar-cnn' has no optimizer factory; training needs one"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from memfit.cli import main
+from memfit.units import format_budget, format_bytes
 
 
 def run(capsys, *argv):
@@ -277,3 +278,76 @@ def test_the_help_is_what_the_readme_and_users_rely_on(capsys, monkeypatch):
     if os.environ.get("MEMFIT_UPDATE_GOLDEN"):
         GOLDEN_HELP.write_text(text)
     assert text == GOLDEN_HELP.read_text()
+
+
+def test_steps_take_up_to_the_bound_and_args_keep_what_follows_the_first_equals_sign(tmp_path, capsys):
+    code, out, err = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--device", "cpu", "--steps", "1000", "--json")
+    assert code == 0, err
+    assert json.loads(out)["report"]["steps"] == 1000
+    code, _, err = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--steps", "0")
+    assert err == "memfit: error: argument --steps: --steps takes a positive whole number, got '0'\n"
+    code, _, err = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--steps", "1001")
+    assert err == ("memfit: error: argument --steps: --steps takes 1 to 1000, got '1001': the second step shows the "
+                   "steady state, later ones repeat it\n")
+    spec = tmp_path / "kw.py"
+    spec.write_text(
+        "import torch, memfit\n"
+        "def make(**kwargs):\n"
+        "    return memfit.Workload(lambda: torch.nn.Linear(4, 2), lambda n: torch.ones(n, 4),\n"
+        "                          lambda m, b: m(b).sum(), None, name=repr(sorted(kwargs.items())))\n"
+    )
+    code, out, err = run(capsys, "estimate", f"{spec}:make", "-b", "2", "--device", "cpu", "--json", "--arg",
+                         "expr=a=b", "--arg", "arch=resnet18", "--arg", "depth=50", "--arg", "flag=True",
+                         "--arg", "ratio=0.5", "--seq-len", "7")
+    assert code == 0, err
+    assert json.loads(out)["extra"]["workload"] == repr(sorted({"expr": "a=b", "arch": "resnet18", "depth": 50,
+                                                                "flag": True, "ratio": 0.5, "seq_len": 7}.items()))
+    code, _, err = run(capsys, "estimate", f"{spec}:make", "-b", "2", "--arg", "depth=1", "--arg", "depth=2")
+    assert (code, err) == (2, "memfit: error: --arg depth= is given twice; give each key once\n")
+    code, _, err = run(capsys, "estimate", f"{spec}:make", "-b", "2", "--arg", "seq_len=1", "--seq-len", "2")
+    assert err == "memfit: error: --seq-len and --arg seq_len=... both give the sequence length; give one\n"
+    code, _, err = run(capsys, "estimate", f"{spec}:make", "-b", "2", "--arg", "2x=1")
+    assert err == ("memfit: error: argument --arg: --arg takes KEY=VALUE with KEY a Python name, got '2x=1'; e.g. "
+                   "--arg image_size=64 --arg arch=resnet18\n")
+
+
+def test_a_negative_budget_is_joined_only_where_a_value_is_due(capsys):
+    # "--budget" last: argparse's own message; "--budget --json": the next flag is not taken for a size.
+    code, _, err = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--budget")
+    assert (code, err) == (2, "memfit: error: argument --budget: expected one argument\n")
+    code, _, err = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--budget", "--json")
+    assert (code, err) == (2, "memfit: error: argument --budget: expected one argument\n")
+    code, _, err = run(capsys, "estimate", "gpt2-tiny", "--budget", "-5MiB", "-b", "2")
+    assert err.startswith("memfit: error: bad byte quantity '-5MiB': it must not be negative")
+
+
+def test_profile_and_estimate_print_their_tables_and_json_as_documented(capsys):
+    code, out, err = run(capsys, "profile", "cifar-cnn", "-b", "2", "--steps", "1")
+    assert code == 0 and out.endswith("\n") and not out.endswith("\n\n")
+    code, out, _ = run(capsys, "profile", "cifar-cnn", "-b", "2", "--steps", "1", "--json")
+    assert out.startswith('{\n  "device": "cpu"') and json.loads(out)["steps"] == 1
+    code, _, err = run(capsys, "profile", "cifar-cnn", "-b", "2", "--timeline")
+    assert (code, err) == (2, "memfit: error: --timeline only applies with --json\n")
+    import torch
+
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "profile", "cifar-cnn", "-b", "2", "--device", "cuda")
+        assert err == (f"memfit: error: --device cuda: no CUDA device is available to torch {torch.__version__} here; "
+                       "use --device cpu\n")
+    code, out, err = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--device", "cpu", "--json")
+    data = json.loads(out)
+    assert out.startswith('{\n  "config"') and data["report"]["steps"] == 2
+    need = data["required"]
+    code, out, _ = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--device", "cpu", "--budget", str(need))
+    assert out.endswith(f"Budget {format_budget(need)}: the step fits ({format_bytes(need)} needed, 0 B to spare).\n")
+    code, out, _ = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--device", "cpu", "--budget", str(need - 1000))
+    assert code == 0 and out.endswith(f"the step does NOT fit ({format_bytes(need)} needed, 1000 B short).\n")
+    code, out, _ = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--device", "cpu", "--budget", str(need - 1),
+                       "--json")
+    assert (json.loads(out)["budget"], json.loads(out)["fits"]) == (need - 1, False)
+    code, out, _ = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--checkpoint", "none", "--json")
+    assert json.loads(out)["checkpointed"] == [] and json.loads(out)["config"]["checkpoint"] == []
+    assert json.loads(out)["config"]["precision"] == "32-true"
+    code, out, _ = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--precision", "bf16-true", "--json")
+    assert json.loads(out)["config"]["precision"] == "bf16-true"
+

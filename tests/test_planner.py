@@ -225,3 +225,59 @@ def test_find_batch_size_refuses_what_it_cannot_run_here(monkeypatch):
     with pytest.raises(memfit.errors.NotEnoughMemory, match=r"verifying micro-batch \d+ with real steps under the "
                                                             r"simulated budget of 22\.35 GiB \(24\.00 GB\) needs"):
         memfit.find_batch_size(workload, "24GB", device="cpu", limit=100_000)
+
+
+def test_find_batch_size_says_exactly_what_it_needs():
+    workload = ZOO["tied-lm"]()
+    cases = [
+        (dict(workload=nn.Linear(2, 2), budget="1GiB", device="cpu"),
+         "find_batch_size() takes a memfit.Workload, got Linear"),
+        (dict(workload=workload, budget="1GiB", device="tpu"), "device must be 'cpu' or 'cuda', got 'tpu'"),
+        (dict(workload=workload, device="cpu"),
+         "find_batch_size on the CPU needs budget=... (the simulated device size, e.g. '2GiB')"),
+        (dict(workload=workload, budget="1GiB", device="cpu", limit=0),
+         "limit must be a positive whole number (the largest micro-batch to try), got 0"),
+        (dict(workload=workload, budget="1GiB", device="cpu", limit=True),
+         "limit must be a positive whole number (the largest micro-batch to try), got True"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((dict(workload=workload, budget="1GiB", device="cuda"),
+                      f"find_batch_size(device='cuda') runs real steps on a GPU, and torch {torch.__version__} sees "
+                      "none here; use device='cpu' with a budget, or memfit.plan() (estimates only)"))
+    for kwargs, message in cases:
+        with pytest.raises(UsageError) as info:
+            memfit.find_batch_size(**kwargs)
+        assert str(info.value) == message
+    budget = estimate(workload, Config(micro_batch=3, precision="bf16-true"), device="cpu").required
+    assert memfit.find_batch_size(workload, budget, "cpu", precision="bf16-true", limit=3) == 3
+    assert memfit.find_batch_size(workload, budget, "cpu", precision="bf16-true", limit=2) == 2
+    assert memfit.find_batch_size(workload, budget, precision="bf16-true", limit=1000) == 3  # the CPU by default here
+    with pytest.raises(PlanError, match=r"not even a micro-batch of 1 fits in 1\.00 KiB"):
+        memfit.find_batch_size(workload, 1024, "cpu")
+
+
+def test_calibration_refuses_a_missing_gpu_and_takes_the_median_of_its_repeats(monkeypatch):
+    from memfit import planner
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError) as info:
+            planner.calibrate_efficiency(ZOO["tied-lm"](), device="cuda")
+        assert str(info.value) == "calibrate on 'cuda' needs a CUDA device; none is available here"
+    # Each size's first run (warm-up) is slow and one repeat is an outlier: the median ignores both.
+    durations = {1: [9.0, 4.0, 4.0, 40.0, 4.0], 4: [9.0, 7.0, 70.0, 7.0, 7.0]}  # t = m + 3, m_half = 3
+    clock = {"now": 0.0, "calls": 0}
+    base = ZOO["tied-lm"]()
+
+    def timed_loss(model, batch):
+        clock["now"] += durations[len(batch)].pop(0)
+        return base.loss(model, batch)
+
+    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock["now"])
+    workload = dataclasses.replace(base, loss=timed_loss)
+    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=4) == pytest.approx(3.0)
+    assert durations == {1: [], 4: []}  # a warm-up and four repeats each
+    slow_start = {1: [1.0, 2.0], 4: [1.0, 1.0]}  # bigger is not slower: no curve, the default stays
+    durations.update(slow_start)
+    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == planner._DEFAULT_M_HALF
+    durations.update({1: [1.0, 1.0], 4: [1.0, 7.0]})  # t = 2m - 1: a negative intercept clamps m_half to 0
+    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == 0.0

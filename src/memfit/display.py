@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from memfit.errors import UsageError
 from memfit.report import CATEGORIES, PHASES
-from memfit.units import format_bytes
+from memfit.units import format_budget, format_bytes
 
 if TYPE_CHECKING:
     from memfit.estimator import Estimate
@@ -142,7 +142,7 @@ def render_plan(plan: Plan, *, width: int = 100) -> str:
     c = plan.config
     steps = len(plan.accumulation)
     split = f"{steps} x {c.micro_batch}" if len(set(plan.accumulation)) == 1 else f"{steps - 1} x {c.micro_batch} + {plan.accumulation[-1]}"
-    console.print(f"Plan for batch {plan.batch_size} in {format_bytes(plan.budget)}: {c.describe()}; "
+    console.print(f"Plan for batch {plan.batch_size} in {format_budget(plan.budget)}: {c.describe()}; "
                   f"accumulate {split}.")
     console.print(f"Predicted {format_bytes(plan.required)} needed, {format_bytes(plan.headroom)} headroom; "
                   f"relative step cost {plan.step_cost:.2f} (1.00 = the whole batch at once, unconstrained; "

@@ -455,7 +455,7 @@ def _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher) ->
         reasons.append("no checkpointing: recomputation would cost more than it saves")
     if c.offload_activations:
         reasons.append("activations offloaded to CPU memory")
-    reasons.append(f"predicted {format_bytes(chosen.required)} of {format_bytes(budget)} "
+    reasons.append(f"predicted {format_bytes(chosen.required)} of {format_budget(budget)} "
                    f"({format_bytes(budget - chosen.required)} headroom)")
     return reasons
 
@@ -475,7 +475,7 @@ def _nothing_fits(searcher: _Searcher, precisions, budget: int, blocks) -> PlanE
     levers["offloading the optimizer state to CPU"] = own["optimizer_state"]
     lines = "; ".join(f"{name} saves {format_bytes(saving)}" for name, saving in levers.items())
     message = (
-        f"nothing fits in {format_bytes(budget)}: at micro-batch 1 the step needs {format_bytes(est.required)}, and "
+        f"nothing fits in {format_budget(budget)}: at micro-batch 1 the step needs {format_bytes(est.required)}, and "
         f"parameters + gradients + optimizer state alone take {format_bytes(floor)} at {cheapest} "
         f"(the cheapest precision allowed). Levers: {lines}"
     )
@@ -578,5 +578,5 @@ def find_batch_size(
             del model, optimizer
             if device == "cuda":
                 torch.cuda.empty_cache()  # after an OOM only: hand the cache back before retrying
-    raise PlanError(f"not even a micro-batch of 1 fits in {format_bytes(budget_bytes)}", floor=0, budget=budget_bytes, levers={})
+    raise PlanError(f"not even a micro-batch of 1 fits in {format_budget(budget_bytes)}", floor=0, budget=budget_bytes, levers={})
 

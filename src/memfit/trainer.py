@@ -995,7 +995,7 @@ class Trainer:
         if self.device.type == "cuda" and not failed.offload_activations:
             advice.append("offload_activations=True keeps saved activations in CPU memory")
         if self.plan is not None:
-            advice.append(f"the plan predicted {format_bytes(self.plan.required)} of {format_bytes(self.plan.budget)}; "
+            advice.append(f"the plan predicted {format_bytes(self.plan.required)} of {format_budget(self.plan.budget)}; "
                           "if something else holds device memory, plan for less (memfit plan --budget)")
         live = self._live_bytes()
         if live is not None:

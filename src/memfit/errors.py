@@ -88,6 +88,7 @@ def warn(message: str, category: type[Warning]) -> None:
     import warnings
 
     frame, level = sys._getframe(1), 2  # stacklevel 2 is the line that called warn()
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "memfit":
+    # memfit's frames, and those of mutmut's trampolines, which wrap memfit's functions under `make mutate`.
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("memfit", "mutmut"):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)

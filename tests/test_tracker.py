@@ -351,3 +351,39 @@ def test_cuda_peak_matches_max_memory_allocated():
     torch.cuda.synchronize()
     real = torch.cuda.max_memory_allocated() - base
     assert abs(report.peak - real) <= 0.05 * real, (report.peak, real)
+
+
+def test_forgetting_the_history_keeps_what_is_alive_and_starts_the_peak_over():
+    model = torch.nn.Linear(256, 256)
+    with track(model) as t:
+        x = torch.randn(64, 256)
+        out = model(x).relu()
+        out.sum().backward()
+        del out
+        live = t.live_bytes()
+        cats = t.live_by_category()
+        t.forget_history()
+        report = t.report()
+        assert report.peak == live and report.at_peak == cats and report.timeline == () and report.by_module == {}
+        assert report.at_end == cats and report.peak_index == -1 and report.peak_op is None
+        model.weight.grad = None  # frees 256 KiB: the peak stays where the history now starts
+        y = model(x[:4])  # a small step afterwards
+        report = t.report()
+        assert report.peak == live and report.peak_index == 0 and report.by_module["" ] > 0
+        del y
+    t.reset_peak()
+    assert t.peak == t.live_bytes() < live
+
+
+def test_reset_peak_starts_the_peak_from_the_live_bytes():
+    with track(device="cpu") as t:
+        a = torch.zeros(1000)
+        b = torch.zeros(1000)
+        del a
+        t.reset_peak()
+        assert t.peak == 4000
+        c = torch.zeros(500)
+        report = t.report()
+        assert report.peak == 6000 and report.at_peak["temporaries"] == 6000
+        assert report.timeline[report.peak_index].total == 6000
+    del b, c

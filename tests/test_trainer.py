@@ -1513,15 +1513,31 @@ class _StopsAfterStepping:
 
 
 def test_an_interrupt_after_the_update_counts_the_step_and_leaves_no_gradients():
+    batches = classification_batches(3, 8)
     model = mlp()
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
                                  Config(micro_batch=4), scheduler=_StopsAfterStepping())
+    trainer.scheduler = None
+    trainer.step(batches[0])
+    trainer.scheduler = _StopsAfterStepping()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(KeyboardInterrupt):
-        trainer.step(classification_batches(1, 8)[0])
-    # The update was applied: the batch counts (redoing it would apply it twice), and the next step starts clean.
-    assert (trainer.step_count, trainer.samples_seen, trainer._phase) == (1, 8, "done")
+        trainer.step(batches[1])
+    # The update was applied: the batch counts (redoing it would apply it twice).
+    assert (trainer.step_count, trainer.samples_seen) == (2, 16)
     assert not torch.equal(before["0.weight"], model[0].weight) and all(p.grad is None for p in model.parameters())
+    # Between scaler.step() and zero_grad (16-mixed): the gradients are still there, and go.
+    scaled = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                Config(micro_batch=4, precision="16-mixed"))
+    scaled.step(batches[0])
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    scaled._recipe.scaler().update = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        scaled.step(batches[2])
+    assert (scaled.step_count, scaled.samples_seen) == (2, 16) and all(p.grad is None for p in model.parameters())
 
 
 class _WritesThenFails(torch.optim.SGD):
@@ -1732,3 +1748,183 @@ def test_a_trainer_from_a_workload_builds_everything_on_its_device():
     with pytest.raises(memfit.UsageError) as info:
         Trainer(dataclasses.replace(workload, optimizer=None), Config(micro_batch=2))
     assert str(info.value) == "the workload 'cifar-cnn' has no optimizer factory; training needs one"
+
+
+def test_an_oom_in_optimizer_step_after_unscaling_is_retried_with_a_fresh_scaler_state():
+    # 16-mixed with clipping unscales the gradients before optimizer.step(); a retry must be allowed to again.
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8, precision="16-mixed"),
+                                 clip_grad_norm=1.0)
+    with _OptimizerFault(optimizer, step=0, at=1):
+        result = trainer.step(classification_batches(1, 8)[0])
+    assert result.retries == 1 and not result.skipped and trainer.step_count == 1
+
+
+class _FailFirst(TorchDispatchMode):
+    """CUDA's OOM at the first op of each of the first ``times`` attempts of trainer.step."""
+
+    def __init__(self, trainer, times: int) -> None:
+        super().__init__()
+        self.left, self.armed = times, False
+        snapshot = trainer._snapshot
+
+        def armed_snapshot():
+            self.armed = True
+            return snapshot()
+
+        trainer._snapshot = armed_snapshot
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.armed and self.left and func.namespace != "profiler":
+            self.armed = False
+            self.left -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+        return func(*args, **(kwargs or {}))
+
+
+def test_re_planning_walks_the_plans_smaller_alternatives_then_halves():
+    workload = memfit.Workload(model=mlp, batch=lambda n: classification_batches(1, n)[0], loss=classification_loss,
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    base = memfit.plan(workload, "1GiB", batch_size=8, device="cpu")
+    assert base.config.micro_batch == 8
+    top = base.required
+
+    def alt(micro, required, **kw):
+        return Alternative(dataclasses.replace(base.config, micro_batch=micro, **kw), (micro,), required, 1.0, True)
+
+    alternatives = (
+        alt(5, top),  # needs as much as the plan: no help
+        alt(7, top - 5, precision="bf16-mixed"),  # another precision: the model was built for this one
+        alt(6, top - 10),
+        alt(4, top - 15, checkpoint=("0",)),
+    )
+    plan = dataclasses.replace(base, alternatives=alternatives)
+    trainer = Trainer(workload, plan)
+    with _FailFirst(trainer, times=4):
+        result = trainer.step(workload.batch(8))
+    # 8 fails -> 6 (the first that needs less) -> 4 with checkpointing -> halves: 2 -> 1.
+    assert result.retries == 4 and result.micro_batches == (1,) * 8
+    assert trainer.config.micro_batch == 1 and trainer.config.checkpoint == ("0",)
+    assert "forward" in trainer.model[0].__dict__  # the alternative's checkpointing was applied
+    # Loading a state trained without checkpointing removes it again.
+    state = trainer.state_dict()
+    state["config"]["checkpoint"] = ()
+    trainer.load_state_dict(state)
+    assert "forward" not in trainer.model[0].__dict__ and trainer.config.checkpoint == ()
+
+
+class _Opaque:
+    """Not a tensor, number, string or container: torch.load(weights_only=True) refuses to unpickle it."""
+
+    def __repr__(self) -> str:
+        return "opaque"
+
+
+def test_load_refuses_pickled_objects_unless_asked(tmp_path):
+    trainer, _ = _fresh()
+    state = trainer.state_dict()
+    state["extra"] = _Opaque()
+    memfit.statefile.write(state, tmp_path / "odd.pt")
+    with pytest.raises(memfit.UsageError, match=r"odd\.pt cannot be read as a saved memfit state \(UnpicklingError"):
+        trainer.load(tmp_path / "odd.pt")
+    trainer.load(tmp_path / "odd.pt", weights_only=False)  # the caller trusts the file
+    assert trainer.step_count == 0
+
+
+def test_the_saved_state_holds_the_plan_and_forgets_the_last_batch_at_an_epoch_end(tmp_path):
+    workload = memfit.Workload(model=mlp, batch=lambda n: classification_batches(1, n)[0], loss=classification_loss,
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    plan = memfit.plan(workload, "1GiB", batch_size=8, device="cpu")
+    trainer = Trainer(workload, plan, device="cpu")
+    trainer.fit(classification_batches(3, 8), save_to=tmp_path / "run.pt", save_every=1, progress=False)
+    state = trainer.state_dict()
+    assert state["plan"] == plan.to_dict()
+    assert state["counters"]["batch_in_epoch"] == 0 and state["loader"]["last_batch"] is None  # a new epoch is next
+    mid = memfit.statefile.read(tmp_path / "run.pt")
+    assert mid["loader"]["last_batch"] is None  # the final save, after the epoch ended
+
+
+def test_a_loss_of_the_wrong_form_is_named():
+    model = mlp()
+
+    def make(loss):
+        return Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss, Config(micro_batch=2))
+
+    batch = classification_batches(1, 4)[0]
+    for loss, message in (
+        (lambda m, b: m(b[0]), "the loss returned Tensor of shape (2, 4); return a scalar mean over the batch or "
+                               "(loss_sum, n_items) for token-level losses"),
+        (lambda m, b: {"loss": 1}, "the loss returned dict; return a scalar mean over the batch or (loss_sum, n_items) "
+                                   "for token-level losses"),
+        (lambda m, b: (m(b[0]).sum(1), 2), "the loss returned Tensor of shape (2,); return a scalar mean over the "
+                                           "batch or (loss_sum, n_items) for token-level losses"),
+    ):
+        with pytest.raises(memfit.MemfitError) as info:
+            make(loss).step(batch)
+        assert str(info.value) == message
+    calls = {"n": 0}
+
+    def flips(m, b):
+        calls["n"] += 1
+        out = classification_loss(m, b)
+        return (out * 2, 2) if calls["n"] == 1 else out
+
+    with pytest.raises(memfit.MemfitError) as info:
+        make(flips).step(batch)
+    assert str(info.value) == ("the loss returned a mean for some micro-batches and (loss_sum, n_items) for others; "
+                               "return one form for every batch")
+
+
+def test_state_differences_list_four_names_then_count_the_rest():
+    state = _good_state()
+    four = {k: v for k, v in state["model"].items() if k in ("4.weight", "4.bias")}
+    model = _three_layers(seed=5)
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), classification_loss,
+                                 Config(micro_batch=4))
+    with pytest.raises(memfit.UsageError) as info:
+        trainer.load_state_dict(dict(state, model=four))
+    assert str(info.value) == _PREFIX + "the saved model lacks 0.weight, 0.bias, 2.weight, 2.bias"  # no "and 0 more"
+    # A missing key does not stop the check of the keys after it.
+    later = {k: v for k, v in state["model"].items() if k != "0.weight"}
+    later["4.bias"] = torch.zeros(7)
+    with pytest.raises(memfit.UsageError) as info:
+        trainer.load_state_dict(dict(state, model=later))
+    assert str(info.value) == _PREFIX + "the saved model lacks 0.weight; 4.bias has shape (7,) in the file, (4,) here"
+    unlisted = copy.deepcopy(state["optimizer"])
+    unlisted["state"] = {9: {}, **unlisted["state"]}
+    unlisted["state"][5]["momentum_buffer"] = torch.zeros(5)
+    with pytest.raises(memfit.UsageError) as info:
+        trainer.load_state_dict(dict(state, optimizer=unlisted))
+    assert str(info.value) == _PREFIX + ("the saved optimizer has state for parameter 9, which its groups do not list; "
+                                         "its momentum_buffer for parameter 5 has shape (5,), the parameter (4,)")
+    no_state = {k: v for k, v in state["optimizer"].items() if k != "state"}
+    with pytest.raises(memfit.UsageError) as info:
+        trainer.load_state_dict(dict(state, optimizer=no_state))
+    assert str(info.value) == _PREFIX + "the saved optimizer state is not an optimizer state_dict"
+
+
+def test_the_nan_warning_says_what_happened_and_what_to_do(caplog):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    x, y = classification_batches(1, 8)[0]
+    x[1, 1] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="memfit"), pytest.warns(memfit.NonFiniteLossWarning) as caught:
+        trainer.step((x, y))
+    expected = ("memfit: the loss at step 1 is nan; its update was skipped and the model left as it was. Later ones "
+                "are counted (StepResult.skip_reason, FitResult.nonfinite) without a warning; pass "
+                "on_nonfinite='raise' to stop instead.")
+    assert [str(w.message) for w in caught] == [expected]
+    assert [r.getMessage() for r in caplog.records] == [expected]
+
+
+def test_progress_speed_over_less_than_a_second_and_clipping_from_a_workload(monkeypatch):
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    _, text = _render_progress(monkeypatch, trainer, [None], 1, [(4, None, None)], [10.0, 10.5])
+    assert " 8 samples/s " in text  # 4 samples in half a second
+    workload = memfit.presets.load("cifar-cnn")
+    assert Trainer(workload, Config(micro_batch=2), clip_grad_norm=0.5).clip_grad_norm == 0.5

@@ -292,7 +292,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self._nonfinite_warned = False
         self._mutable_buffers: list[torch.Tensor] | None = None  # learned in the first step
-        self._phase = "done"  # where the current attempt is: forward, backward, optimizer, done
+        self._phase = "forward"  # where the current attempt is: forward, backward, optimizer, committed
         self._leak_baseline: tuple[int, int | None, dict[str, int] | None] | None = None  # (step, live, by category)
         self._watch_graphs = False  # fit's leak check: mark each step's graph to see if it outlives the step
         self._watch_pending = False  # this attempt's graph is not marked yet
@@ -334,6 +334,7 @@ class Trainer:
         retries = 0
         while True:
             restore = None
+            self._phase = "forward"
             try:
                 restore = self._snapshot()  # inside the guard: saving the state may itself run out
                 result = self._attempt(batch, n, retries, restore)
@@ -356,15 +357,16 @@ class Trainer:
             if self._phase == "committed":  # the update was applied: the batch counts, nothing to redo
                 self.step_count += 1
                 self.samples_seen += n
-                self.optimizer.zero_grad(set_to_none=True)
+                self.model.zero_grad(set_to_none=True)
                 raise OutOfMemory(f"out of memory after optimizer.step() had updated the model at step "
                                   f"{self.step_count} ({message}); the batch counted and is not redone",
                                   micro_batch=failed.micro_batch, retries=retries, report=self._report(failed)) from None
             in_optimizer = self._phase == "optimizer"
-            clean = self._discard(restore)
+            self._discard(restore)
+            _release_cached_memory(self.device)  # after an OOM only: hand cached blocks back before the retry
             retries += 1
             self.retries += 1
-            if in_optimizer and not clean:
+            if in_optimizer and not _optimizer_untouched(restore):
                 raise OutOfMemory(
                     f"out of memory inside optimizer.step() at step {self.step_count + 1}, after it had updated "
                     "tensors in place; the model and optimizer cannot be restored without a second copy of them. "
@@ -398,13 +400,11 @@ class Trainer:
         if self._phase == "committed":  # optimizer.step() applied the update: the batch counts
             self.step_count += 1
             self.samples_seen += n
-            self.optimizer.zero_grad(set_to_none=True)
-            self._phase = "done"
+            self.model.zero_grad(set_to_none=True)
             return
         in_optimizer = self._phase == "optimizer"
-        self._phase = "done"
-        clean = self._discard(restore, oom=False)
-        if in_optimizer and not clean and hasattr(exc, "add_note"):
+        self._discard(restore)
+        if in_optimizer and not _optimizer_untouched(restore) and hasattr(exc, "add_note"):
             exc.add_note("memfit: this happened inside optimizer.step() after it had updated tensors in place; "
                          "the model and optimizer are not as before the step: reload the last save.")
 
@@ -561,7 +561,7 @@ class Trainer:
         scheduler, the config in use (after re-plans), counters, every random generator's state,
         and (after :meth:`fit`) where the loader's epoch began."""
         scaler = self._recipe.scaler()
-        generators = getattr(self, "_generators", [])
+        generators = self._generators
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -767,14 +767,12 @@ class Trainer:
             self.skipped_steps += 1
         elif self.scheduler is not None:
             self.scheduler.step()
-        self._phase = "done"
         return StepResult(step=self.step_count + 1, samples=n, micro_batches=sizes, retries=retries,
                           skipped=reason is not None, peak=peak(), loss_tensor=mean, items_tensor=items,
                           skip_reason=reason)
 
     def _skip(self, restore: dict[str, Any], reason: str, loss_value: float) -> None:
         """Leave the model as before the step: no update, BatchNorm statistics back (a NaN poisons them)."""
-        self.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
         with torch.no_grad():
             for b, saved in restore["buffers"]:
@@ -939,14 +937,13 @@ class Trainer:
             "versions": [(weakref.ref(t), t._version) for t in _optimizer_tensors(self.optimizer)],
         }
 
-    def _discard(self, restore: dict[str, Any] | None, *, oom: bool = True) -> bool:
-        """Undo a failed attempt; returns False if ``optimizer.step()`` had already written in place.
+    def _discard(self, restore: dict[str, Any] | None) -> None:
+        """Undo a failed attempt (what ``optimizer.step()`` wrote in place excepted: see _optimizer_untouched).
 
         ``restore`` is None when taking the snapshot itself failed: nothing had changed yet.
+        The optimizer's parameters are the model's (checked at construction): one zero_grad frees them all.
         """
         self.model.zero_grad(set_to_none=True)  # the batch's partial gradients
-        self.optimizer.zero_grad(set_to_none=True)
-        clean = True
         if restore is not None:
             with torch.no_grad():
                 for b, saved in restore["buffers"]:
@@ -957,14 +954,9 @@ class Trainer:
             # State the attempt created (the first step's) goes; state it changed cannot be undone.
             for p in [p for p in self.optimizer.state if id(p) not in restore["has_state"]]:
                 del self.optimizer.state[p]
-            # A tensor gone (replaced) or with a new version was written: the optimizer state moved on.
-            clean = all((t := ref()) is not None and t._version == v for ref, v in restore["versions"])
         scaler = self._recipe.scaler()
         if scaler is not None:
             _torch_private.reset_grad_scaler_step(scaler)
-        if oom and self.device.type == "cuda":
-            torch.cuda.empty_cache()  # after an OOM only: hand cached blocks back before the retry
-        return clean
 
     def _replan(self, failed: Config, n: int) -> None:
         """The plan's cheapest alternative predicted to need less than ``failed``, else half its micro-batch."""
@@ -1052,7 +1044,7 @@ class _Progress:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(bar_width=10), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("{task.fields[speed]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[memory]}"),
-            console=console or Console(stderr=True), transient=False,
+            console=console or Console(stderr=True),  # stays on screen when done (transient=False)
         )
         # A resumed run starts the bar where the saved run stopped.
         done = trainer.epoch * per_epoch + trainer.batch_in_epoch if per_epoch is not None else 0
@@ -1140,14 +1132,14 @@ def _warn_if_not_replayable(loader: Any) -> None:
         warn(f"memfit: fit got a one-shot iterator ({type(loader).__name__}), which yields its batches "
              "once: a resumed run cannot replay the interrupted epoch; pass a DataLoader or another "
              "iterable that can be iterated again", ResumeWarning)
-    if getattr(loader, "num_workers", 0) and getattr(loader, "persistent_workers", False):
+    if getattr(loader, "persistent_workers", False):  # DataLoader refuses it without workers
         warn("memfit: the DataLoader keeps its workers (persistent_workers=True), whose random state "
              "carries over from epoch to epoch and is not saved: random augmentations after a resume "
              "differ from the uninterrupted run's; persistent_workers=False makes them reproducible", ResumeWarning)
 
 
 def _set_generator_states(generators: list[torch.Generator], states: list[torch.Tensor]) -> None:
-    for generator, state in zip(generators, states, strict=True):
+    for generator, state in zip(generators, states):  # as many: _epoch_batches checked
         generator.set_state(state)
 
 
@@ -1207,6 +1199,20 @@ def _optimizer_differences(saved: Any, optimizer: torch.optim.Optimizer) -> list
                 problems.append(f"its {key} for parameter {pid} has shape {tuple(value.shape)}, the parameter "
                                 f"{tuple(p.shape)}")
     return problems[:4]
+
+
+def _optimizer_untouched(restore: dict[str, Any] | None) -> bool:
+    """False if ``optimizer.step()`` wrote a parameter or state tensor in place since the snapshot."""
+    if restore is None:
+        return True
+    # A tensor gone (replaced) or with a new version was written: the optimizer state moved on.
+    return all((t := ref()) is not None and t._version == v for ref, v in restore["versions"])
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    """After an OOM on CUDA: the allocator's cached blocks go back to the driver before the retry (CUDA only)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _accumulator(loss: torch.Tensor) -> torch.dtype:

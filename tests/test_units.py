@@ -86,11 +86,12 @@ def test_budgets_take_card_names_meaning_what_cuda_reports():
 
     assert parse_bytes("rtx4090") == parse_bytes("RTX-4090") == parse_bytes("4090") == int(23.64 * 2**30)
     assert parse_bytes("a100-80gb") == parse_bytes("A100_80GB") == int(79.14 * 2**30)
-    assert parse_bytes("h100") == int(79.11 * 2**30) and parse_bytes("t4") == int(14.75 * 2**30)
+    assert parse_bytes("h100") == int(79.11 * 2**30) and parse_bytes("t4") == int(14.56 * 2**30)
+    assert parse_bytes("l4") == int(22.00 * 2**30) and parse_bytes("V100") == int(15.77 * 2**30)
     # Each card's CUDA total is below what it is sold as in GB, and below nvidia-smi's MiB figure.
     for name, (size, source) in CARDS.items():
         assert 14 * 2**30 < size < 80 * 2**30 and "GiB" in source and "issue" in source
-    with pytest.raises(ValueError, match=r"or a card: t4, a10, rtx3090, rtx4090"):
+    with pytest.raises(ValueError, match=r"or a card: t4, v100, l4, a10, rtx3090, rtx4090"):
         parse_bytes("rtx9090")
 
 

@@ -38,7 +38,12 @@ CARDS: dict[str, tuple[int, str]] = {
     # total capacity of ... GiB"; torch.cuda.mem_get_info()[1]), the smallest seen in public
     # reports; nvidia-smi shows more (its total includes memory the driver keeps). Measured
     # figures vary by a few MiB with the driver: on the machine, --budget auto reads the card.
-    "t4": (int(14.75 * 2**30), "14.75 GiB (nvidia-smi: 15360 MiB); Open-Sora issue 697"),
+    "t4": (int(14.56 * 2**30), "14.56 GiB on Colab in 2026, 14.75 GiB with older drivers (nvidia-smi: 15360 MiB); facebookresearch/tribev2 issue 28, Open-Sora issue 697"),
+    "v100": (int(15.77 * 2**30), "15.77 GiB, the 16 GB V100; nomic-ai/gpt4all issue 544"),
+    # No public out-of-memory message from an L4 was found: nvidia-smi shows 23034 MiB (lmstudio
+    # bug-tracker issue 1638), less the 357-510 MiB the driver keeps on the RTX 4090 and the A10
+    # (their rows here); the larger share is taken, so the budget errs low, never high.
+    "l4": (int(22.00 * 2**30), "22.00 GiB, nvidia-smi's 23034 MiB (lmstudio bug-tracker issue 1638) less the driver's share"),
     "a10": (int(21.99 * 2**30), "21.99 GiB (nvidia-smi: 23028 MiB); CogVLM issue 236"),
     "rtx3090": (int(23.70 * 2**30), "23.70 GiB (nvidia-smi: 24576 MiB); lit-llama issue 137"),
     "rtx4090": (int(23.64 * 2**30), "23.64 GiB (nvidia-smi: 24564 MiB); Phidias-Diffusion issue 8"),

@@ -824,18 +824,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run_bit_for_bit(kind, tmp
     expected = _uninterrupted(kind)
     for kill_at in (3, 7, 10, 13):
         path = tmp_path / f"{kind}-{kill_at}.pt"
-        seed_everything(1234)
-        run = job_trainer()
-        save = run.save
-
-        def save_then_crash(p, run=run, save=save, kill_at=kill_at):
-            save(p)
-            if run.step_count == kill_at:
-                raise _Crash
-
-        run.save = save_then_crash
-        with pytest.raises(_Crash):
-            run.fit(job_loader(kind), EPOCHS, save_to=path, save_every=1, progress=False)
+        _crash_at(kind, path, kill_at)
         resumed = job_trainer()
         seed_everything(999)  # a new process: every generator elsewhere
         resumed.load(path)

@@ -1553,12 +1553,18 @@ def test_an_error_inside_optimizer_step_after_a_write_says_the_state_cannot_be_r
     assert not hasattr(info.value, "__notes__")  # nothing was written: nothing to add
 
 
-def test_a_skipped_step_leaves_no_gradients_but_keeps_the_callers(caplog):
+def _sgd_trainer_and_a_nan_batch(sample: int):
+    """An SGD trainer on an MLP, and a batch of 8 whose given sample has a NaN input."""
     model = mlp()
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
                                  Config(micro_batch=4))
     x, y = classification_batches(1, 8)[0]
-    x[0, 0] = float("nan")
+    x[sample, sample] = float("nan")
+    return model, trainer, x, y
+
+
+def test_a_skipped_step_leaves_no_gradients_but_keeps_the_callers(caplog):
+    model, trainer, x, y = _sgd_trainer_and_a_nan_batch(0)
     with pytest.warns(memfit.NonFiniteLossWarning) as caught:
         result = trainer.step((x, y))
     assert caught[0].filename == __file__  # the warning points at the caller's line
@@ -1895,11 +1901,7 @@ def test_state_differences_list_four_names_then_count_the_rest():
 
 
 def test_the_nan_warning_says_what_happened_and_what_to_do(caplog):
-    model = mlp()
-    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
-                                 Config(micro_batch=4))
-    x, y = classification_batches(1, 8)[0]
-    x[1, 1] = float("nan")
+    model, trainer, x, y = _sgd_trainer_and_a_nan_batch(1)
     with caplog.at_level(logging.WARNING, logger="memfit"), pytest.warns(memfit.NonFiniteLossWarning) as caught:
         trainer.step((x, y))
     expected = ("memfit: the loss at step 1 is nan; its update was skipped and the model left as it was. Later ones "

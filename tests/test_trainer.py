@@ -1302,12 +1302,13 @@ def _render_progress(monkeypatch, trainer, loader, epochs, advances, times, cons
     """Drive fit's progress bar by hand under a clock that reads ``times`` in turn; its final text."""
     from rich.console import Console
 
-    from memfit import trainer as trainer_module
+    from memfit.engine import progress
 
     clock = iter(times)
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     out = io.StringIO()
-    bar = trainer_module._Progress(trainer, loader, epochs, console or Console(file=out, width=150))
+    bar = progress.ProgressBar(loader, epochs, epoch=trainer.epoch, batch_in_epoch=trainer.batch_in_epoch,
+                               budget=trainer.budget, console=console or Console(file=out, width=150))
     for samples, loss, peak in advances:
         result = StepResult(step=1, samples=samples, micro_batches=(samples,), retries=0, skipped=False, peak=peak,
                             loss_tensor=torch.tensor(0.0), items_tensor=torch.tensor(float(samples)))
@@ -1339,10 +1340,10 @@ def test_the_progress_bar_without_length_budget_peak_or_loss(monkeypatch):
     _, peaked = _render_progress(monkeypatch, trainer, [None], 1, [(4, 2.0, 512)], [0.0, 1.0])
     assert re.fullmatch(r"train ━{10} 1/1 \d:\d\d:\d\d 4 samples/s loss 2\.0000 peak 512 B\s*", peaked), peaked
     # By default the bar goes to stderr and stays on screen when done.
-    from memfit import trainer as trainer_module
+    from memfit.engine import progress
 
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: 0.0)
-    default = trainer_module._Progress(trainer, [None], 1, None)
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: 0.0)
+    default = progress.ProgressBar([None], 1, epoch=0, batch_in_epoch=0, budget=None)
     default.close()
     assert default.progress.console.stderr is True and default.progress.live.transient is False
 
@@ -1476,7 +1477,7 @@ def test_the_saved_state_holds_the_scaler_the_scheduler_the_plan_and_the_counter
     assert state["scheduler"]["last_epoch"] == 1 and state["plan"] is None
     assert state["counters"] == {"step": 2, "epoch": 1, "batch_in_epoch": 0, "samples": 16, "retries": 0,
                                  "skipped": 1, "nonfinite": 1}
-    assert state["loader"] == {"epoch_start": trainer._epoch_start, "generators": [], "last_batch": None}
+    assert state["loader"] == {"epoch_start": trainer._replay.epoch_start, "generators": [], "last_batch": None}
     assert state["optimizer_type"] == "torch.optim.sgd.SGD"
     model2 = mlp()
     optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1)
@@ -1679,7 +1680,7 @@ def test_a_state_saved_before_loaders_were_recorded_still_resumes(tmp_path):
     resumed = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
                                  Config(micro_batch=4))
     resumed.load_state_dict(state)
-    assert resumed.nonfinite_steps == 0 and resumed._epoch_start is None
+    assert resumed.nonfinite_steps == 0 and resumed._replay.epoch_start is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resumed.fit(batches, progress=False).steps == 2  # the two trained batches are skipped
@@ -1762,13 +1763,13 @@ class _FailFirst(TorchDispatchMode):
     def __init__(self, trainer, times: int) -> None:
         super().__init__()
         self.left, self.armed = times, False
-        snapshot = trainer._snapshot
+        snapshot = trainer._guard.snapshot
 
         def armed_snapshot():
             self.armed = True
             return snapshot()
 
-        trainer._snapshot = armed_snapshot
+        trainer._guard.snapshot = armed_snapshot
         self.sizes = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -17,7 +17,7 @@ from memfit.estimator import Estimate, estimate
 from memfit.planner import Plan, PlanError, find_batch_size, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
-from memfit.trainer import FitResult, StepResult, Trainer
+from memfit.engine import FitResult, StepResult, Trainer
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload, measure
 

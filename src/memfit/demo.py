@@ -26,7 +26,7 @@ from memfit.errors import UsageError
 from memfit.estimator import estimate
 from memfit.planner import plan
 from memfit import presets
-from memfit.trainer import Trainer
+from memfit.engine import Trainer
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload, run_steps
 

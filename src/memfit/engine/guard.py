@@ -1,0 +1,248 @@
+"""OOMGuard: runs a trainer's attempts at a logical batch and recovers from what goes wrong in them.
+
+A ``torch.OutOfMemoryError`` in any micro-step discards the batch's partial
+gradients, restores what the attempt changed (BatchNorm statistics, the RNG,
+optimizer state created by the attempt), releases the exception's frames and the
+allocator cache, re-plans (the plan's next alternative predicted to need less
+memory, else half the micro-batch), and redoes the same logical batch: every
+sample counts exactly once. Any other exception (Ctrl-C too) is undone the same
+way before it propagates: a step is atomic.
+
+Known limitations:
+* An OOM inside ``optimizer.step()`` after it has updated a tensor in place
+  cannot be undone without a second copy of the model states, which is the
+  memory the user does not have. The guard checks the tensors' version counters:
+  an OOM before the first in-place write (the common case: creating the state
+  in the first step, or a foreach temporary) is retried with the per-tensor
+  implementation; after one, :class:`memfit.OutOfMemory` says so and asks to
+  reload the last :meth:`memfit.Trainer.state_dict`.
+* BatchNorm statistics depend on the micro-batch (they are per forward pass),
+  so no accumulation is exact for them; dropout masks are drawn per
+  micro-batch, so runs with different splits differ by their randomness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import traceback
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from memfit import _torch_private, rng
+from memfit.config import Config
+from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
+from memfit.engine.results import StepResult
+from memfit.errors import OutOfMemory
+from memfit.estimator import estimate
+from memfit.planner import accumulation_steps
+from memfit.strategies import blocks
+from memfit.units import format_budget, format_bytes
+
+if TYPE_CHECKING:
+    from memfit.engine.trainer import Trainer
+
+__all__ = ["OOMGuard"]
+
+log = logging.getLogger("memfit")
+
+
+class OOMGuard:
+    """The out-of-memory guard and step atomicity of one :class:`memfit.Trainer`; see the module docstring."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def run(self, batch: Any, n: int) -> StepResult:
+        """Attempts ``batch`` (``n`` samples) until it fits, re-planning after each OOM; counts the step."""
+        t, attempt = self.trainer, self.trainer._attempt
+        retries = 0
+        while True:
+            restore = None
+            attempt.phase = "forward"
+            try:
+                restore = self.snapshot()  # inside the guard: saving the state may itself run out
+                result = attempt(batch, n, t.config, t.step_count + 1, retries, restore)
+            except torch.OutOfMemoryError as exc:
+                if isinstance(exc, OutOfMemory):  # memfit's own (a nested guard gave up): not retried here
+                    self.abandon(restore, n, exc)
+                    raise
+                message = str(exc).split("\n")[0]
+                # The frames hold the attempt's activations: clear them before anything else.
+                traceback.clear_frames(exc.__traceback__)
+                del exc
+            except BaseException as exc:  # any error, KeyboardInterrupt too: undo, then let it propagate
+                self.abandon(restore, n, exc)
+                raise
+            else:
+                t._count(n, result)
+                return result
+            failed = t.config
+            if attempt.phase == "committed":  # the update was applied: the batch counts, nothing to redo
+                t._count(n, None)
+                t.model.zero_grad(set_to_none=True)
+                raise OutOfMemory(f"out of memory after optimizer.step() had updated the model at step "
+                                  f"{t.step_count} ({message}); the batch counted and is not redone",
+                                  micro_batch=failed.micro_batch, retries=retries, report=self.report(failed)) from None
+            in_optimizer = attempt.phase == "optimizer"
+            self.discard(restore)
+            t._probe.release_cached_memory()  # after an OOM only: hand cached blocks back before the retry
+            retries += 1
+            t.retries += 1
+            if in_optimizer and not _optimizer_untouched(restore):
+                raise OutOfMemory(
+                    f"out of memory inside optimizer.step() at step {t.step_count + 1}, after it had updated "
+                    "tensors in place; the model and optimizer cannot be restored without a second copy of them. "
+                    "Reload the last trainer.state_dict().",
+                    micro_batch=failed.micro_batch, retries=retries, report=self.report(failed),
+                    advice=self.advice(failed),
+                ) from None
+            if in_optimizer and _uses_foreach(t.optimizer, t.device):
+                _disable_foreach(t.optimizer)
+                log.warning("memfit: out of memory in optimizer.step() at step %d (%s); retrying the batch with the "
+                            "per-tensor optimizer implementation, which needs fewer temporaries",
+                            t.step_count + 1, message)
+                continue
+            if min(failed.micro_batch, n) == 1 or retries > t.max_retries:
+                why = "micro-batch 1 does not fit" if min(failed.micro_batch, n) == 1 else \
+                    f"{t.max_retries} re-plans did not fit"
+                raise OutOfMemory(
+                    f"out of memory at step {t.step_count + 1}: {why} ({message})",
+                    micro_batch=min(failed.micro_batch, n), retries=retries, report=self.report(failed),
+                    advice=self.advice(failed),
+                ) from None
+            self.replan(failed, n)
+            log.warning(
+                "memfit: out of memory at step %d with micro-batch %d (%s); retrying the same batch of %d "
+                "with %s (%d micro-steps)", t.step_count + 1, min(failed.micro_batch, n), message, n,
+                t.config.describe(), len(accumulation_steps(n, t.config.micro_batch)),
+            )
+
+    def abandon(self, restore: dict[str, Any] | None, n: int, exc: BaseException) -> None:
+        """An exception other than a retried OOM left an attempt: put back what it changed, or count a committed step."""
+        t = self.trainer
+        if t._attempt.phase == "committed":  # optimizer.step() applied the update: the batch counts
+            t._count(n, None)
+            t.model.zero_grad(set_to_none=True)
+            return
+        in_optimizer = t._attempt.phase == "optimizer"
+        self.discard(restore)
+        if in_optimizer and not _optimizer_untouched(restore) and hasattr(exc, "add_note"):
+            exc.add_note("memfit: this happened inside optimizer.step() after it had updated tensors in place; "
+                         "the model and optimizer are not as before the step: reload the last save.")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What an attempt may change before it can fail, to put back if it does."""
+        t = self.trainer
+        buffers = t._attempt.mutable_buffers
+        learning = buffers is None  # first step: all buffers, to learn which ones forward updates
+        if learning:
+            buffers = list(t.model.buffers())
+        # Gradients are None between steps; ones the caller left on the model are kept as they were.
+        grads = [(p, p.grad.detach().clone()) for p in t.model.parameters() if p.grad is not None]
+        optimizer = t.optimizer
+        return {
+            "buffers": [(b, b.detach().clone()) for b in buffers],
+            "versions0": {id(b): b._version for b in buffers} if learning else None,
+            "grads": grads,
+            "rng": rng.capture(cuda=t.device.type == "cuda", portable=False),
+            "has_state": {id(p) for p in optimizer.state},
+            # Weak references: a strong one would keep a state tensor the optimizer replaces alive twice.
+            "versions": [(weakref.ref(x), x._version) for x in _optimizer_tensors(optimizer)],
+        }
+
+    def discard(self, restore: dict[str, Any] | None) -> None:
+        """Undo a failed attempt (what ``optimizer.step()`` wrote in place excepted: see _optimizer_untouched).
+
+        ``restore`` is None when taking the snapshot itself failed: nothing had changed yet.
+        The optimizer's parameters are the model's (checked at construction): one zero_grad frees them all.
+        """
+        t = self.trainer
+        t.model.zero_grad(set_to_none=True)  # the batch's partial gradients
+        if restore is not None:
+            with torch.no_grad():
+                for b, saved in restore["buffers"]:
+                    b.copy_(saved)
+            for p, grad in restore["grads"]:
+                p.grad = grad
+            rng.restore(restore["rng"])
+            # State the attempt created (the first step's) goes; state it changed cannot be undone.
+            for p in [p for p in t.optimizer.state if id(p) not in restore["has_state"]]:
+                del t.optimizer.state[p]
+        scaler = t._recipe.scaler()
+        if scaler is not None:
+            _torch_private.reset_grad_scaler_step(scaler)
+
+    def replan(self, failed: Config, n: int) -> None:
+        """The plan's cheapest alternative predicted to need less than ``failed``, else half its micro-batch."""
+        t = self.trainer
+        if t.plan is not None and t._required is not None:
+            for alt in t.plan.alternatives:
+                c = alt.config
+                if (alt.fits and alt.required < t._required and c != failed and c.precision == failed.precision
+                        and c.offload_activations == failed.offload_activations):
+                    t._required = alt.required
+                    t._use(c)
+                    return
+        t._required = None  # below the plan's predictions: halve from here on
+        t._use(dataclasses.replace(failed, micro_batch=max(1, min(failed.micro_batch, n) // 2)))
+
+    def report(self, failed: Config):
+        """The memory report for an OOM: the simulated device's own, else an estimate of the failed config."""
+        t = self.trainer
+        if t._sim is not None:
+            return t._sim.report()
+        if t._workload is None:
+            return None
+        try:
+            return estimate(t._workload, failed, device=t.device.type).report
+        except Exception as exc:  # noqa: BLE001 - the report is a courtesy; the OOM is the error to raise
+            log.debug("memfit: no estimate for the out-of-memory report: %s", exc)
+            return None
+
+    def advice(self, failed: Config) -> tuple[str, ...]:
+        """What would make ``failed`` fit, most effective first; ends with the last resort."""
+        t = self.trainer
+        advice = []
+        if failed.precision == "32-true":
+            advice.append("precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16) halves activations")
+        if not failed.checkpoint and blocks(t.model):
+            advice.append("checkpoint='all' recomputes each block's activations in backward")
+        if t.device.type == "cuda" and not failed.offload_activations:
+            advice.append("offload_activations=True keeps saved activations in CPU memory")
+        if t.plan is not None:
+            advice.append(f"the plan predicted {format_bytes(t.plan.required)} of {format_budget(t.plan.budget)}; "
+                          "if something else holds device memory, plan for less (memfit plan --budget)")
+        live = t._probe.live_bytes()
+        if live is not None:
+            advice.append(f"{format_bytes(live)} was still live after the failure; the model states alone are "
+                          f"{format_bytes(sum(model_state_bytes(t.model, t.optimizer).values()))}")
+        advice.append("a larger budget or device")
+        return tuple(advice)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor ``optimizer.step()`` may write: the parameters and the state."""
+    return [p for group in optimizer.param_groups for p in group["params"]] + optimizer_state_tensors(optimizer)
+
+
+def _optimizer_untouched(restore: dict[str, Any] | None) -> bool:
+    """False if ``optimizer.step()`` wrote a parameter or state tensor in place since the snapshot."""
+    if restore is None:
+        return True
+    # A tensor gone (replaced) or with a new version was written: the optimizer state moved on.
+    return all((x := ref()) is not None and x._version == v for ref, v in restore["versions"])
+
+
+def _uses_foreach(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    # foreach=None means "foreach on CUDA, the per-tensor loop elsewhere" (torch.optim's default).
+    return any("foreach" in g and (g["foreach"] or (g["foreach"] is None and device.type == "cuda"))
+               for g in optimizer.param_groups)
+
+
+def _disable_foreach(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if "foreach" in group:
+            group["foreach"] = False

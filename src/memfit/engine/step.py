@@ -1,0 +1,239 @@
+"""TrainStep: one attempt at a logical batch, micro-batch by micro-batch, with the large batch's math.
+
+The batch is split into the config's micro-batches; each runs forward and backward;
+the optimizer steps once and the gradients are set to None. The math is the large
+batch's:
+
+* a mean loss is weighted by its micro-batch's share of the batch's samples
+  (``n_i / N``), not divided by the number of micro-batches as the seed
+  article's loop does, which is wrong whenever the last micro-batch is short;
+* a ``(loss_sum, n_items)`` loss is divided by the items of the whole logical
+  batch (token-exact for language models with padding; the transformers
+  Trainer divided per micro-batch until late 2024). The total is known only
+  after the last micro-batch, so each micro-batch backpropagates
+  ``loss_sum * c`` with ``c = 1 / (items of the first * micro-batches)``, close
+  to the final scale so fp16 gradients stay in range, and the gradients are
+  multiplied by ``1 / (total * c)`` once before the optimizer step.
+
+Memory hygiene, as the seed articles ask but done right: the loss is accumulated
+detached on the device and read once a step (NaN/inf and item counts are checked
+before the update); every reference to a micro-batch's graph is dropped before the next.
+
+An attempt changes the model only through the optimizer step: :attr:`TrainStep.phase`
+says how far it got (``forward``, ``backward``, ``optimizer``, ``committed``), which the
+guard (:mod:`memfit.engine.guard`) reads to undo a failed attempt or to count a committed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit._tree import map_tensors
+from memfit.config import Config
+from memfit.engine.leak import LeakCheck
+from memfit.engine.probe import Probe
+from memfit.engine.results import StepResult
+from memfit.errors import MemfitError, NonFiniteLoss, NonFiniteLossWarning, UsageError, warn
+from memfit.planner import accumulation_steps
+from memfit.strategies import Recipe
+from memfit.workload import move_batch
+
+__all__ = ["TrainStep", "NONFINITE"]
+
+log = logging.getLogger("memfit")
+
+NONFINITE = "non-finite loss"
+"""The skip reason of a step whose loss was NaN or inf."""
+
+
+class TrainStep:
+    """Runs attempts at logical batches for one model, optimizer and loss; see the module docstring.
+
+    Args:
+        loss: ``loss(model, micro_batch)`` returning a scalar mean or ``(loss_sum, n_items)``.
+        recipe: the precision's autocast and GradScaler, and activation offload.
+        probe: where the attempt's peak is measured (and, under a simulated budget, the device it runs on).
+        leak: marks the first micro-batch's graph while fit watches for leaks.
+        on_nonfinite: ``"skip"`` a NaN/inf loss's update (warned once), or ``"raise"`` NonFiniteLoss.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Callable[[nn.Module, Any], Any],
+                 recipe: Recipe, device: torch.device, probe: Probe, leak: LeakCheck, *, scheduler: Any,
+                 clip_grad_norm: float | None, on_nonfinite: str) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.loss = loss
+        self.recipe = recipe
+        self.device = device
+        self.probe = probe
+        self.leak = leak
+        self.scheduler = scheduler
+        self.clip_grad_norm = clip_grad_norm
+        self.on_nonfinite = on_nonfinite
+        self.phase = "forward"  # where the current attempt is: forward, backward, optimizer, committed
+        # Buffers forward updates (BatchNorm statistics): learned from the first step's snapshot.
+        self.mutable_buffers: list[torch.Tensor] | None = None
+        self._nonfinite_warned = False
+
+    def __call__(self, batch: Any, n: int, config: Config, step: int, retries: int,
+                 restore: dict[str, Any]) -> StepResult:
+        """One attempt at ``batch`` (``n`` samples) as ``step`` with ``config``; ``restore`` is the guard's snapshot."""
+        sizes = accumulation_steps(n, config.micro_batch)
+        recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
+        simulated = self.probe.sim is not None
+        self.phase = "forward"
+        self.leak.begin_attempt(step)  # the first micro-batch's graph is marked
+        with self.probe.measure() as peak:
+            total = None  # detached running loss, float32 (float64 for a float64 loss); no sync until read
+            token_scale = items = low = None
+            start = 0
+            for size in sizes:
+                micro = _slice(batch, start, start + size)
+                start += size
+                # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not: it would be read early.
+                micro = move_batch(micro, device, non_blocking=device.type == "cuda")
+                micro = recipe.precision.convert_input(micro)
+                if simulated:
+                    micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
+                with recipe.forward_context():
+                    out = self.loss(self.model, micro)
+                if isinstance(out, torch.Tensor):
+                    if token_scale is not None or out.dim() != 0:
+                        raise _loss_error(out, mixed=token_scale is not None)
+                    if total is None:
+                        total = torch.zeros((), device=device, dtype=_accumulator(out))
+                    # A mean over this micro-batch: its share of the logical batch's samples.
+                    scaled = out * (size / n)
+                    total += scaled.detach()
+                elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+                    if items is None and start != size:
+                        raise _loss_error(out, mixed=True)
+                    loss_sum, n_items = out
+                    if loss_sum.dim() != 0:
+                        raise _loss_error(loss_sum, mixed=False)
+                    dtype = _accumulator(loss_sum)
+                    n_items = torch.as_tensor(n_items, device=device).detach().to(dtype)
+                    if token_scale is None:
+                        # Provisional 1/total (the true total is known after the last micro-batch), in the
+                        # loss's precision (float64 for a float64 model), so the gradients keep theirs.
+                        token_scale = 1.0 / (n_items.clamp(min=1.0) * len(sizes))
+                        total = torch.zeros((), device=device, dtype=dtype)
+                        items = torch.zeros((), device=device, dtype=dtype)
+                        low = n_items
+                    items += n_items
+                    low = torch.minimum(low, n_items)
+                    scaled = loss_sum * token_scale
+                    total += loss_sum.detach()
+                else:
+                    raise _loss_error(out, mixed=False)
+                self.leak.watch_loss(out if isinstance(out, torch.Tensor) else out[0])
+                self.phase = "backward"
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                self.phase = "forward"
+                # Release this micro-batch's graph and inputs now: only the gradients carry over.
+                del out, scaled, micro
+            if self.mutable_buffers is None:
+                # The first step shows which buffers forward updates, by value as well as by version:
+                # native_batch_norm writes running_mean/var without bumping their version counters.
+                self.mutable_buffers = [b for b, saved in restore["buffers"]
+                                        if b._version != restore["versions0"][id(b)] or not torch.equal(b, saved)]
+            # The one sync of the step: the loss (NaN/inf?) and the item counts are read before the update.
+            if token_scale is not None:
+                loss_value, total_items, fewest = torch.stack([total, items, low]).tolist()
+            else:
+                loss_value, total_items, fewest = float(total), float(n), 0.0
+            if fewest < 0:
+                raise UsageError(f"the loss returned n_items = {fewest:g} for a micro-batch at step "
+                                 f"{step}; n_items counts the items loss_sum adds up, so it is >= 0")
+            reason = None
+            if not math.isfinite(loss_value):
+                reason = NONFINITE
+                if self.on_nonfinite == "raise":
+                    raise NonFiniteLoss(f"the loss at step {step} is {loss_value}; the step was "
+                                        "undone (model, optimizer, BatchNorm statistics as before it)")
+            elif token_scale is not None and total_items == 0:
+                reason = "no items"  # every item was padding: there is no mean to follow
+            if token_scale is not None:
+                fix = 1.0 / (items * token_scale) if total_items > 0 else None
+                # grads = sum_i d(loss_sum_i)/dw * c; the exact mean needs 1/items: rescale once.
+                if fix is not None and len(sizes) > 1:  # one micro-batch: c was 1/total already
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(fix)
+                mean = total / items.clamp(min=1.0)
+            else:
+                items = torch.tensor(float(n), device=device)
+                mean = total
+            if reason is None:
+                self.phase = "optimizer"
+                reason = self._optimizer_step(scaler)  # "committed" once the update is applied
+            else:
+                self._skip(restore, reason, loss_value, step)
+        if reason is None and self.scheduler is not None:
+            self.scheduler.step()
+        return StepResult(step=step, samples=n, micro_batches=sizes, retries=retries, skipped=reason is not None,
+                          peak=peak(), loss_tensor=mean, items_tensor=items, skip_reason=reason)
+
+    def _skip(self, restore: dict[str, Any], reason: str, loss_value: float, step: int) -> None:
+        """Leave the model as before the step: no update, BatchNorm statistics back (a NaN poisons them)."""
+        self.model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in restore["buffers"]:
+                b.copy_(saved)
+        for p, grad in restore["grads"]:
+            p.grad = grad
+        if reason != NONFINITE:
+            log.warning("memfit: step %d had no items (every item was padding); its update was skipped", step)
+            return
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            message = (f"memfit: the loss at step {step} is {loss_value}; its update was skipped and "
+                       "the model left as it was. Later ones are counted (StepResult.skip_reason, "
+                       "FitResult.nonfinite) without a warning; pass on_nonfinite='raise' to stop instead.")
+            log.warning(message)
+            warn(message, NonFiniteLossWarning)
+
+    def _optimizer_step(self, scaler) -> str | None:
+        optimizer = self.optimizer
+        if self.clip_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        reason = None
+        if scaler is not None:
+            scale = scaler.get_scale()  # GradScaler.step syncs anyway, to check for inf
+            scaler.step(optimizer)
+            self.phase = "committed"
+            scaler.update()
+            if scaler.get_scale() < scale:  # the scale backs off exactly when the step was skipped
+                reason = "grad scaler"
+        else:
+            optimizer.step()
+            self.phase = "committed"
+        optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
+        return reason
+
+
+def _accumulator(loss: torch.Tensor) -> torch.dtype:
+    """The dtype losses are added up in: float32, or float64 for a float64 loss."""
+    return torch.float64 if loss.dtype == torch.float64 else torch.float32
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every batched tensor (views, no copy); scalars and non-tensors as they are."""
+    return map_tensors(batch, lambda t: t[start:stop] if t.dim() > 0 else t)
+
+
+def _loss_error(out: Any, *, mixed: bool) -> MemfitError:
+    if mixed:
+        return MemfitError("the loss returned a mean for some micro-batches and (loss_sum, n_items) for others; "
+                           "return one form for every batch")
+    shape = f" of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else ""
+    return MemfitError(f"the loss returned {type(out).__name__}{shape}; return a scalar mean over the batch "
+                       "or (loss_sum, n_items) for token-level losses")

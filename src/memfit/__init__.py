@@ -19,7 +19,8 @@ from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
 from memfit.engine import FitResult, StepResult, Trainer
 from memfit.units import format_bytes, parse_bytes
-from memfit.workload import Workload, measure
+from memfit.measurement import measure
+from memfit.workload import Workload
 
 __version__ = "0.1.0"
 

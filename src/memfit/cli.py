@@ -270,7 +270,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     from memfit import presets
     from memfit.display import PLOT_SUFFIXES
-    from memfit.workload import measure
+    from memfit.measurement import measure
 
     if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"--plot {args.plot}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")

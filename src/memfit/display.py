@@ -3,22 +3,21 @@
 Nothing here measures anything, and nothing here prints: functions return
 text or write the file they are asked to write. rich and matplotlib are
 imported lazily so that measuring never pays for them.
+
+The results render themselves through this module (``report.table()``,
+``estimate.table()``, ``plan.table()``), so it imports none of them: it reads
+their fields, and the type each function takes is named in its docstring.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from memfit.categories import CATEGORIES, PHASES
 from memfit.errors import UsageError
-from memfit.report import CATEGORIES, PHASES
 from memfit.units import format_budget, format_bytes
-
-if TYPE_CHECKING:
-    from memfit.estimator import Estimate
-    from memfit.planner import Plan
-    from memfit.report import MemoryReport
 
 __all__ = ["render_report", "render_estimate", "render_plan", "plot_report", "PLOT_SUFFIXES"]
 
@@ -29,8 +28,8 @@ def _share(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-def render_report(report: MemoryReport, *, top: int = 10, width: int = 100) -> str:
-    """The report as plain text: a summary line, categories, phases and the top modules."""
+def render_report(report: Any, *, top: int = 10, width: int = 100) -> str:
+    """A :class:`memfit.MemoryReport` as plain text: a summary line, categories, phases and the top modules."""
     from rich.console import Console
     from rich.table import Table
 
@@ -78,8 +77,8 @@ def render_report(report: MemoryReport, *, top: int = 10, width: int = 100) -> s
     return buffer.getvalue()
 
 
-def render_estimate(est: Estimate, *, top: int = 10, width: int = 100) -> str:
-    """An estimate as plain text: what it needs, categories at the peak, phases, top modules."""
+def render_estimate(est: Any, *, top: int = 10, width: int = 100) -> str:
+    """A :class:`memfit.Estimate` as plain text: what it needs, categories at the peak, phases, top modules."""
     from rich.console import Console
     from rich.table import Table
 
@@ -132,8 +131,8 @@ def render_estimate(est: Estimate, *, top: int = 10, width: int = 100) -> str:
     return buffer.getvalue()
 
 
-def render_plan(plan: Plan, *, width: int = 100) -> str:
-    """A plan as text: the choice, why, and the alternatives considered."""
+def render_plan(plan: Any, *, width: int = 100) -> str:
+    """A :class:`memfit.Plan` as text: the choice, why, and the alternatives considered."""
     from rich.console import Console
     from rich.table import Table
 
@@ -161,8 +160,8 @@ def render_plan(plan: Plan, *, width: int = 100) -> str:
     return buffer.getvalue()
 
 
-def plot_report(report: MemoryReport, path: str | Path) -> Path:
-    """Categories stacked over the op timeline, the peak marked, top-level modules labelled.
+def plot_report(report: Any, path: str | Path) -> Path:
+    """A :class:`memfit.MemoryReport`'s categories stacked over the op timeline, the peak marked, modules labelled.
 
     The format follows the suffix: ``.png``, ``.svg`` or ``.pdf``.
     """

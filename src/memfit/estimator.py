@@ -38,7 +38,8 @@ from memfit import _torch_private
 from memfit.allocator import CUDA_CONTEXT_BYTES, AllocatorEstimate, simulate_caching_allocator
 from memfit.config import MAX_STEPS, Config
 from memfit.errors import MemfitError, UsageError, user_frame
-from memfit.report import PHASES, MemoryReport
+from memfit.categories import PHASES
+from memfit.report import MemoryReport
 from memfit.strategies import Recipe
 from memfit.tracker import track
 from memfit.workload import Workload, build_model, run_steps

@@ -13,21 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memfit.categories import CATEGORIES, PHASES
+
 __all__ = ["CATEGORIES", "PHASES", "TimelineEntry", "MemoryReport"]
 
-CATEGORIES = (
-    "parameters",
-    "buffers",
-    "gradients",
-    "optimizer_state",
-    "activations",
-    "inputs",
-    "temporaries",
-)
-"""The memory categories, in display order."""
 
-PHASES = ("forward", "backward", "optimizer")
-"""Phases of a step: ops before backward (batch, forward, loss), backward, optimizer.step()."""
 
 
 @dataclass(frozen=True, slots=True)

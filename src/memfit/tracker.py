@@ -57,7 +57,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memfit import _torch_private
 from memfit._tree import tensors as _tensors
 from memfit.errors import MemfitError
-from memfit.report import CATEGORIES, PHASES, MemoryReport, build_report
+from memfit.categories import CATEGORIES, PHASES
+from memfit.report import MemoryReport, build_report
 
 __all__ = ["MemoryTracker", "track", "CATEGORIES"]
 

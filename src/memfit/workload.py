@@ -1,4 +1,4 @@
-"""Workload: factories for a training step, and measure(), which runs real steps under a tracker.
+"""Workload: factories for a training step, and run_steps(), the step that measure and estimate run.
 
 A workload holds factories rather than objects so that later stages can build
 the model, the batch and the optimizer anywhere: on a device, or under
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,13 +18,10 @@ from torch import nn
 
 from memfit import _torch_private
 from memfit._tree import map_tensors, tensors
-from memfit.config import MAX_STEPS, Config
 from memfit.errors import MemfitError, UsageError
-from memfit.report import MemoryReport
 from memfit.strategies import Recipe
-from memfit.tracker import track
 
-__all__ = ["Workload", "measure", "run_steps", "build_model", "move_batch", "step_loss", "batch_size_of"]
+__all__ = ["Workload", "run_steps", "build_model", "move_batch", "step_loss", "batch_size_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,76 +97,6 @@ def step_loss(output: Any) -> torch.Tensor:
     raise MemfitError(
         f"the workload's loss returned {type(output).__name__}; return a scalar mean tensor or (loss_sum, n_items)"
     )
-
-
-def measure(
-    workload: Workload,
-    micro_batch: int | None = None,
-    steps: int = 2,
-    device: torch.device | str = "cpu",
-    *,
-    config: Config | None = None,
-) -> MemoryReport:
-    """Run ``steps`` real training steps under a tracker; return the report.
-
-    Give either ``micro_batch`` (a plain fp32 step) or ``config`` (micro-batch,
-    precision, checkpointing, offload: the same terms as :func:`memfit.estimate`,
-    so estimate and measurement compare like for like).
-
-    Each step is: build a batch, forward and loss (under autocast for ``*-mixed``),
-    backward (through a GradScaler for ``16-mixed``), ``optimizer.step()``,
-    ``zero_grad(set_to_none=True)``. The model is built and prepared before
-    tracking starts and counted from the start. Two steps by default, because
-    optimizers create their state lazily in the first step: the second shows the
-    steady state.
-    """
-    if not isinstance(workload, Workload):
-        raise UsageError(f"measure() takes a memfit.Workload, got {type(workload).__name__}")
-    config = _resolve_config(micro_batch, config)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"steps must be a positive int, got {steps!r}")
-    if steps > MAX_STEPS:
-        raise UsageError(f"steps must be at most {MAX_STEPS}, got {steps}: the second step shows the steady state")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' was asked for but torch.cuda.is_available() is False; use device='cpu'")
-    if device.type == "cpu":
-        from memfit.estimator import DataDependentStep, estimate
-        from memfit.host import check_fits
-
-        # Real steps on the CPU take real memory: check what they need first (fake tensors, no memory).
-        try:
-            needed = estimate(workload, config, steps=min(steps, 2), device="cpu").peak
-        except DataDependentStep:
-            needed = None  # a step that reads tensor values cannot be estimated: measuring it is the way
-        if needed is not None:
-            check_fits(needed, f"measuring {workload.name} at micro-batch {config.micro_batch} on the CPU",
-                       "estimate it instead (memfit.estimate / memfit estimate), or give a smaller micro-batch")
-    recipe = Recipe(config, device.type)
-    model = build_model(workload)
-    model = recipe.apply(model.to(device))
-    model.train()
-    optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
-    with track(model, optimizer, device=device) as tracker:
-        run_steps(workload, model, optimizer, config.micro_batch, steps, tracker=tracker, device=device, recipe=recipe)
-    report = tracker.report()
-    return dataclasses.replace(report, extra={"workload": workload.name, "micro_batch": config.micro_batch, "precision": config.precision})
-
-
-def _resolve_config(micro_batch: int | None, config: Config | None) -> Config:
-    if config is not None:
-        if not isinstance(config, Config):
-            raise UsageError(f"config must be a memfit.Config, got {type(config).__name__}")
-        if micro_batch is not None and micro_batch != config.micro_batch:
-            raise UsageError(
-                f"micro_batch={micro_batch!r} disagrees with config.micro_batch={config.micro_batch}; give one of them"
-            )
-        return config
-    if micro_batch is None:
-        raise UsageError("give micro_batch=N or config=memfit.Config(micro_batch=N, ...)")
-    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-        raise UsageError(f"micro_batch must be a positive int, got {micro_batch!r}")
-    return Config(micro_batch=micro_batch)
 
 
 def build_model(workload: Workload) -> nn.Module:

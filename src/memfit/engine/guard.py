@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import traceback
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -41,18 +41,19 @@ from memfit.planner import accumulation_steps
 from memfit.strategies import blocks
 from memfit.units import format_budget, format_bytes
 
-if TYPE_CHECKING:
-    from memfit.engine.trainer import Trainer
-
 __all__ = ["OOMGuard"]
 
 log = logging.getLogger("memfit")
 
 
 class OOMGuard:
-    """The out-of-memory guard and step atomicity of one :class:`memfit.Trainer`; see the module docstring."""
+    """The out-of-memory guard and step atomicity of one :class:`memfit.Trainer`; see the module docstring.
 
-    def __init__(self, trainer: Trainer) -> None:
+    It works on the trainer it is given (typed ``Any``: the trainer imports the guard, not the other
+    way): its model, optimizer, counters, and the step it attempts (``trainer._attempt``).
+    """
+
+    def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
 
     def run(self, batch: Any, n: int) -> StepResult:

@@ -1,0 +1,102 @@
+"""The package's shape: imports run one way, with no cycle, not even through a function-local import."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import memfit
+
+ROOT = Path(memfit.__file__).parent
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Each memfit module -> the memfit modules it imports anywhere in its body (TYPE_CHECKING blocks too)."""
+    paths = {_module_name(p, root): p for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, up level - 1
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                for alias in node.names:  # `from memfit import presets` imports the module memfit.presets
+                    targets.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in paths else base)
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path that ends where it starts, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_memfit_imports_have_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_sees_function_local_and_type_checking_imports(tmp_path):
+    # A package where a imports b at the top, and b imports a only inside a function: a cycle.
+    pkg = tmp_path / "memfit"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from memfit.b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from memfit import a\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .d import D\n")
+    (pkg / "d.py").write_text("from memfit import c\n")
+    graph = import_graph(pkg)
+    assert graph["memfit.a"] == {"memfit.b"} and graph["memfit.b"] == {"memfit.a"}
+    assert graph["memfit.c"] == {"memfit.d"}  # a relative import in a TYPE_CHECKING block counts
+    assert find_cycle(graph) == ["memfit.a", "memfit.b", "memfit.a"]
+    graph["memfit.b"] = set()  # a -> b only: the type-level cycle is the one left
+    assert find_cycle(graph) == ["memfit.c", "memfit.d", "memfit.c"]
+    graph["memfit.d"] = set()
+    assert find_cycle(graph) is None
+
+
+def test_layers_import_downward_only():
+    graph = import_graph()
+
+    def reaches(src: str) -> set[str]:
+        seen, todo = set(), [src]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    # Rendering and measuring never need the layers above them; the engine is above the planner.
+    assert not reaches("memfit.display") & {"memfit.report", "memfit.estimator", "memfit.planner", "memfit.tracker"}
+    assert not reaches("memfit.tracker") & {"memfit.estimator", "memfit.planner", "memfit.engine", "memfit.cli"}
+    assert not reaches("memfit.estimator") & {"memfit.planner", "memfit.engine", "memfit.cli"}
+    assert not reaches("memfit.planner") & {"memfit.engine", "memfit.engine.trainer", "memfit.cli"}
+    assert "memfit.cli" not in reaches("memfit.engine")

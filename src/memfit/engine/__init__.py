@@ -2,7 +2,7 @@
 
 ``step`` (one attempt at a logical batch, the large batch's math), ``guard`` (the
 out-of-memory guard and step atomicity), ``probe`` (live and peak bytes), ``leak``
-(the leak check), ``progress`` (fit's bar and logged loss), ``resume`` (the loader's
+(the leak check), ``loop`` (fit's loop), ``progress`` (its bar and logged loss), ``resume`` (the loader's
 position across a save) and ``state`` (a saved state checked before it loads).
 """
 

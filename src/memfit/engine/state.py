@@ -1,5 +1,6 @@
-"""A Trainer's saved state checked against the trainer it is loaded into, before anything changes.
+"""A Trainer's saved state: what it holds, and how it loads, checked before anything changes.
 
+:func:`trainer_state` is everything a killed run needs to resume to the same result.
 :func:`check_state` reads everything :meth:`memfit.Trainer.load_state_dict` needs and
 says in one line what keeps it from loading (keys, shapes and dtypes of the model,
 the optimizer's type, groups and state, the scaler, the scheduler, the config and
@@ -8,19 +9,65 @@ precision, the counters, the random state): a load is all or nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
+from memfit import rng, statefile
 from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
 from memfit.strategies import Checkpointing
 
-__all__ = ["check_state", "qualname", "COUNTERS"]
+__all__ = ["trainer_state", "load_trainer_state", "check_state", "qualname", "COUNTERS"]
 
 COUNTERS = ("step", "epoch", "batch_in_epoch", "samples", "retries", "skipped")
 """The counters every saved state has (``nonfinite`` came later: states without it load as 0)."""
+
+
+def trainer_state(trainer: Any) -> dict[str, Any]:
+    """:meth:`memfit.Trainer.state_dict` (``trainer`` is typed ``Any``: the trainer imports this module)."""
+    scaler = trainer._recipe.scaler()
+    return {
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "optimizer_type": qualname(trainer.optimizer),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
+        "config": dataclasses.asdict(trainer.config),
+        "plan": trainer.plan.to_dict() if trainer.plan is not None else None,
+        "counters": {
+            "step": trainer.step_count, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
+            "samples": trainer.samples_seen, "retries": trainer.retries, "skipped": trainer.skipped_steps,
+            "nonfinite": trainer.nonfinite_steps,
+        },
+        "rng": rng.capture(),
+        "loader": trainer._replay.state_dict(trainer.batch_in_epoch),
+    }
+
+
+def load_trainer_state(trainer: Any, state: Any) -> None:
+    """:meth:`memfit.Trainer.load_state_dict`: everything checked first, then everything loaded."""
+    if isinstance(state, dict) and "format" in state:
+        state = statefile.verify(state)
+    scaler = trainer._recipe.scaler()
+    config = check_state(state, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                         scaler=scaler, config=trainer.config)
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    if trainer.scheduler is not None:
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer._use(config)
+    counters = state["counters"]
+    trainer.step_count, trainer.epoch = counters["step"], counters["epoch"]
+    trainer.batch_in_epoch, trainer.samples_seen = counters["batch_in_epoch"], counters["samples"]
+    trainer.retries, trainer.skipped_steps = counters["retries"], counters["skipped"]
+    trainer.nonfinite_steps = counters.get("nonfinite", 0)
+    rng.restore(state["rng"])
+    trainer._replay.load_state_dict(state.get("loader"), state["rng"])
 
 
 def check_state(state: Any, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,

@@ -20,25 +20,23 @@ the leak check's (byte signals need CUDA or a simulated budget).
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from memfit import rng, statefile
+from memfit import statefile
 from memfit.budget import SimulatedBudget
 from memfit.config import Config
 from memfit.engine.guard import OOMGuard
 from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
-from memfit.engine.progress import LossWindow, ProgressBar
+from memfit.engine.loop import run_fit
 from memfit.engine.results import FitResult, StepResult
 from memfit.engine.resume import LoaderReplay
-from memfit.engine.state import check_state, qualname
+from memfit.engine.state import load_trainer_state, trainer_state
 from memfit.engine.step import NONFINITE, TrainStep
 from memfit.errors import UsageError
 from memfit.planner import Plan
@@ -287,85 +285,14 @@ class Trainer:
             raise UsageError(f"save_every must be a whole number of steps >= 0, got {save_every!r}")
         if save_every and save_to is None:
             raise UsageError(f"save_every={save_every} needs save_to=PATH, the file to write the state to")
-        replay, leak = self._replay, self._leak
-        replay.start(loader, save_to is not None)
-        output_hook = leak.start(self.model, leak_check)
-        bar = ProgressBar(loader, epochs, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, budget=self.budget,
-                          console=console) if progress else None
-        start, samples0, retries0, skipped0, nonfinite0 = (time.perf_counter(), self.samples_seen, self.retries,
-                                                           self.skipped_steps, self.nonfinite_steps)
-        steps_run, peak, logged = 0, None, None
-        window = LossWindow()  # the logging window's loss, summed on the device
-        trained = None  # the last batch trained on (a save records its fingerprint)
-        try:
-            while self.epoch < epochs:
-                if max_steps is not None and self.step_count >= max_steps:
-                    break  # before iter(loader): a shuffling loader would draw from the RNG
-                sampler = getattr(loader, "sampler", None)
-                if hasattr(sampler, "set_epoch"):
-                    sampler.set_epoch(self.epoch)
-                for batch in replay.batches(loader, self.epoch, self.batch_in_epoch):
-                    if max_steps is not None and self.step_count >= max_steps:
-                        break
-                    if leak_check:
-                        leak.check(steps_run, self.step_count + 1)
-                    result = self.step(batch)
-                    trained = batch
-                    self.batch_in_epoch += 1
-                    steps_run += 1
-                    if result.skip_reason != NONFINITE:
-                        window.add(result)  # no device read until logged
-                    if result.peak is not None:
-                        peak = max(peak or 0, result.peak)
-                    if steps_run % log_every == 0:
-                        logged = window.mean()  # the one sync of the window: the loss read from the device
-                    if bar is not None:
-                        bar.advance(result, logged, peak)
-                    if save_to is not None and save_every and self.step_count % save_every == 0:
-                        replay.trained(batch)
-                        self.save(save_to)
-                else:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    continue
-                break  # max_steps
-            if window.steps:
-                logged = window.mean()
-            if trained is not None and self.batch_in_epoch:
-                replay.trained(trained)
-            if save_to is not None:
-                self.save(save_to)
-            return FitResult(steps=steps_run, samples=self.samples_seen - samples0, loss=logged, peak=peak,
-                             retries=self.retries - retries0, skipped=self.skipped_steps - skipped0,
-                             seconds=time.perf_counter() - start, nonfinite=self.nonfinite_steps - nonfinite0)
-        finally:
-            leak.stop()
-            if output_hook is not None:
-                output_hook.remove()
-            if bar is not None:
-                bar.close()
+        return run_fit(self, loader, epochs, log_every=log_every, max_steps=max_steps, leak_check=leak_check,
+                       progress=progress, console=console, save_to=save_to, save_every=save_every)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a killed run needs to resume to the same result: model, optimizer, scaler,
         scheduler, the config in use (after re-plans), counters, every random generator's state,
         and (after :meth:`fit`) where the loader's epoch began."""
-        scaler = self._recipe.scaler()
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_type": qualname(self.optimizer),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "config": dataclasses.asdict(self._config),
-            "plan": self.plan.to_dict() if self.plan is not None else None,
-            "counters": {
-                "step": self.step_count, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples": self.samples_seen, "retries": self.retries, "skipped": self.skipped_steps,
-                "nonfinite": self.nonfinite_steps,
-            },
-            "rng": rng.capture(),
-            "loader": self._replay.state_dict(self.batch_in_epoch),
-        }
+        return trainer_state(self)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path``: atomically (a run killed while saving keeps the previous
@@ -386,25 +313,7 @@ class Trainer:
         left as it was. The content of a file :meth:`save` wrote (``torch.load(path)``)
         is accepted too, its checksum verified.
         """
-        if isinstance(state, dict) and "format" in state:
-            state = statefile.verify(state)
-        scaler = self._recipe.scaler()
-        config = check_state(state, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                             scaler=scaler, config=self._config)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self._use(config)
-        counters = state["counters"]
-        self.step_count, self.epoch = counters["step"], counters["epoch"]
-        self.batch_in_epoch, self.samples_seen = counters["batch_in_epoch"], counters["samples"]
-        self.retries, self.skipped_steps = counters["retries"], counters["skipped"]
-        self.nonfinite_steps = counters.get("nonfinite", 0)
-        rng.restore(state["rng"])
-        self._replay.load_state_dict(state.get("loader"), state["rng"])
+        load_trainer_state(self, state)
 
     # ------------------------------------------------------------------ for the guard
 

@@ -424,8 +424,9 @@ def test_oom_after_the_optimizer_wrote_in_place_says_it_cannot_be_undone():
     trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8))
     batches = classification_batches(2, 8)
     trainer.step(batches[0])
-    with _OptimizerFault(optimizer, step=0, at=4), pytest.raises(OutOfMemory, match="cannot be restored"):
+    with _OptimizerFault(optimizer, step=0, at=4), pytest.raises(OutOfMemory, match="cannot be restored") as info:
         trainer.step(batches[1])
+    assert [(e.step, e.phase, e.action) for e in info.value.events] == [(2, "optimizer", "raised")]
 
 
 def test_a_plan_re_plans_to_its_next_alternative_that_needs_less():
@@ -746,6 +747,8 @@ def test_max_retries_re_plans_are_allowed_and_one_more_is_not():
     with pytest.raises(OutOfMemory, match=r"out of memory at step 1: 2 re-plans did not fit") as info:
         trainer.step(batch)
     assert info.value.retries == 3 and info.value.micro_batch == 4  # the third failure was at 4
+    assert [(e.micro_batch, e.action, e.config and e.config.micro_batch) for e in info.value.events] == [
+        (16, "re-planned", 8), (8, "re-planned", 4), (4, "raised", None)]
     assert trainer.step_count == 0 and trainer.samples_seen == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not optimizer.state and all(p.grad is None for p in model.parameters())
@@ -1715,6 +1718,9 @@ def test_an_oom_in_a_foreach_optimizer_step_before_it_writes_is_retried_with_the
     with caplog.at_level(logging.WARNING, logger="memfit"), _OptimizerFault(optimizer, step=0, at=2):
         results = [trainer.step(b) for b in batches]
     assert results[0].retries == 1 and results[0].micro_batches == (8,)  # same micro-batch, other implementation
+    assert results[0].oom_events == (memfit.OOMEvent(
+        step=1, phase="optimizer", micro_batch=8, message="CUDA out of memory. Tried to allocate 1.00 GiB (injected)",
+        action="per-tensor optimizer", config=None),)
     assert optimizer.param_groups[0]["foreach"] is False and trainer.config.micro_batch == 8
     assert caplog.records[0].getMessage().startswith(
         "memfit: out of memory in optimizer.step() at step 1 (CUDA out of memory. Tried to allocate 1.00 GiB "
@@ -1803,6 +1809,15 @@ def test_re_planning_walks_the_plans_smaller_alternatives_then_halves():
     # 8 fails -> 6 (the first that needs less) -> 4 with checkpointing -> halves: 2 -> 1.
     assert result.retries == 4 and result.micro_batches == (1,) * 8
     assert trainer.config.micro_batch == 1 and trainer.config.checkpoint == ("0",)
+    # Each recovery is on record: where it failed, and the config the batch was redone with.
+    events = result.oom_events
+    assert [(e.step, e.phase, e.micro_batch, e.action) for e in events] == [
+        (1, "forward", m, "re-planned") for m in (8, 6, 4, 2)]
+    assert [e.config for e in events] == [alternatives[2].config, alternatives[3].config,
+                                          dataclasses.replace(alternatives[3].config, micro_batch=2),
+                                          dataclasses.replace(alternatives[3].config, micro_batch=1)]
+    assert all(e.message == "CUDA out of memory. Tried to allocate 1.00 GiB (injected)" for e in events)
+    assert trainer.step(workload.batch(8)).oom_events == ()  # a step that fitted has none
     assert "forward" in trainer.model[0].__dict__  # the alternative's checkpointing was applied
     # Loading a state trained without checkpointing removes it again.
     state = trainer.state_dict()
@@ -1920,3 +1935,33 @@ def test_progress_speed_over_less_than_a_second_and_clipping_from_a_workload(mon
     assert " 8 samples/s " in text  # 4 samples in half a second
     workload = memfit.presets.load("cifar-cnn")
     assert Trainer(workload, Config(micro_batch=2), clip_grad_norm=0.5).clip_grad_norm == 0.5
+
+
+class _SchedulerOutOfMemory(torch.optim.lr_scheduler.StepLR):
+    """Runs out of memory in the step() after the first training step's (the constructor calls step() once too)."""
+
+    def step(self, *args, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (injected)")
+        return super().step(*args, **kwargs)
+
+
+def test_an_oom_after_the_update_counts_the_batch_and_does_not_redo_it():
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=4))
+    trainer.scheduler = _SchedulerOutOfMemory(optimizer, 10)
+    batches = classification_batches(2, 8)
+    trainer.step(batches[0])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(OutOfMemory) as info:
+        trainer.step(batches[1])
+    assert str(info.value) == ("out of memory after optimizer.step() had updated the model at step 2 (CUDA out of "
+                               "memory. Tried to allocate 2.00 MiB (injected)); the batch counted and is not redone")
+    assert info.value.retries == 0 and info.value.micro_batch == 4
+    assert [(e.step, e.phase, e.micro_batch, e.action) for e in info.value.events] == [(2, "committed", 4, "raised")]
+    # The update stays applied and counted; no gradient is left behind for the next step to add in.
+    assert trainer.step_count == 2 and trainer.samples_seen == 16 and trainer.retries == 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -17,7 +17,7 @@ from memfit.estimator import Estimate, estimate
 from memfit.planner import Plan, PlanError, find_batch_size, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
-from memfit.engine import FitResult, StepResult, Trainer
+from memfit.engine import FitResult, OOMEvent, StepResult, Trainer
 from memfit.units import format_bytes, parse_bytes
 from memfit.measurement import measure
 from memfit.workload import Workload
@@ -40,6 +40,7 @@ __all__ = [
     "MemfitError",
     "NonFiniteLoss",
     "NonFiniteLossWarning",
+    "OOMEvent",
     "OutOfMemory",
     "ResumeWarning",
     "StepResult",

@@ -30,16 +30,19 @@ class OutOfMemory(MemfitError, torch.OutOfMemoryError):
             run's own (its peak is the failed attempt's); for a Trainer built from a
             workload, an estimate of the failed configuration; else None.
         advice: what would make it fit, most effective first.
+        events: the out-of-memory errors of the logical batch, each a :class:`memfit.OOMEvent`,
+            the last one the error that ended it.
     """
 
     def __init__(self, message: str, *, micro_batch: int, retries: int, report: Any = None,
-                 advice: tuple[str, ...] = ()) -> None:
+                 advice: tuple[str, ...] = (), events: tuple[Any, ...] = ()) -> None:
         full = message + ("" if not advice else " Try: " + "; ".join(advice) + ".")
         super().__init__(full)
         self.micro_batch = micro_batch
         self.retries = retries
         self.report = report
         self.advice = tuple(advice)
+        self.events = tuple(events)
 
 
 class NotEnoughMemory(MemfitError):

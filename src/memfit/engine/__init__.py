@@ -6,7 +6,7 @@ out-of-memory guard and step atomicity), ``probe`` (live and peak bytes), ``leak
 position across a save) and ``state`` (a saved state checked before it loads).
 """
 
-from memfit.engine.results import FitResult, StepResult
+from memfit.engine.results import FitResult, OOMEvent, StepResult
 from memfit.engine.trainer import Trainer
 
-__all__ = ["Trainer", "StepResult", "FitResult"]
+__all__ = ["Trainer", "StepResult", "FitResult", "OOMEvent"]

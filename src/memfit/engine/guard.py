@@ -34,7 +34,7 @@ import torch
 from memfit import _torch_private, rng
 from memfit.config import Config
 from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
-from memfit.engine.results import StepResult
+from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
 from memfit.estimator import estimate
 from memfit.planner import accumulation_steps
@@ -60,6 +60,13 @@ class OOMGuard:
         """Attempts ``batch`` (``n`` samples) until it fits, re-planning after each OOM; counts the step."""
         t, attempt = self.trainer, self.trainer._attempt
         retries = 0
+        events: list[OOMEvent] = []
+
+        def event(action: str, config: Config | None = None) -> tuple[OOMEvent, ...]:
+            events.append(OOMEvent(step=step, phase=phase, micro_batch=min(failed.micro_batch, n), message=message,
+                                   action=action, config=config))
+            return tuple(events)
+
         while True:
             restore = None
             attempt.phase = "forward"
@@ -79,45 +86,46 @@ class OOMGuard:
                 raise
             else:
                 t._count(n, result)
-                return result
-            failed = t.config
-            if attempt.phase == "committed":  # the update was applied: the batch counts, nothing to redo
+                return dataclasses.replace(result, oom_events=tuple(events)) if events else result
+            failed, phase, step = t.config, attempt.phase, t.step_count + 1
+            if phase == "committed":  # the update was applied: the batch counts, nothing to redo
                 t._count(n, None)
                 t.model.zero_grad(set_to_none=True)
                 raise OutOfMemory(f"out of memory after optimizer.step() had updated the model at step "
                                   f"{t.step_count} ({message}); the batch counted and is not redone",
-                                  micro_batch=failed.micro_batch, retries=retries, report=self.report(failed)) from None
-            in_optimizer = attempt.phase == "optimizer"
+                                  micro_batch=failed.micro_batch, retries=retries, report=self.report(failed),
+                                  events=event("raised")) from None
             self.discard(restore)
             t._probe.release_cached_memory()  # after an OOM only: hand cached blocks back before the retry
             retries += 1
             t.retries += 1
-            if in_optimizer and not _optimizer_untouched(restore):
+            if phase == "optimizer" and not _optimizer_untouched(restore):
                 raise OutOfMemory(
-                    f"out of memory inside optimizer.step() at step {t.step_count + 1}, after it had updated "
+                    f"out of memory inside optimizer.step() at step {step}, after it had updated "
                     "tensors in place; the model and optimizer cannot be restored without a second copy of them. "
                     "Reload the last trainer.state_dict().",
                     micro_batch=failed.micro_batch, retries=retries, report=self.report(failed),
-                    advice=self.advice(failed),
+                    advice=self.advice(failed), events=event("raised"),
                 ) from None
-            if in_optimizer and _uses_foreach(t.optimizer, t.device):
+            if phase == "optimizer" and _uses_foreach(t.optimizer, t.device):
                 _disable_foreach(t.optimizer)
+                event("per-tensor optimizer")
                 log.warning("memfit: out of memory in optimizer.step() at step %d (%s); retrying the batch with the "
-                            "per-tensor optimizer implementation, which needs fewer temporaries",
-                            t.step_count + 1, message)
+                            "per-tensor optimizer implementation, which needs fewer temporaries", step, message)
                 continue
             if min(failed.micro_batch, n) == 1 or retries > t.max_retries:
                 why = "micro-batch 1 does not fit" if min(failed.micro_batch, n) == 1 else \
                     f"{t.max_retries} re-plans did not fit"
                 raise OutOfMemory(
-                    f"out of memory at step {t.step_count + 1}: {why} ({message})",
+                    f"out of memory at step {step}: {why} ({message})",
                     micro_batch=min(failed.micro_batch, n), retries=retries, report=self.report(failed),
-                    advice=self.advice(failed),
+                    advice=self.advice(failed), events=event("raised"),
                 ) from None
             self.replan(failed, n)
+            event("re-planned", t.config)
             log.warning(
                 "memfit: out of memory at step %d with micro-batch %d (%s); retrying the same batch of %d "
-                "with %s (%d micro-steps)", t.step_count + 1, min(failed.micro_batch, n), message, n,
+                "with %s (%d micro-steps)", step, min(failed.micro_batch, n), message, n,
                 t.config.describe(), len(accumulation_steps(n, t.config.micro_batch)),
             )
 

@@ -6,7 +6,29 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepResult", "FitResult"]
+from memfit.config import Config
+
+__all__ = ["StepResult", "FitResult", "OOMEvent"]
+
+
+@dataclass(frozen=True, slots=True)
+class OOMEvent:
+    """One out-of-memory error the guard handled in a step, and what it did about it."""
+
+    step: int
+    """The step the batch was for (1 for the first)."""
+    phase: str
+    """Where the attempt was: ``"forward"`` (forward and loss), ``"backward"``, ``"optimizer"``
+    (inside ``optimizer.step()``), or ``"committed"`` (after the update was applied)."""
+    micro_batch: int
+    """The micro-batch that ran out."""
+    message: str
+    """The first line of PyTorch's error."""
+    action: str
+    """``"re-planned"`` (redone with :attr:`config`), ``"per-tensor optimizer"`` (redone without the
+    foreach implementation's temporaries), or ``"raised"`` (:class:`memfit.OutOfMemory` followed)."""
+    config: Config | None = None
+    """The configuration the batch was redone with; None unless re-planned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +55,8 @@ class StepResult:
     """Why the update was skipped: ``"non-finite loss"`` (NaN or inf: the model was left as it was),
     ``"no items"`` (every item of a ``(loss_sum, n_items)`` loss was padding) or ``"grad scaler"``
     (``16-mixed``: inf/nan gradients, the scale backs off); None if it ran."""
+    oom_events: tuple[OOMEvent, ...] = ()
+    """The out-of-memory errors this batch recovered from, in order (as many as ``retries``)."""
 
     @property
     def loss(self) -> float:

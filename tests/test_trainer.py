@@ -1473,10 +1473,11 @@ def test_the_saved_state_holds_the_scaler_the_scheduler_the_plan_and_the_counter
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", memfit.NonFiniteLossWarning)
         trainer.fit(batches, progress=False)
+    trainer._recipe.scaler().update(new_scale=1024.0)  # not the default: a load must carry it over
     state = trainer.state_dict()
     assert set(state) == {"model", "optimizer", "optimizer_type", "scaler", "scheduler", "config", "plan", "counters",
                           "rng", "loader"}
-    assert state["scaler"] == trainer._recipe.scaler().state_dict() and state["scaler"]["scale"] == 65536.0
+    assert state["scaler"] == trainer._recipe.scaler().state_dict() and state["scaler"]["scale"] == 1024.0
     assert state["scheduler"]["last_epoch"] == 1 and state["plan"] is None
     assert state["counters"] == {"step": 2, "epoch": 1, "batch_in_epoch": 0, "samples": 16, "retries": 0,
                                  "skipped": 1, "nonfinite": 1}
@@ -1488,7 +1489,7 @@ def test_the_saved_state_holds_the_scaler_the_scheduler_the_plan_and_the_counter
                                  scheduler=torch.optim.lr_scheduler.StepLR(optimizer2, 1, gamma=0.5))
     resumed.load_state_dict(state)
     assert resumed.scheduler.last_epoch == 1 and optimizer2.param_groups[0]["lr"] == pytest.approx(0.05)
-    assert resumed._recipe.scaler().get_scale() == 65536.0 and resumed.nonfinite_steps == 1
+    assert resumed._recipe.scaler().get_scale() == 1024.0 and resumed.nonfinite_steps == 1
 
 
 class _StopsAfterStepping:

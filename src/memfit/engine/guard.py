@@ -237,10 +237,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]] + optimizer_state_tensors(optimizer)
 
 
-def _optimizer_untouched(restore: dict[str, Any] | None) -> bool:
-    """False if ``optimizer.step()`` wrote a parameter or state tensor in place since the snapshot."""
-    if restore is None:
-        return True
+def _optimizer_untouched(restore: dict[str, Any]) -> bool:
+    """False if ``optimizer.step()`` wrote a parameter or state tensor in place since the snapshot.
+
+    Called only for an attempt that reached the optimizer, so its snapshot exists.
+    """
     # A tensor gone (replaced) or with a new version was written: the optimizer state moved on.
     return all((x := ref()) is not None and x._version == v for ref, v in restore["versions"])
 

@@ -198,7 +198,7 @@ def test_out_of_memory_exits_1_with_one_line(tmp_path, capsys):
         (["estimate", "gpt2-tiny", "-b", "2", "--arg", "seq_len"], "--arg takes KEY=VALUE"),
         (["estimate", "gpt2-tiny", "-b", "2", "--arg", "seq_len=8", "--seq-len", "8"], "both give the sequence length"),
         (["estimate", "cifar-cnn", "-b", "2", "--arg", "depth=3"], "preset 'cifar-cnn' takes no option 'depth'"),
-        (["profile", "cifar-cnn", "-b", "2", "--plot", "no/such/folder/t.png"], "the folder 'no/such/folder' does not exist"),
+        (["profile", "cifar-cnn", "-b", "2", "--plot", "no/such/folder/t.png"], "--plot no/such/folder/t.png: the folder 'no/such/folder' does not exist; create it first\n"),
         (["plan", "gpt2-tiny", "-b", "4", "--budget", "1GiB", "--checkpoint-candidates", "decoder.*"],
          "checkpoint glob 'decoder.*' matches no module"),
     ],

@@ -592,6 +592,9 @@ def test_bad_arguments_say_what_to_pass():
         if torch.cuda.is_available():
             raise memfit.UsageError("torch device")
         Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2), device="cuda")
+    if not torch.cuda.is_available():  # the device a Trainer built from a workload is asked for is the one checked
+        with pytest.raises(memfit.UsageError, match=r"^device 'cuda' was asked for but torch.cuda.is_available\(\)"):
+            Trainer(memfit.presets.load("cifar-cnn"), Config(micro_batch=2), device="cuda")
     trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=2))
     with pytest.raises(memfit.UsageError, match=r"first dimensions \[3, 4\]"):
         trainer.step((torch.randn(4, 8), torch.zeros(3, dtype=torch.long)))
@@ -1386,6 +1389,11 @@ _PREFIX = "cannot resume from this state (nothing was changed): "
 
 @pytest.mark.parametrize("damage, message", [
     (lambda s: None, "load_state_dict takes a dict from trainer.state_dict(), got NoneType"),
+    (lambda s: [s], "load_state_dict takes a dict from trainer.state_dict(), got list"),
+    (lambda s: dict(s, model={k: v.double() if k[0] in "02" else v for k, v in s["model"].items()}),
+     _PREFIX + "0.weight is torch.float64 in the file, torch.float32 here; 0.bias is torch.float64 in the file, "
+               "torch.float32 here; 2.weight is torch.float64 in the file, torch.float32 here; 2.bias is "
+               "torch.float64 in the file, torch.float32 here"),  # four differ: all named, no "more"
     (lambda s: {"model": s["model"], "counters": {}},
      "not a memfit Trainer state_dict: it lacks ['config', 'optimizer', 'rng']; save one with trainer.save(path) or "
      "torch.save(trainer.state_dict(), path)"),
@@ -1556,6 +1564,17 @@ def test_an_error_inside_optimizer_step_after_a_write_says_the_state_cannot_be_r
     with pytest.raises(_Boom) as info:
         clean.step(classification_batches(1, 8)[0])
     assert not hasattr(info.value, "__notes__")  # nothing was written: nothing to add
+
+    def writes_in_place_then_fails(m, b):
+        with torch.no_grad():
+            m[0].weight.mul_(1.0)  # a parameter's version moves, outside optimizer.step()
+        raise _Boom("in the loss, after an in-place write")
+
+    loss_writes = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), writes_in_place_then_fails,
+                                     Config(micro_batch=4))
+    with pytest.raises(_Boom) as info:
+        loss_writes.step(classification_batches(1, 8)[0])
+    assert not hasattr(info.value, "__notes__")  # the note is about optimizer.step() only
 
 
 def _sgd_trainer_and_a_nan_batch(sample: int):

@@ -100,3 +100,31 @@ def test_layers_import_downward_only():
     assert not reaches("memfit.estimator") & {"memfit.planner", "memfit.engine", "memfit.cli"}
     assert not reaches("memfit.planner") & {"memfit.engine", "memfit.engine.trainer", "memfit.cli"}
     assert "memfit.cli" not in reaches("memfit.engine")
+
+
+def _private_torch_uses(path: Path) -> list[str]:
+    """Private torch modules imported and private torch attributes read in ``path`` (dunders are public)."""
+    def private(dotted: str) -> bool:
+        return dotted.split(".")[0] == "torch" and any(
+            part.startswith("_") and not part.startswith("__") for part in dotted.split("."))
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if private(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [f"{node.module}.{a.name}" for a in node.names if private(f"{node.module}.{a.name}")]
+        elif isinstance(node, ast.Attribute):
+            parts, value = [node.attr], node.value
+            while isinstance(value, ast.Attribute):
+                parts.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and private(".".join([value.id, *reversed(parts)])):
+                found.append(".".join([value.id, *reversed(parts)]))
+    return found
+
+
+def test_private_torch_apis_are_used_in_torch_private_only():
+    uses = {_module_name(p, ROOT): _private_torch_uses(p) for p in ROOT.rglob("*.py") if p.name != "_torch_private.py"}
+    assert {name: found for name, found in uses.items() if found} == {}
+    assert "torch._subclasses.fake_tensor.FakeTensorMode" in _private_torch_uses(ROOT / "_torch_private.py")

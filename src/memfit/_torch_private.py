@@ -1,7 +1,11 @@
 """The few private torch APIs memfit needs, in one place.
 
-Checked on torch 2.6 through 2.13. Each has a fallback so that a torch release
-that renames one degrades a feature instead of breaking memfit.
+Checked on torch 2.13, the release CI runs (``pyproject.toml``'s floor); written
+from PyTorch's source of 2.6 onward. Each function has a fallback so that a torch
+release that renames what it calls degrades a feature instead of breaking memfit.
+The two classes memfit builds on are private modules' public classes, stable
+since torch 2.0: ``FakeTensorMode`` (tensors with shapes and no memory: the
+estimator) and ``TorchDispatchMode`` (every aten op below autograd: the tracker).
 """
 
 from __future__ import annotations
@@ -10,9 +14,12 @@ import contextlib
 import logging
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["in_backward", "is_fake", "fake_friendly_grad_scaler", "grad_scaler_state", "reset_grad_scaler_step",
-           "data_dependent_errors", "quiet_fake_tensor_errors"]
+__all__ = ["FakeTensorMode", "TorchDispatchMode", "in_backward", "is_fake", "fake_friendly_grad_scaler",
+           "grad_scaler_state", "reset_grad_scaler_step", "data_dependent_errors", "quiet_fake_tensor_errors",
+           "cpu_flash_attention"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -103,3 +110,13 @@ def quiet_fake_tensor_errors():
         yield
     finally:
         logger.setLevel(level)
+
+
+def cpu_flash_attention(query, key, value, dropout_p: float, is_causal: bool, attn_mask, scale):
+    """The output of the CPU flash-attention kernel's op (``aten._scaled_dot_product_flash_attention_for_cpu``),
+    whose saved tensors (output and log-sum-exp) have the shapes of CUDA's fused kernels; None if this torch
+    has no such op, and the caller runs attention unchanged."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return None
+    return op(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]

@@ -44,7 +44,7 @@ from memfit.strategies import Recipe
 from memfit.tracker import track
 from memfit.workload import Workload, build_model, run_steps
 
-__all__ = ["Estimate", "estimate", "DataDependentStep"]
+__all__ = ["Estimate", "estimate", "DataDependentStep", "source_model", "fake_copy"]
 
 
 class DataDependentStep(UsageError):
@@ -188,12 +188,11 @@ def estimate(
         raise UsageError(f"device {device!r} is not a target memfit estimates; use one of {', '.join(_TARGETS)}")
     recipe = Recipe(config, target, fake=True)
 
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    source = _source_model(workload)
-    fake_mode = FakeTensorMode()
+    source = source_model(workload)
+    fake_mode = _torch_private.FakeTensorMode()
     with fake_mode:
-        model = _fake_copy(source, fake_mode)
+        model = fake_copy(source, fake_mode)
         parameters = sum(p.numel() for p in model.parameters())
         model.train()
         recipe.apply(model)
@@ -266,7 +265,7 @@ def _phases(report: MemoryReport, steps: int) -> dict[str, dict[str, int]]:
     return out
 
 
-def _source_model(workload: Workload) -> nn.Module:
+def source_model(workload: Workload) -> nn.Module:
     """The model to copy onto fake tensors: the workload's instance, or its factory's model built on meta.
 
     A factory runs on the meta device, before the fake mode is entered, and the
@@ -287,7 +286,7 @@ def _source_model(workload: Workload) -> nn.Module:
     return model
 
 
-def _fake_copy(model: nn.Module, fake_mode) -> nn.Module:
+def fake_copy(model: nn.Module, fake_mode) -> nn.Module:
     """Copy a real or meta-device model with every tensor replaced by a fake CPU one of the same shape."""
     memo: dict[int, Any] = {}
 

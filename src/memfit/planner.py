@@ -280,17 +280,17 @@ def _module_paths(name: str) -> list[str]:
 
 def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
     """Forward+backward FLOPs of one micro-step and forward FLOPs per module, on fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from memfit.estimator import _fake_copy, _source_model
+    from memfit import _torch_private
+    from memfit.estimator import fake_copy, source_model
     from memfit.strategies import Recipe
     from memfit.workload import step_loss
 
     recipe = Recipe(Config(micro_batch=micro_batch, precision=precision), "cpu", fake=True)
-    source = _source_model(workload)
-    with FakeTensorMode() as mode:
-        model = _fake_copy(source, mode)
+    source = source_model(workload)
+    with _torch_private.FakeTensorMode() as mode:
+        model = fake_copy(source, mode)
         recipe.apply(model)
         batch = recipe.precision.convert_input(workload.batch(micro_batch))
         counter = FlopCounterMode(display=False)
@@ -309,10 +309,10 @@ def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, d
 
 def _candidates(workload: Workload, globs: tuple[str, ...] | None) -> list[str]:
     """The modules the planner may checkpoint, in forward order: the model's repeated blocks, or the user's globs."""
-    from memfit.estimator import _source_model
+    from memfit.estimator import source_model
     from memfit.strategies import Checkpointing, blocks
 
-    model = _source_model(workload)
+    model = source_model(workload)
     if globs is None:
         return blocks(model)
     return Checkpointing(tuple(globs)).select(model)

@@ -421,10 +421,7 @@ def fused_attention_emulation() -> Iterator[None]:
 def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     if not dropout_p or query.shape[-3] != key.shape[-3] or query.dim() != 4:
         return None  # the CPU kernel choice already matches CUDA's, or the call is unusual
-    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
-    )
-    return out[0]
+    return _torch_private.cpu_flash_attention(query, key, value, dropout_p, is_causal, attn_mask, scale)
 
 
 class Recipe:

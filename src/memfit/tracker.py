@@ -52,7 +52,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from memfit import _torch_private
 from memfit._tree import tensors as _tensors
@@ -93,7 +92,7 @@ def _normalize_device(device: torch.device | str) -> torch.device:
     return device
 
 
-class _Mode(TorchDispatchMode):
+class _Mode(_torch_private.TorchDispatchMode):
     """Sees each aten op's outputs and hands them to the tracker."""
 
     def __init__(self, tracker: MemoryTracker) -> None:

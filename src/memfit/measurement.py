@@ -11,6 +11,7 @@ import dataclasses
 import torch
 
 from memfit.config import MAX_STEPS, Config
+from memfit.device import resolve_device
 from memfit.errors import UsageError
 from memfit.estimator import DataDependentStep, estimate
 from memfit.host import check_fits
@@ -50,9 +51,7 @@ def measure(
         raise UsageError(f"steps must be a positive int, got {steps!r}")
     if steps > MAX_STEPS:
         raise UsageError(f"steps must be at most {MAX_STEPS}, got {steps}: the second step shows the steady state")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("device 'cuda' was asked for but torch.cuda.is_available() is False; use device='cpu'")
+    device = resolve_device(device)
     if device.type == "cpu":
         # Real steps on the CPU take real memory: check what they need first (fake tensors, no memory).
         try:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from memfit.config import PRECISIONS, Config
+from memfit.device import default_device, resolve_device
 from memfit.errors import MemfitError, UsageError
 from memfit.estimator import Estimate, estimate
 from memfit.units import format_budget, format_bytes, parse_bytes
@@ -490,9 +491,7 @@ def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tupl
     """
     from memfit.workload import build_model, move_batch, step_loss
 
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("calibrate on 'cuda' needs a CUDA device; none is available here")
+    dev = resolve_device(device, no_cuda="calibrate on 'cuda' needs a CUDA device; none is available here")
     model = build_model(workload).to(dev)
     times = []
     for m in sizes:
@@ -538,7 +537,7 @@ def find_batch_size(
 
     if not isinstance(workload, Workload):
         raise UsageError(f"find_batch_size() takes a memfit.Workload, got {type(workload).__name__}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device().type
     if device not in ("cpu", "cuda"):
         raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():

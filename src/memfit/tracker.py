@@ -57,6 +57,7 @@ from memfit import _torch_private
 from memfit._tree import tensors as _tensors
 from memfit.errors import MemfitError
 from memfit.categories import CATEGORIES, PHASES
+from memfit.device import default_device
 from memfit.report import MemoryReport, build_report
 
 __all__ = ["MemoryTracker", "track", "CATEGORIES"]
@@ -376,7 +377,7 @@ class MemoryTracker:
             for group in self.optimizer.param_groups:
                 for p in group["params"]:
                     return p.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
 
     def _size(self, storage: torch.UntypedStorage) -> int:
         n = int(storage.nbytes())

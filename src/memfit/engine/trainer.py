@@ -30,6 +30,7 @@ from torch import nn
 from memfit import statefile
 from memfit.budget import SimulatedBudget
 from memfit.config import Config
+from memfit.device import resolve_device
 from memfit.engine.guard import OOMGuard
 from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
@@ -91,7 +92,7 @@ class Trainer:
             raise UsageError(f"Trainer() takes a memfit.Workload, got {type(workload).__name__}; "
                              "for a model and optimizer you built, use Trainer.from_parts(model, optimizer, loss, config)")
         plan, config = _plan_and_config(plan_or_config)
-        device = _resolve_device(device)
+        device = resolve_device(device)
         if scheduler is not None and not callable(scheduler):
             raise UsageError(f"Trainer(scheduler=...) takes a factory optimizer -> LR scheduler, such as "
                              f"lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000); got {scheduler!r}")
@@ -137,7 +138,7 @@ class Trainer:
         if device is None:
             first = next(iter(model.parameters()), None)
             device = first.device if first is not None else None
-        device = _resolve_device(device)
+        device = resolve_device(device)
         _check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget)
         self = cls.__new__(cls)
         self._setup(_cast(model.to(device), config.precision), optimizer, loss, plan, config, device, budget,
@@ -367,20 +368,6 @@ def _plan_and_config(plan_or_config: Any) -> tuple[Plan | None, Config]:
         return None, plan_or_config
     raise UsageError(f"plan_or_config must be a memfit.Plan (from memfit.plan) or a memfit.Config, "
                      f"got {type(plan_or_config).__name__}; e.g. memfit.Config(micro_batch=32)")
-
-
-def _resolve_device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise UsageError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {str(device)!r} was asked for but torch.cuda.is_available() is False; use device='cpu'")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"device {str(device)!r}: memfit trains on 'cpu' or 'cuda'")
-    return device
 
 
 def _cast(model: nn.Module, precision: str) -> nn.Module:

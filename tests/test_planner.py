@@ -281,3 +281,4 @@ def test_calibration_refuses_a_missing_gpu_and_takes_the_median_of_its_repeats(m
     assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == planner._DEFAULT_M_HALF
     durations.update({1: [1.0, 1.0], 4: [1.0, 7.0]})  # t = 2m - 1: a negative intercept clamps m_half to 0
     assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == 0.0
+

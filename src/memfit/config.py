@@ -16,9 +16,12 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 autocast (``16-mixed`` adds a GradScaler); ``*-true`` casts the model itself."""
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class Config:
     """How one training step is run, as far as memory is concerned.
+
+    Frozen and hashable: validated once, when made; a changed setting is a new Config
+    (``dataclasses.replace(config, micro_batch=4)``), and configs can key a cache.
 
     Example:
         >>> Config(micro_batch=8, precision="bf16-mixed", checkpoint=("transformer.h.*",))
@@ -58,7 +61,7 @@ class Config:
             )
         if "all" in checkpoint and len(checkpoint) > 1:
             raise UsageError(f"Config.checkpoint: 'all' cannot be combined with other globs, got {tuple(checkpoint)!r}")
-        self.checkpoint = tuple(checkpoint)
+        object.__setattr__(self, "checkpoint", tuple(checkpoint))  # frozen: the one normalisation, at creation
         if not isinstance(self.offload_activations, bool):
             raise UsageError(f"Config.offload_activations must be True or False, got {self.offload_activations!r}")
 

@@ -128,3 +128,15 @@ def test_private_torch_apis_are_used_in_torch_private_only():
     uses = {_module_name(p, ROOT): _private_torch_uses(p) for p in ROOT.rglob("*.py") if p.name != "_torch_private.py"}
     assert {name: found for name, found in uses.items() if found} == {}
     assert "torch._subclasses.fake_tensor.FakeTensorMode" in _private_torch_uses(ROOT / "_torch_private.py")
+
+
+def test_torch_distributed_is_imported_by_the_comm_seam_only():
+    def imports_distributed(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "torch.distributed" or n.startswith("torch.distributed.") for n in names):
+                return True
+        return False
+
+    assert {_module_name(p, ROOT) for p in ROOT.rglob("*.py") if imports_distributed(p)} <= {"memfit.engine.comm"}

@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import memfit
 import memfit.statefile
 from memfit import Config, LeakWarning, OutOfMemory, StepResult, Trainer
+from memfit.engine.comm import LocalComm
 from memfit.planner import Alternative
 
 
@@ -1985,3 +1986,49 @@ def test_an_oom_after_the_update_counts_the_batch_and_does_not_redo_it():
     assert trainer.step_count == 2 and trainer.samples_seen == 16 and trainer.retries == 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+class _ScriptedComm(LocalComm):
+    """The other ranks, scripted: at the agreement calls numbered in ``peer_fails`` (from 0) one ran out of memory."""
+
+    def __init__(self, peer_fails=()) -> None:
+        self.calls, self.peer_fails, self.unsynced = [], set(peer_fails), 0
+
+    def any(self, flag: bool) -> bool:
+        self.calls.append(flag)
+        return flag or len(self.calls) - 1 in self.peer_fails
+
+    def no_sync(self, model):
+        self.unsynced += 1
+        return super().no_sync(model)
+
+
+def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alike():
+    batches = classification_batches(2, 8)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    reference = Trainer.from_parts(ref, torch.optim.SGD(ref.parameters(), lr=0.1), classification_loss,
+                                   Config(micro_batch=4))  # what the re-plan after 8 gives
+    for b in batches:
+        reference.step(b)
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=8))
+    comm = trainer._attempt.comm = _ScriptedComm(peer_fails={0})
+    results = [trainer.step(b) for b in batches]
+    assert results[0].retries == 1 and results[0].micro_batches == (4, 4) and results[1].micro_batches == (4, 4)
+    assert [(e.phase, e.micro_batch, e.message, e.action) for e in results[0].oom_events] == [
+        ("forward", 8, "out of memory on another rank at step 1", "re-planned")]
+    # One agreement per attempt (the dropped one, its retry, step 2), before any update: nothing to undo on any rank.
+    assert comm.calls == [False, False, False]
+    assert comm.unsynced == 2  # the first of two micro-batches, in each step that had two, reduces no gradients
+    assert_same_weights(model, ref, 0.0)
+
+
+def test_a_rank_that_runs_out_of_memory_tells_the_others_before_re_planning():
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=8))
+    comm = trainer._attempt.comm = _ScriptedComm()
+    with _FailFirst(trainer, times=1):
+        result = trainer.step(classification_batches(1, 8)[0])
+    assert result.retries == 1 and comm.calls == [True, False]  # its own failure, said once; then the retry agreed

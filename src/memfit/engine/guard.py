@@ -33,6 +33,7 @@ import torch
 
 from memfit import _torch_private, rng
 from memfit.config import Config
+from memfit.engine.comm import PeerOutOfMemory
 from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
 from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
@@ -69,7 +70,7 @@ class OOMGuard:
 
         while True:
             restore = None
-            attempt.phase = "forward"
+            attempt.phase, attempt.agreed = "forward", False
             try:
                 restore = self.snapshot()  # inside the guard: saving the state may itself run out
                 result = attempt(batch, n, t.config, t.step_count + 1, retries, restore)
@@ -77,6 +78,8 @@ class OOMGuard:
                 if isinstance(exc, OutOfMemory):  # memfit's own (a nested guard gave up): not retried here
                     self.abandon(restore, n, exc)
                     raise
+                if not attempt.agreed and not isinstance(exc, PeerOutOfMemory):
+                    attempt.comm.any(True)  # the other ranks are waiting to agree: tell them to drop the attempt
                 message = str(exc).split("\n")[0]
                 # The frames hold the attempt's activations: clear them before anything else.
                 traceback.clear_frames(exc.__traceback__)

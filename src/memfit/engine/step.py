@@ -26,6 +26,7 @@ guard (:mod:`memfit.engine.guard`) reads to undo a failed attempt or to count a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from torch import nn
 
 from memfit._tree import map_tensors
 from memfit.config import Config
+from memfit.engine.comm import Comm, LocalComm, PeerOutOfMemory
 from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
 from memfit.engine.results import StepResult
@@ -65,7 +67,7 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Callable[[nn.Module, Any], Any],
                  recipe: Recipe, device: torch.device, probe: Probe, leak: LeakCheck, *, scheduler: Any,
-                 clip_grad_norm: float | None, on_nonfinite: str) -> None:
+                 clip_grad_norm: float | None, on_nonfinite: str, comm: Comm | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.loss = loss
@@ -76,6 +78,8 @@ class TrainStep:
         self.scheduler = scheduler
         self.clip_grad_norm = clip_grad_norm
         self.on_nonfinite = on_nonfinite
+        self.comm = comm if comm is not None else LocalComm()
+        self.agreed = False  # this attempt has passed the ranks' agreement (no OOM anywhere before the update)
         self.phase = "forward"  # where the current attempt is: forward, backward, optimizer, committed
         # Buffers forward updates (BatchNorm statistics): learned from the first step's snapshot.
         self.mutable_buffers: list[torch.Tensor] | None = None
@@ -88,12 +92,14 @@ class TrainStep:
         recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
         simulated = self.probe.sim is not None
         self.phase = "forward"
+        self.agreed = False
         self.leak.begin_attempt(step)  # the first micro-batch's graph is marked
         with self.probe.measure() as peak:
             total = None  # detached running loss, float32 (float64 for a float64 loss); no sync until read
             token_scale = items = low = None
             start = 0
-            for size in sizes:
+            last = len(sizes) - 1
+            for i, size in enumerate(sizes):
                 micro = _slice(batch, start, start + size)
                 start += size
                 # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not: it would be read early.
@@ -134,10 +140,16 @@ class TrainStep:
                     raise _loss_error(out, mixed=False)
                 self.leak.watch_loss(out if isinstance(out, torch.Tensor) else out[0])
                 self.phase = "backward"
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                # Gradients are reduced across ranks once, in the last micro-batch's backward.
+                with self.comm.no_sync(self.model) if i < last else _NO_CONTEXT:
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 self.phase = "forward"
                 # Release this micro-batch's graph and inputs now: only the gradients carry over.
                 del out, scaled, micro
+            # Every rank got here, or one ran out of memory: all of them learn which before anyone updates.
+            if self.comm.any(False):
+                raise PeerOutOfMemory(f"out of memory on another rank at step {step}")
+            self.agreed = True
             if self.mutable_buffers is None:
                 # The first step shows which buffers forward updates, by value as well as by version:
                 # native_batch_norm writes running_mean/var without bumping their version counters.
@@ -218,6 +230,9 @@ class TrainStep:
             self.phase = "committed"
         optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
         return reason
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _accumulator(loss: torch.Tensor) -> torch.dtype:

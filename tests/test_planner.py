@@ -13,7 +13,8 @@ from torch import nn
 import memfit
 from memfit import Config, PlanError, UsageError, estimate, plan, simulate_budget
 from memfit.cli import main
-from memfit.planner import CostModel, _Searcher, accumulation_steps, balanced_micro_batch
+from memfit.cost import CostModel
+from memfit.planner import Searcher, accumulation_steps, balanced_micro_batch
 from memfit.strategies import Recipe
 from memfit.workload import build_model, run_steps
 from zoo import ZOO
@@ -82,7 +83,7 @@ def test_the_chosen_checkpoint_set_is_the_cheapest_of_all_subsets_that_fit():
     ckpt = estimate(workload, Config(micro_batch=batch, checkpoint="all"), device="cpu")
     budget = (full.required + ckpt.required) // 2  # the whole batch fits only with some checkpointing
     chosen = plan(workload, budget, batch, device="cpu")
-    searcher = _Searcher(workload, "cpu", batch_size=batch)
+    searcher = Searcher(workload, "cpu", batch_size=batch)
     costs = CostModel(workload, device="cpu", m_half=chosen.extra["m_half"])
     blocks = [f"blocks.{i}" for i in range(3)]
     best = None
@@ -163,10 +164,10 @@ def test_plan_cli(capsys):
 
 def test_calibration_fits_the_efficiency_curve_from_timed_steps(monkeypatch):
     # A clock that the step itself advances by c * (m + 3): the fit must find m_half = 3.
-    from memfit import planner
+    from memfit import cost
 
     clock = {"now": 0.0}
-    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock["now"])
     base = ZOO["tied-lm"]()
 
     def timed_loss(model, batch):
@@ -174,13 +175,13 @@ def test_calibration_fits_the_efficiency_curve_from_timed_steps(monkeypatch):
         return base.loss(model, batch)
 
     workload = dataclasses.replace(base, loss=timed_loss)
-    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4, 16), repeats=2) == pytest.approx(3.0)
+    assert cost.calibrate_efficiency(workload, device="cpu", sizes=(1, 4, 16), repeats=2) == pytest.approx(3.0)
     budget = estimate(base, Config(micro_batch=8), device="cpu").required
     calibrated = plan(workload, budget, 16, device="cpu", calibrate=True)
     assert calibrated.extra["m_half"] == pytest.approx(3.0) and sum(calibrated.accumulation) == 16
     # Time that does not grow with the micro-batch gives no curve to fit: the default is kept.
     flat = dataclasses.replace(base, loss=lambda m, b: (clock.__setitem__("now", clock["now"] + 1.0), base.loss(m, b))[1])
-    assert planner.calibrate_efficiency(flat, device="cpu", sizes=(1, 2), repeats=1) == planner._DEFAULT_M_HALF
+    assert cost.calibrate_efficiency(flat, device="cpu", sizes=(1, 2), repeats=1) == cost.DEFAULT_M_HALF
 
 def _mlp_workload() -> memfit.Workload:
     return memfit.Workload(
@@ -257,11 +258,11 @@ def test_find_batch_size_says_exactly_what_it_needs():
 
 
 def test_calibration_refuses_a_missing_gpu_and_takes_the_median_of_its_repeats(monkeypatch):
-    from memfit import planner
+    from memfit import cost
 
     if not torch.cuda.is_available():
         with pytest.raises(UsageError) as info:
-            planner.calibrate_efficiency(ZOO["tied-lm"](), device="cuda")
+            cost.calibrate_efficiency(ZOO["tied-lm"](), device="cuda")
         assert str(info.value) == "calibrate on 'cuda' needs a CUDA device; none is available here"
     # Each size's first run (warm-up) is slow and one repeat is an outlier: the median ignores both.
     durations = {1: [9.0, 4.0, 4.0, 40.0, 4.0], 4: [9.0, 7.0, 70.0, 7.0, 7.0]}  # t = m + 3, m_half = 3
@@ -272,13 +273,13 @@ def test_calibration_refuses_a_missing_gpu_and_takes_the_median_of_its_repeats(m
         clock["now"] += durations[len(batch)].pop(0)
         return base.loss(model, batch)
 
-    monkeypatch.setattr(planner.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock["now"])
     workload = dataclasses.replace(base, loss=timed_loss)
-    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=4) == pytest.approx(3.0)
+    assert cost.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=4) == pytest.approx(3.0)
     assert durations == {1: [], 4: []}  # a warm-up and four repeats each
     slow_start = {1: [1.0, 2.0], 4: [1.0, 1.0]}  # bigger is not slower: no curve, the default stays
     durations.update(slow_start)
-    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == planner._DEFAULT_M_HALF
+    assert cost.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == cost.DEFAULT_M_HALF
     durations.update({1: [1.0, 1.0], 4: [1.0, 7.0]})  # t = 2m - 1: a negative intercept clamps m_half to 0
-    assert planner.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == 0.0
+    assert cost.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == 0.0
 

@@ -14,7 +14,8 @@ from memfit.config import PRECISIONS, Config
 from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLossWarning, OutOfMemory, ResumeWarning,
                            UsageError)
 from memfit.estimator import Estimate, estimate
-from memfit.planner import Plan, PlanError, find_batch_size, plan
+from memfit.batch_size import find_batch_size
+from memfit.planner import Plan, PlanError, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
 from memfit.engine import FitResult, OOMEvent, StepResult, Trainer

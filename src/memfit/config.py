@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from memfit.errors import UsageError
 
-__all__ = ["Config", "PRECISIONS", "MAX_STEPS"]
+__all__ = ["Config", "PRECISIONS", "MAX_STEPS", "accumulation_steps", "balanced_micro_batch"]
 
 MAX_STEPS = 1000
 """The most training steps measure() and estimate() run: the second shows the steady state, later ones repeat it."""
@@ -78,3 +78,21 @@ class Config:
         if self.offload_activations:
             parts.append("activations offloaded")
         return ", ".join(parts)
+
+
+def accumulation_steps(batch_size: int, micro_batch: int) -> tuple[int, ...]:
+    """Micro-batch sizes for ``batch_size`` samples at most ``micro_batch`` each: ``(7,)*14 + (2,)`` for 100, 7."""
+    if micro_batch < 1 or batch_size < 1:
+        raise UsageError(f"batch_size and micro_batch must be positive, got {batch_size} and {micro_batch}")
+    full, rest = divmod(batch_size, micro_batch)
+    return (micro_batch,) * full + ((rest,) if rest else ())
+
+
+def balanced_micro_batch(batch_size: int, largest: int) -> int:
+    """The smallest micro-batch that splits ``batch_size`` into as few micro-steps as ``largest`` does.
+
+    ``balanced_micro_batch(256, 50) == 43``: six micro-steps either way (5 x 50 + 6, or 5 x 43 + 41),
+    the same work, and each micro-step needs less memory.
+    """
+    steps = -(-batch_size // largest)
+    return -(-batch_size // steps)

@@ -4,18 +4,10 @@ The planner works from estimates only (fake tensors, no GPU): for each allowed
 precision and each candidate checkpoint set it finds the largest micro-batch
 that fits (a monotone search over estimates), splits the user's batch into
 micro-batches of at most that size (gradient accumulation keeps the effective
-batch and its math), and ranks the candidates by a cost model:
-
-    cost = sum over micro-batches mb of  flops(mb) * (1 + recompute share) * speed(precision) / efficiency(mb)
-
-* ``flops`` are forward + backward FLOPs counted by ``torch.utils.flop_counter``
-  on fake tensors; checkpointed modules add their forward FLOPs again.
-* ``efficiency(m) = m / (m + m_half)``: a device runs small micro-batches below
-  its peak throughput; ``m_half`` is the micro-batch at which it reaches half.
-  Default ``m_half = 2`` samples (a guess, stated as such); ``calibrate=True``
-  fits it (and the precision speeds) from timed real micro-steps on the device.
-* ``speed(precision)``: relative time of a step's arithmetic; by default 1.0 for
-  32-true and 0.5 for 16-bit on CUDA (tensor cores), 1.0 everywhere on CPU.
+batch and its math), and ranks the candidates by the cost model of
+:mod:`memfit.cost` (FLOPs on fake tensors, recomputation, precision speed, and the
+device's efficiency at small micro-batches; ``calibrate=True`` fits the latter
+from timed real micro-steps).
 
 It never changes the math the user asked for: the effective batch, the
 optimizer, and any precision outside ``precisions`` stay as they are.
@@ -33,24 +25,21 @@ recomputed FLOP yet. Offload is costed as free (its PCIe traffic is not modelled
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from memfit.config import PRECISIONS, Config
-from memfit.device import default_device, resolve_device
+from memfit.config import PRECISIONS, Config, accumulation_steps, balanced_micro_batch
+from memfit.cost import DEFAULT_M_HALF, CostModel, calibrate_efficiency
 from memfit.errors import MemfitError, UsageError
 from memfit.estimator import Estimate, estimate
 from memfit.units import format_budget, format_bytes, parse_bytes
 from memfit.workload import Workload
 
-__all__ = ["Plan", "Alternative", "PlanError", "CostModel", "plan", "find_batch_size", "accumulation_steps",
-           "balanced_micro_batch", "calibrate_efficiency"]
+__all__ = ["Plan", "Alternative", "PlanError", "Searcher", "plan", "resolve_budget", "accumulation_steps",
+           "balanced_micro_batch"]
 
-_DEFAULT_M_HALF = 2.0
-_CUDA_SPEED = {"32-true": 1.0, "16-mixed": 0.55, "bf16-mixed": 0.55, "16-true": 0.5, "bf16-true": 0.5}
 # A safety margin under "auto" budgets: the CUDA context of other libraries, NCCL
 # buffers and fragmentation the allocator model does not see.
 _AUTO_MARGIN = 0.05
@@ -140,24 +129,6 @@ class Plan:
         return render_plan(self, width=width)
 
 
-def accumulation_steps(batch_size: int, micro_batch: int) -> tuple[int, ...]:
-    """Micro-batch sizes for ``batch_size`` samples at most ``micro_batch`` each: ``(7,)*14 + (2,)`` for 100, 7."""
-    if micro_batch < 1 or batch_size < 1:
-        raise UsageError(f"batch_size and micro_batch must be positive, got {batch_size} and {micro_batch}")
-    full, rest = divmod(batch_size, micro_batch)
-    return (micro_batch,) * full + ((rest,) if rest else ())
-
-
-def balanced_micro_batch(batch_size: int, largest: int) -> int:
-    """The smallest micro-batch that splits ``batch_size`` into as few micro-steps as ``largest`` does.
-
-    ``balanced_micro_batch(256, 50) == 43``: six micro-steps either way (5 x 50 + 6, or 5 x 43 + 41),
-    the same work, and each micro-step needs less memory.
-    """
-    steps = -(-batch_size // largest)
-    return -(-batch_size // steps)
-
-
 def resolve_budget(budget: int | str, device: str) -> int:
     """Int bytes from "24GiB", an int, or "auto" (free CUDA memory minus 5%)."""
     if isinstance(budget, str) and budget.strip().lower() == "auto":
@@ -169,7 +140,7 @@ def resolve_budget(budget: int | str, device: str) -> int:
     return parse_bytes(budget)
 
 
-class _Searcher:
+class Searcher:
     """Estimates with a cache, and the FLOP counts of the cost model."""
 
     def __init__(self, workload: Workload, device: str, steps: int = 2, batch_size: int | None = None) -> None:
@@ -248,66 +219,6 @@ class _Searcher:
         return good
 
 
-class CostModel:
-    """Predicted time of a logical batch under a Config, relative units (see the module docstring)."""
-
-    def __init__(self, workload: Workload, *, device: str = "cuda", m_half: float = _DEFAULT_M_HALF) -> None:
-        self.workload = workload
-        self.device = device
-        self.m_half = m_half
-        self._flops: dict[str, tuple[int, dict[str, int]]] = {}
-
-    def flops(self, precision: str) -> tuple[int, dict[str, int]]:
-        """Forward+backward FLOPs per sample, and forward FLOPs per module per sample."""
-        if precision not in self._flops:
-            self._flops[precision] = _flops(self.workload, precision, 1)
-        return self._flops[precision]
-
-    def step_cost(self, config: Config, batch_size: int) -> float:
-        total, per_module = self.flops(config.precision)
-        recompute = sum(per_module.get(path, 0) for name in config.checkpoint for path in _module_paths(name))
-        speed = _CUDA_SPEED[config.precision] if self.device == "cuda" else 1.0
-        per_sample = (total + recompute) * speed
-        # time(mb) = flops(mb) / efficiency(mb) = per_sample * mb * (mb + m_half) / mb
-        return sum(per_sample * (mb + self.m_half) for mb in accumulation_steps(batch_size, config.micro_batch))
-
-
-def _module_paths(name: str) -> list[str]:
-    """The module paths a checkpointed name covers: itself, or a Sequential segment's layers ("f[2:4]": f.2, f.3)."""
-    from memfit.strategies import segment_layers
-
-    return segment_layers(name) or [name]
-
-
-def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
-    """Forward+backward FLOPs of one micro-step and forward FLOPs per module, on fake tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from memfit import _torch_private
-    from memfit.estimator import fake_copy, source_model
-    from memfit.strategies import Recipe
-    from memfit.workload import step_loss
-
-    recipe = Recipe(Config(micro_batch=micro_batch, precision=precision), "cpu", fake=True)
-    source = source_model(workload)
-    with _torch_private.FakeTensorMode() as mode:
-        model = fake_copy(source, mode)
-        recipe.apply(model)
-        batch = recipe.precision.convert_input(workload.batch(micro_batch))
-        counter = FlopCounterMode(display=False)
-        with counter:
-            with recipe.forward_context():
-                loss = step_loss(workload.loss(model, batch))
-            loss.backward()
-        total = counter.get_total_flops()
-        per_module: dict[str, int] = {}
-        root = type(model).__name__
-        for name, counts in counter.get_flop_counts().items():
-            path = name[len(root) + 1 :] if name.startswith(root + ".") else name
-            per_module[path] = int(sum(counts.values()))
-    return int(total), per_module
-
-
 def _candidates(workload: Workload, globs: tuple[str, ...] | None) -> list[str]:
     """The modules the planner may checkpoint, in forward order: the model's repeated blocks, or the user's globs."""
     from memfit.estimator import source_model
@@ -376,9 +287,9 @@ def plan(
         raise UsageError("checkpoint_candidates were given with allow_checkpoint=False; give one or the other")
     if calibrate:
         m_half = calibrate_efficiency(workload, device=device)
-    m_half = _DEFAULT_M_HALF if m_half is None else float(m_half)
+    m_half = DEFAULT_M_HALF if m_half is None else float(m_half)
 
-    searcher = _Searcher(workload, device, batch_size=batch_size)
+    searcher = Searcher(workload, device, batch_size=batch_size)
     blocks = _candidates(workload, checkpoint_candidates) if allow_checkpoint else []
     # Every count of blocks up to 8; beyond, powers of two and all (each count costs a search).
     counts = range(1, len(blocks) + 1) if len(blocks) <= 8 else sorted({2**i for i in range(len(blocks).bit_length()) if 2**i < len(blocks)} | {len(blocks)})
@@ -461,7 +372,7 @@ def _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher) ->
     return reasons
 
 
-def _nothing_fits(searcher: _Searcher, precisions, budget: int, blocks) -> PlanError:
+def _nothing_fits(searcher: Searcher, precisions, budget: int, blocks) -> PlanError:
     cheapest = min(precisions, key=lambda p: (0 if p.endswith("-true") and not p.startswith("32") else 1, p))
     est = searcher.estimate(Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks)))
     own = est.report.peak_by_category
@@ -482,100 +393,4 @@ def _nothing_fits(searcher: _Searcher, precisions, budget: int, blocks) -> PlanE
     )
     return PlanError(message, floor=floor, budget=budget, levers=levers)
 
-
-def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tuple[int, ...] = (1, 2, 4), repeats: int = 3) -> float:
-    """Fit ``m_half`` of the efficiency curve from timed real micro-steps on ``device``.
-
-    Time per micro-step is modelled as ``c * (m + m_half)``; a least-squares line
-    through the median times at ``sizes`` gives ``m_half = intercept / slope``.
-    """
-    from memfit.workload import build_model, move_batch, step_loss
-
-    dev = resolve_device(device, no_cuda="calibrate on 'cuda' needs a CUDA device; none is available here")
-    model = build_model(workload).to(dev)
-    times = []
-    for m in sizes:
-        batch = move_batch(workload.batch(m), dev)
-        samples = []
-        for _ in range(repeats + 1):
-            if dev.type == "cuda":
-                torch.cuda.synchronize()  # time the device's work, not the launch
-            start = time.perf_counter()
-            step_loss(workload.loss(model, batch)).backward()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-        times.append(sorted(samples[1:])[len(samples[1:]) // 2])
-    n = len(sizes)
-    mean_m = sum(sizes) / n
-    mean_t = sum(times) / n
-    slope = sum((m - mean_m) * (t - mean_t) for m, t in zip(sizes, times)) / sum((m - mean_m) ** 2 for m in sizes)
-    intercept = mean_t - slope * mean_m
-    if slope <= 0:
-        return _DEFAULT_M_HALF
-    return max(intercept / slope, 0.0)
-
-
-def find_batch_size(
-    workload: Workload,
-    budget: int | str | None = None,
-    device: str | None = None,
-    *,
-    precision: str = "32-true",
-    limit: int = 4096,
-) -> int:
-    """The largest micro-batch that fits: predicted by the estimator, verified by one real step.
-
-    On CPU give ``budget``: the verifying step runs under ``simulate_budget(budget)``.
-    On CUDA the default budget is the free memory. If the verifying step runs out
-    of memory, the size backs off and is verified again.
-    """
-    from memfit.budget import simulate_budget
-    from memfit.strategies import Recipe
-    from memfit.workload import build_model, run_steps
-
-    if not isinstance(workload, Workload):
-        raise UsageError(f"find_batch_size() takes a memfit.Workload, got {type(workload).__name__}")
-    device = device or default_device().type
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"find_batch_size(device='cuda') runs real steps on a GPU, and torch {torch.__version__} "
-                         "sees none here; use device='cpu' with a budget, or memfit.plan() (estimates only)")
-    if device == "cpu" and budget is None:
-        raise UsageError("find_batch_size on the CPU needs budget=... (the simulated device size, e.g. '2GiB')")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise UsageError(f"limit must be a positive whole number (the largest micro-batch to try), got {limit!r}")
-    budget_bytes = resolve_budget(budget if budget is not None else "auto", device)
-    target = "cuda" if device == "cuda" else "cpu"
-    searcher = _Searcher(workload, target)
-    m = searcher.largest_micro_batch(Config(micro_batch=1, precision=precision), budget_bytes, limit)
-    if device == "cpu" and m > 0:
-        from memfit.host import check_fits
-
-        # The verification runs real steps: on the CPU they take real memory, as much as the estimate says.
-        check_fits(searcher.estimate(Config(micro_batch=m, precision=precision)).required,
-                   f"verifying micro-batch {m} with real steps under the simulated budget of "
-                   f"{format_budget(budget_bytes)}",
-                   "give a budget this machine can hold, or use memfit.plan() (estimates only, no real steps)")
-    while m > 0:
-        config = Config(micro_batch=m, precision=precision)
-        recipe = Recipe(config, target)
-        model = recipe.apply(build_model(workload).to(device))
-        optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
-        try:
-            if device == "cpu":
-                with simulate_budget(budget_bytes, model, optimizer) as sim:
-                    run_steps(workload, model, optimizer, m, 2, tracker=sim, device=device, recipe=recipe)
-            else:
-                run_steps(workload, model, optimizer, m, 2, device=device, recipe=recipe)
-            return m
-        except torch.OutOfMemoryError:
-            m = max(m - max(1, m // 10), 0)  # back off 10% and verify again
-        finally:
-            del model, optimizer
-            if device == "cuda":
-                torch.cuda.empty_cache()  # after an OOM only: hand the cache back before retrying
-    raise PlanError(f"not even a micro-batch of 1 fits in {format_budget(budget_bytes)}", floor=0, budget=budget_bytes, levers={})
 

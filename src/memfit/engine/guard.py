@@ -32,13 +32,12 @@ from typing import Any
 import torch
 
 from memfit import _torch_private, rng
-from memfit.config import Config
+from memfit.config import Config, accumulation_steps
 from memfit.engine.comm import PeerOutOfMemory
 from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
 from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
 from memfit.estimator import estimate
-from memfit.planner import accumulation_steps
 from memfit.strategies import blocks
 from memfit.units import format_budget, format_bytes
 

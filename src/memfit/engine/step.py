@@ -36,13 +36,12 @@ import torch
 from torch import nn
 
 from memfit._tree import map_tensors
-from memfit.config import Config
+from memfit.config import Config, accumulation_steps
 from memfit.engine.comm import Comm, LocalComm, PeerOutOfMemory
 from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
 from memfit.engine.results import StepResult
 from memfit.errors import MemfitError, NonFiniteLoss, NonFiniteLossWarning, UsageError, warn
-from memfit.planner import accumulation_steps
 from memfit.strategies import Recipe
 from memfit.workload import move_batch
 

@@ -283,3 +283,22 @@ def test_calibration_refuses_a_missing_gpu_and_takes_the_median_of_its_repeats(m
     durations.update({1: [1.0, 1.0], 4: [1.0, 7.0]})  # t = 2m - 1: a negative intercept clamps m_half to 0
     assert cost.calibrate_efficiency(workload, device="cpu", sizes=(1, 4), repeats=1) == 0.0
 
+
+
+def test_find_batch_size_when_only_one_sample_fits(monkeypatch):
+    import memfit.host
+    from memfit.units import format_bytes
+
+    workload = ZOO["tied-lm"]()
+    one = estimate(workload, Config(micro_batch=1, precision="bf16-true"), device="cpu").required
+    assert estimate(workload, Config(micro_batch=2, precision="bf16-true"), device="cpu").required > one
+    # The CPU by default here; the smallest limit there is; the answer confirmed by a real step.
+    if not torch.cuda.is_available():
+        assert memfit.find_batch_size(workload, one, precision="bf16-true") == 1
+    assert memfit.find_batch_size(workload, one, "cpu", precision="bf16-true", limit=1) == 1
+    # Even a micro-batch of 1 is checked against the machine's memory, at the precision asked for.
+    monkeypatch.setattr(memfit.host, "available_memory", lambda: one - 1)
+    with pytest.raises(memfit.errors.NotEnoughMemory) as info:
+        memfit.find_batch_size(workload, one, "cpu", precision="bf16-true")
+    assert str(info.value).startswith(f"verifying micro-batch 1 with real steps under the simulated budget of "
+                                      f"{format_bytes(one)} needs {format_bytes(one)} of host memory")

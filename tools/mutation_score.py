@@ -121,17 +121,19 @@ def main(argv: list[str] | None = None) -> int:
             if status in _UNDETECTED:
                 survivors.append((mutant, source, status))
         totals.update(counts)
-        rows.append((Path(source).stem, counts))
+        path = Path(source)  # src/memfit/engine/guard.py is shown as engine/guard
+        rows.append((str(path.relative_to("src/memfit").with_suffix("")) if path.parts[:2] == ("src", "memfit")
+                     else path.stem, counts))
 
     def score(c: Counter) -> str:
         detected = sum(c[s] for s in _DETECTED)
         judged = detected + sum(c[s] for s in _UNDETECTED)
         return f"{100 * detected / judged:5.1f}%" if judged else "   - "
 
-    print(f"{'module':<12} {'score':>6} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} "
+    print(f"{'module':<16} {'score':>6} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} "
           f"{'equivalent':>10} {'unchecked':>9}")
     for name, c in rows:
-        print(f"{name:<12} {score(c):>6} {c['killed'] + c['crashed']:>7} {c['timeout']:>7} "
+        print(f"{name:<16} {score(c):>6} {c['killed'] + c['crashed']:>7} {c['timeout']:>7} "
               f"{c['survived'] + c['suspicious']:>8} {c['no tests']:>8} {c['equivalent']:>10} {c['not checked']:>9}")
     if survivors:
         print(f"\nNot killed ({len(survivors)}):")

@@ -141,3 +141,15 @@ def test_the_budget_raises_at_the_first_allocation_that_would_cross_it(sizes, bu
         assert sim.live_bytes() == (totals[crossing - 1] if crossing else 0)
     else:
         assert crossing is None and sim.peak == totals[-1] <= budget
+
+
+@pytest.mark.parametrize("budget, free", [(128, "0 B"), (150, "22 B")])
+def test_the_out_of_memory_message_in_full(budget, free):
+    # 64 B of weights and a 64 B input are live; the 64 B output is one allocation too many.
+    model = nn.Linear(4, 4, bias=False)
+    with pytest.raises(torch.OutOfMemoryError) as info, simulate_budget(budget, model):
+        model(torch.ones(4, 4))
+    assert str(info.value) == (
+        f"CUDA out of memory. Tried to allocate 64 B. Simulated budget of {budget} B ({budget} bytes) by "
+        f"memfit.simulate_budget on cpu: 128 B in use, {free} free. No real device ran out; reduce the "
+        "micro-batch or raise the budget.")

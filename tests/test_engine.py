@@ -83,7 +83,8 @@ def _guard_on(device: torch.device, plan=None, live=None) -> OOMGuard:
     model = _bn_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = types.SimpleNamespace(live_bytes=lambda: live)
-    return OOMGuard(types.SimpleNamespace(model=model, optimizer=optimizer, device=device, plan=plan, _probe=probe))
+    return OOMGuard(types.SimpleNamespace(model=model, optimizer=optimizer, device=device, plan=plan, _probe=probe,
+                                          _workload=None))  # built from parts: no estimates
 
 
 def test_out_of_memory_advice_on_cuda_names_offloading_the_plan_and_what_was_live():

@@ -302,3 +302,19 @@ def test_find_batch_size_when_only_one_sample_fits(monkeypatch):
         memfit.find_batch_size(workload, one, "cpu", precision="bf16-true")
     assert str(info.value).startswith(f"verifying micro-batch 1 with real steps under the simulated budget of "
                                       f"{format_bytes(one)} needs {format_bytes(one)} of host memory")
+
+
+def test_nothing_fits_gives_its_levers_as_fixes():
+    from memfit.fixes import Fix
+
+    workload = ZOO["tied-lm"]()
+    with pytest.raises(PlanError) as info:
+        plan(workload, "64KiB", 4, device="cpu")
+    error = info.value
+    assert error.levers == {fix.lever: fix.saves for fix in error.fixes} and len(error.fixes) == 6
+    precision = error.fixes[0]  # the one lever a Config expresses, measured by an estimate; the rest is arithmetic
+    assert precision == Fix("precision bf16-true", change=(("precision", "bf16-true"),), saves=precision.saves,
+                            verified=True)
+    assert [f.verified or bool(f.change) for f in error.fixes[1:]] == [False] * 5
+    assert str(error).endswith("Levers: " + "; ".join(f"{f.lever} saves {memfit.format_bytes(f.saves)}"
+                                                      for f in error.fixes))

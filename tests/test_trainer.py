@@ -2032,3 +2032,26 @@ def test_a_rank_that_runs_out_of_memory_tells_the_others_before_re_planning():
     with _FailFirst(trainer, times=1):
         result = trainer.step(classification_batches(1, 8)[0])
     assert result.retries == 1 and comm.calls == [True, False]  # its own failure, said once; then the retry agreed
+
+
+def test_out_of_memory_advice_for_a_workload_says_what_each_change_saves():
+    from zoo import ZOO
+
+    workload = ZOO["tied-lm"]()
+    failed = Config(micro_batch=2)
+    need = memfit.estimate(workload, failed, device="cpu").required
+    trainer = Trainer(workload, failed, device="cpu", budget=need // 2, max_retries=0)
+    batch = workload.batch(2)
+    with pytest.raises(OutOfMemory) as info:
+        trainer.step(batch)
+    fixes = info.value.fixes
+    changes = [fix for fix in fixes if fix.change]
+    assert {fix.lever for fix in changes} == {"precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16)",
+                                             "checkpoint='all'"}
+    for fix in changes:  # each figure is an estimate of the changed config, against the failed one's
+        assert fix.verified and fix.saves == need - memfit.estimate(workload, fix.config(failed), device="cpu").required
+        assert fix.describe() == f"{fix.lever} {fix.effect} (saves {memfit.format_bytes(fix.saves)}, estimated)"
+    assert [fix.saves for fix in changes] == sorted((fix.saves for fix in changes), reverse=True) and all(
+        fix.saves > 0 for fix in changes)
+    assert fixes[-1].lever == "a larger budget or device" and info.value.advice == tuple(f.describe() for f in fixes)
+    assert "Try: " + "; ".join(info.value.advice) + "." in str(info.value)

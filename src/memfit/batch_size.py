@@ -77,4 +77,4 @@ def find_batch_size(
             del model, optimizer
             if device == "cuda":
                 torch.cuda.empty_cache()  # the cache goes back: to the retry, or to the caller's own model
-    raise PlanError(f"not even a micro-batch of 1 fits in {format_budget(budget_bytes)}", floor=0, budget=budget_bytes, levers={})
+    raise PlanError(f"not even a micro-batch of 1 fits in {format_budget(budget_bytes)}", floor=0, budget=budget_bytes)

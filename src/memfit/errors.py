@@ -29,13 +29,17 @@ class OutOfMemory(MemfitError, torch.OutOfMemoryError):
         report: a :class:`memfit.MemoryReport`: under a simulated budget, the
             run's own (its peak is the failed attempt's); for a Trainer built from a
             workload, an estimate of the failed configuration; else None.
-        advice: what would make it fit, most effective first.
+        advice: what would make it fit, most effective first, one phrase each.
+        fixes: the same as :class:`memfit.fixes.Fix` records (the lever, the Config change,
+            the bytes it saves where an estimate could say).
         events: the out-of-memory errors of the logical batch, each a :class:`memfit.OOMEvent`,
             the last one the error that ended it.
     """
 
     def __init__(self, message: str, *, micro_batch: int, retries: int, report: Any = None,
-                 advice: tuple[str, ...] = (), events: tuple[Any, ...] = ()) -> None:
+                 advice: tuple[str, ...] = (), events: tuple[Any, ...] = (), fixes: tuple[Any, ...] = ()) -> None:
+        if fixes:
+            advice = tuple(fix.describe() for fix in fixes)
         full = message + ("" if not advice else " Try: " + "; ".join(advice) + ".")
         super().__init__(full)
         self.micro_batch = micro_batch
@@ -43,6 +47,7 @@ class OutOfMemory(MemfitError, torch.OutOfMemoryError):
         self.report = report
         self.advice = tuple(advice)
         self.events = tuple(events)
+        self.fixes = tuple(fixes)
 
 
 class NotEnoughMemory(MemfitError):

@@ -34,6 +34,7 @@ from memfit.config import PRECISIONS, Config, accumulation_steps, balanced_micro
 from memfit.cost import DEFAULT_M_HALF, CostModel, calibrate_efficiency
 from memfit.errors import MemfitError, UsageError
 from memfit.estimator import Estimate, estimate
+from memfit.fixes import Fix
 from memfit.units import format_budget, format_bytes, parse_bytes
 from memfit.workload import Workload
 
@@ -46,13 +47,15 @@ _AUTO_MARGIN = 0.05
 
 
 class PlanError(MemfitError):
-    """Nothing fits the budget. ``floor`` is the model states' bytes, ``levers`` what would move them."""
+    """Nothing fits the budget. ``floor`` is the model states' bytes; ``fixes`` what would move them
+    (:class:`memfit.fixes.Fix`), and ``levers`` the same as a dict, each lever's bytes saved."""
 
-    def __init__(self, message: str, *, floor: int, budget: int, levers: dict[str, int]) -> None:
+    def __init__(self, message: str, *, floor: int, budget: int, fixes: tuple[Fix, ...] = ()) -> None:
         super().__init__(message)
         self.floor = floor
         self.budget = budget
-        self.levers = levers
+        self.fixes = tuple(fixes)
+        self.levers = {fix.lever: fix.saves for fix in self.fixes}
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,20 +380,21 @@ def _nothing_fits(searcher: Searcher, precisions, budget: int, blocks) -> PlanEr
     est = searcher.estimate(Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks)))
     own = est.report.peak_by_category
     floor = own["parameters"] + own["gradients"] + own["optimizer_state"]
-    levers: dict[str, int] = {}
+    fixes = []
     if cheapest != "bf16-true":
         low = searcher.estimate(Config(micro_batch=1, precision="bf16-true", checkpoint=tuple(blocks))).report.peak_by_category
-        levers["precision bf16-true"] = floor - (low["parameters"] + low["gradients"] + low["optimizer_state"])
-    levers["an optimizer with less state (SGD without momentum keeps none)"] = own["optimizer_state"]
-    for n in (2, 4, 8):
-        levers[f"sharding over {n} GPUs (FSDP)"] = floor - floor // n
-    levers["offloading the optimizer state to CPU"] = own["optimizer_state"]
-    lines = "; ".join(f"{name} saves {format_bytes(saving)}" for name, saving in levers.items())
+        fixes.append(Fix("precision bf16-true", change=(("precision", "bf16-true"),), verified=True,
+                         saves=floor - (low["parameters"] + low["gradients"] + low["optimizer_state"])))
+    # The rest is arithmetic on the estimate's model states: no Config expresses them yet.
+    fixes.append(Fix("an optimizer with less state (SGD without momentum keeps none)", saves=own["optimizer_state"]))
+    fixes += [Fix(f"sharding over {n} GPUs (FSDP)", saves=floor - floor // n) for n in (2, 4, 8)]
+    fixes.append(Fix("offloading the optimizer state to CPU", saves=own["optimizer_state"]))
+    lines = "; ".join(fix.describe() for fix in fixes)
     message = (
         f"nothing fits in {format_budget(budget)}: at micro-batch 1 the step needs {format_bytes(est.required)}, and "
         f"parameters + gradients + optimizer state alone take {format_bytes(floor)} at {cheapest} "
         f"(the cheapest precision allowed). Levers: {lines}"
     )
-    return PlanError(message, floor=floor, budget=budget, levers=levers)
+    return PlanError(message, floor=floor, budget=budget, fixes=tuple(fixes))
 
 

@@ -37,6 +37,7 @@ from memfit.engine.comm import PeerOutOfMemory
 from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
 from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
+from memfit.fixes import Fix
 from memfit.estimator import estimate
 from memfit.strategies import blocks
 from memfit.units import format_budget, format_bytes
@@ -107,7 +108,7 @@ class OOMGuard:
                     "tensors in place; the model and optimizer cannot be restored without a second copy of them. "
                     "Reload the last trainer.state_dict().",
                     micro_batch=failed.micro_batch, retries=retries, report=self.report(failed),
-                    advice=self.advice(failed), events=event("raised"),
+                    fixes=self.fixes(failed), events=event("raised"),
                 ) from None
             if phase == "optimizer" and _uses_foreach(t.optimizer, t.device):
                 _disable_foreach(t.optimizer)
@@ -121,7 +122,7 @@ class OOMGuard:
                 raise OutOfMemory(
                     f"out of memory at step {step}: {why} ({message})",
                     micro_batch=min(failed.micro_batch, n), retries=retries, report=self.report(failed),
-                    advice=self.advice(failed), events=event("raised"),
+                    fixes=self.fixes(failed), events=event("raised"),
                 ) from None
             self.replan(failed, n)
             event("re-planned", t.config)
@@ -214,24 +215,54 @@ class OOMGuard:
             return None
 
     def advice(self, failed: Config) -> tuple[str, ...]:
-        """What would make ``failed`` fit, most effective first; ends with the last resort."""
+        """What would make ``failed`` fit, one phrase each (see :meth:`fixes`)."""
+        return tuple(fix.describe() for fix in self.fixes(failed))
+
+    def fixes(self, failed: Config) -> tuple[Fix, ...]:
+        """What would make ``failed`` fit, the Config changes first, ending with the last resort.
+
+        For a Trainer built from a workload, each Config change is estimated (fake tensors,
+        on the failure path only): what it saves is stated, the changes that would save
+        nothing are left out, and the rest are ordered by what they save.
+        """
         t = self.trainer
-        advice = []
+        levers = []
         if failed.precision == "32-true":
-            advice.append("precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16) halves activations")
+            levers.append(Fix("precision 'bf16-mixed' (or '16-mixed' on GPUs without bf16)", "halves activations",
+                              change=(("precision", "bf16-mixed"),)))
         if not failed.checkpoint and blocks(t.model):
-            advice.append("checkpoint='all' recomputes each block's activations in backward")
+            levers.append(Fix("checkpoint='all'", "recomputes each block's activations in backward",
+                              change=(("checkpoint", ("all",)),)))
         if t.device.type == "cuda" and not failed.offload_activations:
-            advice.append("offload_activations=True keeps saved activations in CPU memory")
+            levers.append(Fix("offload_activations=True", "keeps saved activations in CPU memory",
+                              change=(("offload_activations", True),)))
+        fixes = self._quantified(failed, levers)
         if t.plan is not None:
-            advice.append(f"the plan predicted {format_bytes(t.plan.required)} of {format_budget(t.plan.budget)}; "
-                          "if something else holds device memory, plan for less (memfit plan --budget)")
+            fixes.append(Fix(f"the plan predicted {format_bytes(t.plan.required)} of {format_budget(t.plan.budget)}; "
+                             "if something else holds device memory, plan for less (memfit plan --budget)"))
         live = t._probe.live_bytes()
         if live is not None:
-            advice.append(f"{format_bytes(live)} was still live after the failure; the model states alone are "
-                          f"{format_bytes(sum(model_state_bytes(t.model, t.optimizer).values()))}")
-        advice.append("a larger budget or device")
-        return tuple(advice)
+            fixes.append(Fix(f"{format_bytes(live)} was still live after the failure; the model states alone are "
+                             f"{format_bytes(sum(model_state_bytes(t.model, t.optimizer).values()))}"))
+        fixes.append(Fix("a larger budget or device"))
+        return tuple(fixes)
+
+    def _quantified(self, failed: Config, levers: list[Fix]) -> list[Fix]:
+        """``levers`` with what each saves by an estimate, where the trainer's workload allows one."""
+        t = self.trainer
+        if t._workload is None or not levers:
+            return levers
+        try:
+            def required(config: Config) -> int:
+                return estimate(t._workload, config, device=t.device.type).required
+
+            base = required(failed)
+            quantified = [dataclasses.replace(fix, saves=base - required(fix.config(failed)), verified=True)
+                          for fix in levers]
+        except Exception as exc:  # noqa: BLE001 - the figures are a courtesy; the OOM is the error to raise
+            log.debug("memfit: no estimates for the out-of-memory advice: %s", exc)
+            return levers
+        return sorted((fix for fix in quantified if fix.saves > 0), key=lambda fix: -fix.saves)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -18,15 +18,8 @@ def linear_bytes(i, o):
 
 
 def test_categories_are_exactly_these():
-    assert CATEGORIES == (
-        "parameters",
-        "buffers",
-        "gradients",
-        "optimizer_state",
-        "activations",
-        "inputs",
-        "temporaries",
-    )
+    assert CATEGORIES == ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs",
+                          "temporaries")
 
 
 def test_linear_weight_bias_gradient_and_input_bytes_are_exact():

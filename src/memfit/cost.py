@@ -91,7 +91,7 @@ def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tupl
 
 def _module_paths(name: str) -> list[str]:
     """The module paths a checkpointed name covers: itself, or a Sequential segment's layers ("f[2:4]": f.2, f.3)."""
-    from memfit.strategies import segment_layers
+    from memfit.checkpointing import segment_layers
 
     return segment_layers(name) or [name]
 

@@ -225,7 +225,7 @@ class Searcher:
 def _candidates(workload: Workload, globs: tuple[str, ...] | None) -> list[str]:
     """The modules the planner may checkpoint, in forward order: the model's repeated blocks, or the user's globs."""
     from memfit.estimator import source_model
-    from memfit.strategies import Checkpointing, blocks
+    from memfit.checkpointing import Checkpointing, blocks
 
     model = source_model(workload)
     if globs is None:

@@ -39,7 +39,7 @@ from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
 from memfit.fixes import Fix
 from memfit.estimator import estimate
-from memfit.strategies import blocks
+from memfit.checkpointing import blocks
 from memfit.units import format_budget, format_bytes
 
 __all__ = ["OOMGuard"]

@@ -18,7 +18,7 @@ from torch import nn
 from memfit import rng, statefile
 from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
-from memfit.strategies import Checkpointing
+from memfit.checkpointing import Checkpointing
 
 __all__ = ["trainer_state", "load_trainer_state", "check_state", "qualname", "COUNTERS"]
 

@@ -41,7 +41,8 @@ from memfit.engine.state import load_trainer_state, trainer_state
 from memfit.engine.step import NONFINITE, TrainStep
 from memfit.errors import UsageError
 from memfit.planner import Plan
-from memfit.strategies import Checkpointing, Precision, Recipe
+from memfit.checkpointing import Checkpointing
+from memfit.strategies import Precision, Recipe
 from memfit.units import format_budget, parse_bytes
 from memfit.workload import Workload, batch_size_of, build_model
 

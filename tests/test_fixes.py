@@ -21,3 +21,11 @@ def test_a_fix_applies_its_change_to_a_config():
     assert fix.config(base) == Config(micro_batch=4, precision="bf16-mixed", checkpoint="all")
     assert Fix("an optimizer with less state").config(base) is None  # a lever outside the Config
     assert hash(fix) == hash(Fix("precision 'bf16-mixed'", change=fix.change))  # frozen records
+
+
+def test_a_plan_error_made_with_levers_as_before_has_them_as_fixes():
+    from memfit import PlanError
+
+    error = PlanError("nothing fits", floor=10, budget=5, levers={"sharding over 2 GPUs (FSDP)": 5})
+    assert error.fixes == (Fix("sharding over 2 GPUs (FSDP)", saves=5),)
+    assert error.levers == {"sharding over 2 GPUs (FSDP)": 5}

@@ -50,11 +50,13 @@ class PlanError(MemfitError):
     """Nothing fits the budget. ``floor`` is the model states' bytes; ``fixes`` what would move them
     (:class:`memfit.fixes.Fix`), and ``levers`` the same as a dict, each lever's bytes saved."""
 
-    def __init__(self, message: str, *, floor: int, budget: int, fixes: tuple[Fix, ...] = ()) -> None:
+    def __init__(self, message: str, *, floor: int, budget: int, fixes: tuple[Fix, ...] = (),
+                 levers: dict[str, int] | None = None) -> None:
         super().__init__(message)
         self.floor = floor
         self.budget = budget
-        self.fixes = tuple(fixes)
+        # ``levers`` is the form before Fix records: each a lever's name and the bytes it saves.
+        self.fixes = tuple(fixes) or tuple(Fix(name, saves=saves) for name, saves in (levers or {}).items())
         self.levers = {fix.lever: fix.saves for fix in self.fixes}
 
 

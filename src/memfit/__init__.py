@@ -9,18 +9,18 @@ int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_byte
 """
 
 from memfit import presets
+from memfit.batch_size import find_batch_size
 from memfit.budget import simulate_budget
 from memfit.config import PRECISIONS, Config
 from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLossWarning, OutOfMemory, ResumeWarning,
                            UsageError)
+from memfit.engine import FitResult, OOMEvent, StepResult, Trainer
 from memfit.estimator import Estimate, estimate
-from memfit.batch_size import find_batch_size
+from memfit.measurement import measure
 from memfit.planner import Plan, PlanError, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
 from memfit.tracker import MemoryTracker, track
-from memfit.engine import FitResult, OOMEvent, StepResult, Trainer
 from memfit.units import format_bytes, parse_bytes
-from memfit.measurement import measure
 from memfit.workload import Workload
 
 __version__ = "0.1.0"

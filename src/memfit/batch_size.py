@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from memfit.budget import simulate_budget
+from memfit.checks import positive_int
 from memfit.config import Config
 from memfit.device import default_device
 from memfit.errors import UsageError
@@ -47,8 +48,7 @@ def find_batch_size(
                          "sees none here; use device='cpu' with a budget, or memfit.plan() (estimates only)")
     if device == "cpu" and budget is None:
         raise UsageError("find_batch_size on the CPU needs budget=... (the simulated device size, e.g. '2GiB')")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise UsageError(f"limit must be a positive whole number (the largest micro-batch to try), got {limit!r}")
+    positive_int(limit, "limit", hint="the largest micro-batch to try", noun="whole number")
     budget_bytes = resolve_budget(budget if budget is not None else "auto", device)
     target = "cuda" if device == "cuda" else "cpu"
     searcher = Searcher(workload, target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memfit.checks import positive_int
 from memfit.errors import UsageError
 
 __all__ = ["Config", "PRECISIONS", "MAX_STEPS", "accumulation_steps", "balanced_micro_batch"]
@@ -42,9 +43,7 @@ class Config:
     """Keep tensors saved for backward in CPU memory (``torch.autograd.graph.save_on_cpu``)."""
 
     def __post_init__(self) -> None:
-        mb = self.micro_batch
-        if isinstance(mb, bool) or not isinstance(mb, int) or mb < 1:
-            raise UsageError(f"Config.micro_batch must be a positive int, got {mb!r}")
+        positive_int(self.micro_batch, "Config.micro_batch")
         if self.precision not in PRECISIONS:
             raise UsageError(
                 f"Config.precision {self.precision!r} is not one of {', '.join(PRECISIONS)} "

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from memfit import presets
 from memfit.budget import simulate_budget
+from memfit.checks import positive_int
 from memfit.config import Config
+from memfit.engine import Trainer
 from memfit.errors import UsageError
 from memfit.estimator import estimate
 from memfit.planner import plan
-from memfit import presets
-from memfit.engine import Trainer
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload, run_steps
 
@@ -92,8 +93,7 @@ def run(console, *, batch_size: int = 256, epochs: int = 8, budget: int | str | 
 
     from memfit.display import render_plan
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch size must be a positive whole number, got {batch_size!r}")
+    positive_int(batch_size, "batch size", noun="whole number")
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = digits(seed)
     workload = digits_workload()

@@ -36,9 +36,10 @@ from torch import nn
 
 from memfit import _torch_private
 from memfit.allocator import CUDA_CONTEXT_BYTES, AllocatorEstimate, simulate_caching_allocator
+from memfit.categories import PHASES
+from memfit.checks import positive_int
 from memfit.config import MAX_STEPS, Config
 from memfit.errors import MemfitError, UsageError, user_frame
-from memfit.categories import PHASES
 from memfit.report import MemoryReport
 from memfit.strategies import Recipe
 from memfit.tracker import track
@@ -178,8 +179,7 @@ def estimate(
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"steps must be a whole number from 1 to {MAX_STEPS} (the second step shows the steady "
                          f"state, later ones repeat it), got {steps!r}")
-    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
-        raise UsageError(f"accumulation must be a positive int (micro-steps per optimizer step), got {accumulation!r}")
+    positive_int(accumulation, "accumulation", hint="micro-steps per optimizer step")
     try:
         target = torch.device(device).type
     except (RuntimeError, TypeError):

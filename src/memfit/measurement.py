@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from memfit.checks import positive_int
 from memfit.config import MAX_STEPS, Config
 from memfit.device import resolve_device
 from memfit.errors import UsageError
@@ -47,8 +48,7 @@ def measure(
     if not isinstance(workload, Workload):
         raise UsageError(f"measure() takes a memfit.Workload, got {type(workload).__name__}")
     config = _resolve_config(micro_batch, config)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"steps must be a positive int, got {steps!r}")
+    positive_int(steps, "steps")
     if steps > MAX_STEPS:
         raise UsageError(f"steps must be at most {MAX_STEPS}, got {steps}: the second step shows the steady state")
     device = resolve_device(device)
@@ -83,6 +83,5 @@ def _resolve_config(micro_batch: int | None, config: Config | None) -> Config:
         return config
     if micro_batch is None:
         raise UsageError("give micro_batch=N or config=memfit.Config(micro_batch=N, ...)")
-    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-        raise UsageError(f"micro_batch must be a positive int, got {micro_batch!r}")
+    positive_int(micro_batch, "micro_batch")
     return Config(micro_batch=micro_batch)

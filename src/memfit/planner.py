@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from memfit.checks import positive_int
 from memfit.config import PRECISIONS, Config, accumulation_steps, balanced_micro_batch
 from memfit.cost import DEFAULT_M_HALF, CostModel, calibrate_efficiency
 from memfit.errors import MemfitError, UsageError
@@ -271,8 +272,7 @@ def plan(
     """
     if not isinstance(workload, Workload):
         raise UsageError(f"plan() takes a memfit.Workload, got {type(workload).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"batch_size must be a positive int (the effective batch), got {batch_size!r}")
+    positive_int(batch_size, "batch_size", hint="the effective batch")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
     budget = resolve_budget(budget, device)

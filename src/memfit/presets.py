@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memfit.checks import positive_int
 from memfit.errors import UsageError
 from memfit.workload import Workload
 
@@ -261,8 +262,8 @@ def load(name: str, **overrides) -> Workload:
         )
     for key, value in overrides.items():
         default = preset.options[key]
-        if isinstance(default, int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"preset {name!r}: {key} must be a positive int, got {value!r}")
+        if isinstance(default, int):
+            positive_int(value, f"preset {name!r}: {key}")
         if isinstance(default, float) and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
             raise UsageError(f"preset {name!r}: {key} must be a non-negative number, got {value!r}")
     return preset.build(**overrides)

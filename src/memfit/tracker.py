@@ -55,9 +55,10 @@ from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 
 from memfit import _torch_private
 from memfit._tree import tensors as _tensors
-from memfit.errors import MemfitError
 from memfit.categories import CATEGORIES, PHASES
+from memfit.checks import positive_int
 from memfit.device import default_device
+from memfit.errors import MemfitError
 from memfit.report import MemoryReport, build_report
 
 __all__ = ["MemoryTracker", "track", "CATEGORIES"]
@@ -147,8 +148,7 @@ class MemoryTracker:
         self.device = _normalize_device(device if device is not None else self._infer_device())
         if round_to is None:
             round_to = _CUDA_BLOCK if self.device.type == "cuda" else 1
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise MemfitError(f"round_to must be a positive int (bytes), got {round_to!r}")
+        positive_int(round_to, "round_to", hint="bytes", error=MemfitError)
         self._round = round_to
         self._limit: int | None = None  # set by memfit.simulate_budget
 

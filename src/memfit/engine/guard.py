@@ -32,14 +32,14 @@ from typing import Any
 import torch
 
 from memfit import _torch_private, rng
+from memfit.checkpointing import blocks
 from memfit.config import Config, accumulation_steps
 from memfit.engine.comm import PeerOutOfMemory
 from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
 from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
-from memfit.fixes import Fix
 from memfit.estimator import estimate
-from memfit.checkpointing import blocks
+from memfit.fixes import Fix
 from memfit.units import format_budget, format_bytes
 
 __all__ = ["OOMGuard"]

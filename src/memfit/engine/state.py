@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from memfit import rng, statefile
+from memfit.checkpointing import Checkpointing
 from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
-from memfit.checkpointing import Checkpointing
 
 __all__ = ["trainer_state", "load_trainer_state", "check_state", "qualname", "COUNTERS"]
 

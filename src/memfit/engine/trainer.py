@@ -29,19 +29,20 @@ from torch import nn
 
 from memfit import statefile
 from memfit.budget import SimulatedBudget
+from memfit.checkpointing import Checkpointing
+from memfit.checks import positive_int
 from memfit.config import Config
 from memfit.device import resolve_device
 from memfit.engine.guard import OOMGuard
 from memfit.engine.leak import LeakCheck
-from memfit.engine.probe import Probe
 from memfit.engine.loop import run_fit
+from memfit.engine.probe import Probe
 from memfit.engine.results import FitResult, StepResult
 from memfit.engine.resume import LoaderReplay
 from memfit.engine.state import load_trainer_state, trainer_state
 from memfit.engine.step import NONFINITE, TrainStep
 from memfit.errors import UsageError
 from memfit.planner import Plan
-from memfit.checkpointing import Checkpointing
 from memfit.strategies import Precision, Recipe
 from memfit.units import format_budget, parse_bytes
 from memfit.workload import Workload, batch_size_of, build_model
@@ -277,10 +278,8 @@ class Trainer:
         was at the save. What cannot be replayed (a one-shot iterator, workers that
         keep their own random state across epochs) is warned about when fit starts.
         """
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise UsageError(f"epochs must be a positive whole number, got {epochs!r}")
-        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-            raise UsageError(f"log_every must be a positive whole number, got {log_every!r}")
+        positive_int(epochs, "epochs", noun="whole number")
+        positive_int(log_every, "log_every", noun="whole number")
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
             raise UsageError(f"max_steps must be a whole number >= 0 or None, got {max_steps!r}")
         if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:

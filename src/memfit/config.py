@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from memfit.checks import positive_int
 from memfit.errors import UsageError
 
-__all__ = ["Config", "PRECISIONS", "MAX_STEPS", "accumulation_steps", "balanced_micro_batch"]
+__all__ = ["Config", "PRECISIONS", "MAX_STEPS", "check_precision", "accumulation_steps", "balanced_micro_batch"]
 
 MAX_STEPS = 1000
 """The most training steps measure() and estimate() run: the second shows the steady state, later ones repeat it."""
@@ -15,6 +15,14 @@ MAX_STEPS = 1000
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 """Precision names, as Lightning spells them: ``*-mixed`` keeps fp32 weights and runs
 autocast (``16-mixed`` adds a GradScaler); ``*-true`` casts the model itself."""
+
+
+def check_precision(name: object, what: str = "precision") -> str:
+    """``name`` if it is one of :data:`PRECISIONS`; else a UsageError naming ``what`` and the valid names."""
+    if name not in PRECISIONS:
+        raise UsageError(f"{what} {name!r} is not one of {', '.join(PRECISIONS)} "
+                         "(Lightning's names: *-mixed keeps fp32 weights under autocast, *-true casts the model)")
+    return name
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -44,11 +52,7 @@ class Config:
 
     def __post_init__(self) -> None:
         positive_int(self.micro_batch, "Config.micro_batch")
-        if self.precision not in PRECISIONS:
-            raise UsageError(
-                f"Config.precision {self.precision!r} is not one of {', '.join(PRECISIONS)} "
-                "(Lightning's names: *-mixed keeps fp32 weights under autocast, *-true casts the model)"
-            )
+        check_precision(self.precision, "Config.precision")
         checkpoint = self.checkpoint
         if isinstance(checkpoint, str):
             checkpoint = (checkpoint,)

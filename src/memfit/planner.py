@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from memfit.checks import positive_int
-from memfit.config import PRECISIONS, Config, accumulation_steps, balanced_micro_batch
+from memfit.config import Config, accumulation_steps, balanced_micro_batch, check_precision
 from memfit.cost import DEFAULT_M_HALF, CostModel, calibrate_efficiency
 from memfit.errors import MemfitError, UsageError
 from memfit.estimator import Estimate, estimate
@@ -280,8 +280,7 @@ def plan(
         precisions = (precisions,)
     precisions = tuple(precisions) if precisions else ("32-true",)
     for p in precisions:
-        if p not in PRECISIONS:
-            raise UsageError(f"precision {p!r} is not one of {', '.join(PRECISIONS)}")
+        check_precision(p)
     if m_half is not None and (isinstance(m_half, bool) or not isinstance(m_half, (int, float))
                                or not 0 < m_half < float("inf")):
         raise UsageError(f"m_half must be a positive number of samples (the micro-batch at half the device's "

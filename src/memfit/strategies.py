@@ -22,7 +22,7 @@ from torch import nn
 from memfit import _torch_private
 from memfit._tree import map_tensors
 from memfit.checkpointing import Checkpointing, blocks, segment_layers
-from memfit.config import Config
+from memfit.config import Config, check_precision
 from memfit.errors import UsageError
 
 __all__ = ["Precision", "Checkpointing", "OffloadActivations", "fused_attention_emulation", "Recipe", "cast_module",
@@ -57,9 +57,7 @@ class Precision:
     """Lightning's precision names applied to a model and a step."""
 
     def __init__(self, name: str) -> None:
-        if not isinstance(name, str) or "-" not in name or name.split("-")[0] not in _DTYPES:
-            raise UsageError(f"unknown precision {name!r}")
-        self.name = name
+        self.name = check_precision(name)
         bits, mode = name.split("-", 1)
         self.dtype = _DTYPES[bits]
         self.mixed = mode == "mixed"

@@ -42,6 +42,7 @@ from memfit.engine.resume import LoaderReplay
 from memfit.engine.state import load_trainer_state, trainer_state
 from memfit.engine.step import NONFINITE, TrainStep
 from memfit.errors import UsageError
+from memfit.host import check_fits
 from memfit.planner import Plan
 from memfit.strategies import Precision, Recipe
 from memfit.units import format_budget, parse_bytes
@@ -152,8 +153,6 @@ class Trainer:
         # Every argument is checked before the model is touched (checkpoint wrappers below).
         _check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget)
         if budget is not None and device.type == "cpu":
-            from memfit.host import check_fits
-
             # The simulated device is real host memory: it must not promise more than the machine has.
             check_fits(parse_bytes(budget), f"a Trainer on the CPU with a simulated budget of "
                        f"{format_budget(parse_bytes(budget))}", "give a budget this machine can hold")

@@ -56,6 +56,7 @@ class OOMGuard:
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
+        self._estimates: dict[Config, Any] = {}  # the failure path's estimates: the report and the advice share them
 
     def run(self, batch: Any, n: int) -> StepResult:
         """Attempts ``batch`` (``n`` samples) until it fits, re-planning after each OOM; counts the step."""
@@ -209,7 +210,7 @@ class OOMGuard:
         if t._workload is None:
             return None
         try:
-            return estimate(t._workload, failed, device=t.device.type).report
+            return self._estimate(failed).report
         except Exception as exc:  # noqa: BLE001 - the report is a courtesy; the OOM is the error to raise
             log.debug("memfit: no estimate for the out-of-memory report: %s", exc)
             return None
@@ -247,18 +248,22 @@ class OOMGuard:
         fixes.append(Fix("a larger budget or device"))
         return tuple(fixes)
 
+    def _estimate(self, config: Config):
+        """The estimate of ``config`` for the trainer's workload and device, made once (Configs are hashable)."""
+        if config not in self._estimates:
+            t = self.trainer
+            self._estimates[config] = estimate(t._workload, config, device=t.device.type)
+        return self._estimates[config]
+
     def _quantified(self, failed: Config, levers: list[Fix]) -> list[Fix]:
         """``levers`` with what each saves by an estimate, where the trainer's workload allows one."""
         t = self.trainer
         if t._workload is None or not levers:
             return levers
         try:
-            def required(config: Config) -> int:
-                return estimate(t._workload, config, device=t.device.type).required
-
-            base = required(failed)
-            quantified = [dataclasses.replace(fix, saves=base - required(fix.config(failed)), verified=True)
-                          for fix in levers]
+            base = self._estimate(failed).required
+            quantified = [dataclasses.replace(fix, saves=base - self._estimate(fix.config(failed)).required,
+                                              verified=True) for fix in levers]
         except Exception as exc:  # noqa: BLE001 - the figures are a courtesy; the OOM is the error to raise
             log.debug("memfit: no estimates for the out-of-memory advice: %s", exc)
             return levers

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import memfit
 from memfit import simulate_budget
-from memfit.workload import run_steps
+from memfit.step import run_steps
 
 
 def _run(workload, n, budget):

@@ -104,7 +104,8 @@ def test_derived_steps_equal_steps_run_on_fake_tensors():
 def test_accumulation_keeps_the_first_micro_steps_gradients_alive():
     from memfit import track
     from memfit.strategies import Recipe
-    from memfit.workload import build_model, run_steps
+    from memfit.step import run_steps
+    from memfit.workload import build_model
 
     workload = ZOO["tied-lm"]()
     config = Config(micro_batch=4)

@@ -97,7 +97,17 @@ def test_layers_import_downward_only():
     # Rendering and measuring never need the layers above them; the engine is above the planner.
     assert not reaches("memfit.display") & {"memfit.report", "memfit.estimator", "memfit.planner", "memfit.tracker"}
     assert not reaches("memfit.tracker") & {"memfit.estimator", "memfit.planner", "memfit.engine", "memfit.cli"}
+    # The tracker's units: the ledger knows no torch hook, attribution no ledger, replay only the ledger.
+    assert not reaches("memfit.ledger") & {"memfit.observer", "memfit.attribution", "memfit.tracker", "memfit.report"}
+    assert not reaches("memfit.attribution") & {"memfit.ledger", "memfit.observer", "memfit.tracker"}
+    assert reaches("memfit.replay") - {"memfit.ledger"} <= reaches("memfit.ledger")
+    assert {"memfit.ledger", "memfit.attribution", "memfit.observer", "memfit.replay"} <= reaches("memfit.tracker")
     assert not reaches("memfit.estimator") & {"memfit.planner", "memfit.engine", "memfit.cli"}
+    # The step's parts sit under everything that runs a step: estimate, measure, find_batch_size, the Trainer.
+    assert not reaches("memfit.step") & {"memfit.tracker", "memfit.estimator", "memfit.measurement",
+                                         "memfit.planner", "memfit.engine", "memfit.cli"}
+    assert {"memfit.step"} <= reaches("memfit.engine.step") & reaches("memfit.estimator") \
+        & reaches("memfit.measurement") & reaches("memfit.batch_size")
     assert not reaches("memfit.planner") & {"memfit.engine", "memfit.engine.trainer", "memfit.cli"}
     assert "memfit.cli" not in reaches("memfit.engine")
 
@@ -140,3 +150,16 @@ def test_torch_distributed_is_imported_by_the_comm_seam_only():
         return False
 
     assert {_module_name(p, ROOT) for p in ROOT.rglob("*.py") if imports_distributed(p)} <= {"memfit.engine.comm"}
+
+
+def test_no_module_or_class_grows_past_a_reading():
+    # One noun per file: a module over ~400 lines or a class over ~250 is doing two jobs (issue 10).
+    too_long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        source = path.read_text()
+        if source.count("\n") > 420:
+            too_long.append(f"{path.relative_to(ROOT)}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 280:
+                too_long.append(f"{path.relative_to(ROOT)}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, "split these: " + "; ".join(too_long)

@@ -16,7 +16,8 @@ from memfit.cli import main
 from memfit.cost import CostModel
 from memfit.planner import Searcher, accumulation_steps, balanced_micro_batch
 from memfit.strategies import Recipe
-from memfit.workload import build_model, run_steps
+from memfit.step import run_steps
+from memfit.workload import build_model
 from zoo import ZOO
 
 

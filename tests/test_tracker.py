@@ -8,7 +8,8 @@ from torch.utils.checkpoint import checkpoint
 
 import memfit
 from memfit import CATEGORIES, MemfitError, track
-from memfit.workload import run_steps, step_loss
+from memfit.step import run_steps
+from memfit.workload import step_loss
 
 F32 = 4
 
@@ -143,6 +144,99 @@ def test_tensor_resize_is_seen():
         a.resize_(1000)
         assert t.live_bytes() == 4000
     assert t.report().peak == 4000
+
+
+def test_storage_resize_frees_and_reallocates_as_fsdp2_does():
+    # FSDP2 frees an unsharded parameter with storage.resize_(0) and brings it back with
+    # storage.resize_(nbytes) (torch/distributed/fsdp/_fully_shard/_fsdp_param.py, free_storage).
+    with track(device="cpu") as t:
+        a = torch.zeros(100)
+        storage = a.untyped_storage()
+        storage.resize_(0)
+        assert t.live_bytes() == 0
+        storage.resize_(1000)
+        assert t.live_bytes() == 1000
+        b = torch.zeros(25)  # 100 bytes on top of the regrown storage
+    r = t.report()
+    assert r.peak == 1100 and r.at_end["temporaries"] == 1100
+    assert [delta for _, _, delta in t.allocation_events()] == [400, -400, 1000, 100]
+    del a, b
+
+
+def test_storage_resize_of_a_storage_made_before_entry_counts_it_whole():
+    a = torch.zeros(10)
+    storage = a.untyped_storage()
+    storage.resize_(0)
+    with track(device="cpu") as t:
+        storage.resize_(2000)
+        assert t.live_bytes() == 2000
+        storage.resize_(0)
+        assert t.live_bytes() == 0
+    assert t.report().peak == 2000
+
+
+def test_storage_resize_on_fake_tensors_is_counted():
+    with FakeTensorMode():
+        with track(device="cpu") as t:
+            a = torch.empty(256)
+            a.untyped_storage().resize_(0)
+            freed = t.live_bytes()
+            a.untyped_storage().resize_(2048)
+    assert freed == 0 and t.report().peak == 2048 and t.report().fake
+
+
+def test_storage_resize_past_a_simulated_budget_raises_before_resizing():
+    with memfit.simulate_budget(4096, device="cpu") as sim:
+        a = torch.zeros(512)  # 2 KiB
+        storage = a.untyped_storage()
+        with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 3.00 KiB"):
+            storage.resize_(5120)
+        assert storage.nbytes() == 2048 and sim.live_bytes() == 2048
+        storage.resize_(4096)  # exactly the budget fits
+        assert sim.live_bytes() == 4096
+
+
+def test_storage_resize_is_unwrapped_on_exit_even_after_an_error():
+    original = torch.UntypedStorage.resize_
+    with pytest.raises(RuntimeError, match="boom"):
+        with track(device="cpu"):
+            assert torch.UntypedStorage.resize_ is not original
+            raise RuntimeError("boom")
+    assert torch.UntypedStorage.resize_ is original
+
+
+def test_added_categories_take_their_place_by_strength():
+    model = nn.Linear(4, 4, bias=False)
+    tracker = track(model)
+    tracker.add_category("all_gather_buffers", strength=5)  # between activations (10) and temporaries (0)
+    assert tracker.categories == (*CATEGORIES, "all_gather_buffers")
+    with tracker:
+        x = torch.randn(2, 4, requires_grad=True)
+        buf = torch.empty(64)  # a temporary, until marked
+        tracker.mark(buf, "all_gather_buffers")
+        y = model(x).exp()  # exp saves its output: an activation, stronger than the new role
+        tracker.mark(y, "all_gather_buffers")
+        tracker.mark(model.weight, "all_gather_buffers")  # parameters stay parameters
+        assert tracker.live_by_category()["all_gather_buffers"] == 256
+    r = tracker.report()
+    assert list(r.at_peak) == [*CATEGORIES, "all_gather_buffers"]
+    assert r.peak_by_category["all_gather_buffers"] == 256
+    assert r.peak_by_category["parameters"] == 64 and r.at_end["activations"] == 32
+    assert "all_gather_buffers" in r.table()
+    assert memfit.MemoryReport.from_dict(r.to_dict()) == r
+
+
+def test_bad_categories_are_refused_with_the_valid_ones():
+    tracker = track(device="cpu")
+    with pytest.raises(MemfitError, match="exists already; the categories are: parameters"):
+        tracker.add_category("gradients", strength=1)
+    with pytest.raises(MemfitError, match="lowercase identifier"):
+        tracker.add_category("all gather", strength=1)
+    with pytest.raises(MemfitError, match="strength is a number"):
+        tracker.add_category("shards", strength="high")
+    tracker.add_category("shards", strength=55)
+    with pytest.raises(MemfitError, match="unknown category 'shard'; .*temporaries, shards"):
+        tracker.mark(torch.zeros(1), "shard")
 
 
 def test_saved_tensors_are_activations_and_the_rest_temporaries():

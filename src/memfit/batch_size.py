@@ -17,9 +17,10 @@ from memfit.device import default_device
 from memfit.errors import UsageError
 from memfit.host import check_fits
 from memfit.planner import PlanError, Searcher, resolve_budget
+from memfit.step import run_steps
 from memfit.strategies import Recipe
 from memfit.units import format_budget
-from memfit.workload import Workload, build_model, run_steps
+from memfit.workload import Workload, build_model
 
 __all__ = ["find_batch_size"]
 

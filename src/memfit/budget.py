@@ -37,15 +37,16 @@ class SimulatedBudget(MemoryTracker):
     ) -> None:
         super().__init__(model, optimizer, device=device)
         self.budget = parse_bytes(budget)
-        self._limit = self.budget
+        self._ledger.limit = self.budget
 
     def _over_budget(self, nbytes: int) -> None:
-        free = max(self.budget - self._live, 0)
+        live = self.live_bytes()
+        free = max(self.budget - live, 0)
         # The first sentence matches CUDA's so that OOM detectors recognise it.
         raise torch.OutOfMemoryError(
             f"CUDA out of memory. Tried to allocate {format_bytes(nbytes)}. "
             f"Simulated budget of {format_bytes(self.budget)} ({self.budget:,} bytes) by memfit.simulate_budget "
-            f"on {self.device}: {format_bytes(self._live)} in use, {format_bytes(free)} free. "
+            f"on {self.device}: {format_bytes(live)} in use, {format_bytes(free)} free. "
             "No real device ran out; reduce the micro-batch or raise the budget."
         )
 

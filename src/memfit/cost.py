@@ -19,10 +19,16 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from memfit import _torch_private
+from memfit.checkpointing import segment_layers
 from memfit.config import Config, accumulation_steps
 from memfit.device import resolve_device
-from memfit.workload import Workload
+from memfit.estimator import fake_copy, source_model
+from memfit.step import backward, forward, prepare
+from memfit.strategies import Recipe
+from memfit.workload import Workload, build_model, step_loss
 
 __all__ = ["CostModel", "calibrate_efficiency", "DEFAULT_M_HALF"]
 
@@ -61,19 +67,18 @@ def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tupl
     Time per micro-step is modelled as ``c * (m + m_half)``; a least-squares line
     through the median times at ``sizes`` gives ``m_half = intercept / slope``.
     """
-    from memfit.workload import build_model, move_batch, step_loss
 
     dev = resolve_device(device, no_cuda="calibrate on 'cuda' needs a CUDA device; none is available here")
     model = build_model(workload).to(dev)
     times = []
     for m in sizes:
-        batch = move_batch(workload.batch(m), dev)
+        batch = prepare(workload.batch(m), dev, None)
         samples = []
         for _ in range(repeats + 1):
             if dev.type == "cuda":
                 torch.cuda.synchronize()  # time the device's work, not the launch
             start = time.perf_counter()
-            step_loss(workload.loss(model, batch)).backward()
+            backward(step_loss(forward(workload.loss, model, batch, None)), None)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - start)
@@ -91,31 +96,23 @@ def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tupl
 
 def _module_paths(name: str) -> list[str]:
     """The module paths a checkpointed name covers: itself, or a Sequential segment's layers ("f[2:4]": f.2, f.3)."""
-    from memfit.checkpointing import segment_layers
 
     return segment_layers(name) or [name]
 
 
 def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
     """Forward+backward FLOPs of one micro-step and forward FLOPs per module, on fake tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from memfit import _torch_private
-    from memfit.estimator import fake_copy, source_model
-    from memfit.strategies import Recipe
-    from memfit.workload import step_loss
 
     recipe = Recipe(Config(micro_batch=micro_batch, precision=precision), "cpu", fake=True)
     source = source_model(workload)
     with _torch_private.FakeTensorMode() as mode:
         model = fake_copy(source, mode)
         recipe.apply(model)
-        batch = recipe.precision.convert_input(workload.batch(micro_batch))
+        batch = prepare(workload.batch(micro_batch), None, recipe)
         counter = FlopCounterMode(display=False)
         with counter:
-            with recipe.forward_context():
-                loss = step_loss(workload.loss(model, batch))
-            loss.backward()
+            backward(step_loss(forward(workload.loss, model, batch, recipe)), None)
         total = counter.get_total_flops()
         per_module: dict[str, int] = {}
         root = type(model).__name__

@@ -28,8 +28,9 @@ from memfit.engine import Trainer
 from memfit.errors import UsageError
 from memfit.estimator import estimate
 from memfit.planner import plan
+from memfit.step import run_steps
 from memfit.units import format_bytes, parse_bytes
-from memfit.workload import Workload, run_steps
+from memfit.workload import Workload
 
 __all__ = ["DemoResult", "digits", "digits_workload", "run"]
 

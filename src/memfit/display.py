@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from memfit.categories import CATEGORIES, PHASES
+from memfit.categories import PHASES
 from memfit.errors import UsageError
 from memfit.units import format_budget, format_bytes
 
@@ -48,7 +48,7 @@ def render_report(report: Any, *, top: int = 10, width: int = 100) -> str:
     categories.add_column("share", justify="right")
     categories.add_column("own max", justify="right")
     categories.add_column("at end", justify="right")
-    for name in CATEGORIES:
+    for name in report.peak_by_category:  # the tracker's categories, added ones included
         categories.add_row(
             name,
             format_bytes(report.at_peak[name]),
@@ -108,7 +108,7 @@ def render_estimate(est: Any, *, top: int = 10, width: int = 100) -> str:
     categories.add_column("at peak", justify="right")
     categories.add_column("share", justify="right")
     categories.add_column("own max", justify="right")
-    for name in CATEGORIES:
+    for name in report.peak_by_category:
         categories.add_row(name, format_bytes(est.at_peak[name]), _share(est.at_peak[name], est.peak), format_bytes(report.peak_by_category[name]))
     categories.add_row("total", format_bytes(est.peak), "100%", "")
     console.print(categories)
@@ -180,12 +180,13 @@ def plot_report(report: Any, path: str | Path) -> Path:
     timeline = report.timeline
     xs = [e.index for e in timeline]
     scale, unit = _plot_unit(report.peak)
-    ys = [[e.live[name] / scale for e in timeline] for name in CATEGORIES]
+    names = list(report.peak_by_category)
+    ys = [[e.live[name] / scale for e in timeline] for name in names]
 
     fig, ax = plt.subplots(figsize=(12, 5.5))
     try:
         if timeline:
-            ax.stackplot(xs, ys, labels=CATEGORIES, step="post", alpha=0.85)
+            ax.stackplot(xs, ys, labels=names, step="post", alpha=0.85)
             _shade_phases(ax, timeline)
             _label_modules(ax, timeline, report.peak / scale)
             ax.axvline(report.peak_index, color="black", linestyle="--", linewidth=1)

@@ -41,9 +41,10 @@ from memfit.checks import positive_int
 from memfit.config import MAX_STEPS, Config
 from memfit.errors import MemfitError, UsageError, user_frame
 from memfit.report import MemoryReport
+from memfit.step import run_steps
 from memfit.strategies import Recipe
 from memfit.tracker import track
-from memfit.workload import Workload, build_model, run_steps
+from memfit.workload import Workload, build_model
 
 __all__ = ["Estimate", "estimate", "DataDependentStep", "source_model", "fake_copy"]
 

@@ -17,9 +17,10 @@ from memfit.errors import UsageError
 from memfit.estimator import DataDependentStep, estimate
 from memfit.host import check_fits
 from memfit.report import MemoryReport
+from memfit.step import run_steps
 from memfit.strategies import Recipe
 from memfit.tracker import track
-from memfit.workload import Workload, build_model, run_steps
+from memfit.workload import Workload, build_model
 
 __all__ = ["measure"]
 

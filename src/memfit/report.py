@@ -146,6 +146,7 @@ def build_report(
     device: str,
     fake: bool,
     steps: int,
+    categories: tuple[str, ...] = CATEGORIES,
     paths: list[str],
     sid_cat: list[int],
     sid_module: list[int],
@@ -157,7 +158,7 @@ def build_report(
     live_cat: list[int],
 ) -> MemoryReport:
     """Replay a tracker's history into a report (called by ``MemoryTracker.report``)."""
-    n_cat = len(CATEGORIES)
+    n_cat = len(categories)
     # Each module's ancestors (itself included), for inclusive per-module figures.
     ancestors: list[tuple[int, ...]] = []
     index_of = {p: i for i, p in enumerate(paths)}
@@ -183,7 +184,7 @@ def build_report(
         name = names.get(func)
         if name is None:
             name = names[func] = str(func)
-        live = dict(zip(CATEGORIES, cat_live))
+        live = dict(zip(categories, cat_live))
         timeline.append(TimelineEntry(i, name, paths[module] if module >= 0 else None, PHASES[phase], step, live))
         total = sum(cat_live)
         if total > phase_max[phase]:
@@ -222,12 +223,12 @@ def build_report(
     return MemoryReport(
         device=device,
         peak=peak,
-        at_peak=dict(zip(CATEGORIES, at_peak)),
-        peak_by_category=dict(zip(CATEGORIES, cat_max)),
+        at_peak=dict(zip(categories, at_peak)),
+        peak_by_category=dict(zip(categories, cat_max)),
         peak_by_phase=dict(zip(PHASES, phase_max)),
         by_module={paths[m]: mod_max[m] for m in range(len(paths)) if mod_max[m] > 0},
         timeline=tuple(timeline),
-        at_end=dict(zip(CATEGORIES, live_cat)),
+        at_end=dict(zip(categories, live_cat)),
         peak_index=peak_index,
         peak_op=peak_name,
         peak_module=peak_module,

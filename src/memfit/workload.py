@@ -1,4 +1,4 @@
-"""Workload: factories for a training step, and run_steps(), the step that measure and estimate run.
+"""Workload: the factories of a training step (model, batch, loss, optimizer), and batch helpers.
 
 A workload holds factories rather than objects so that later stages can build
 the model, the batch and the optimizer anywhere: on a device, or under
@@ -7,7 +7,6 @@ the model, the batch and the optimizer anywhere: on a device, or under
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,12 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit import _torch_private
 from memfit._tree import map_tensors, tensors
 from memfit.errors import MemfitError, UsageError
-from memfit.strategies import Recipe
 
-__all__ = ["Workload", "run_steps", "build_model", "move_batch", "step_loss", "batch_size_of"]
+__all__ = ["Workload", "build_model", "move_batch", "step_loss", "batch_size_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,54 +108,3 @@ def build_model(workload: Workload) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise MemfitError(f"the workload's model factory returned {type(model).__name__}, expected a torch.nn.Module")
     return model
-
-
-def run_steps(
-    workload: Workload,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    micro_batch: int,
-    steps: int,
-    *,
-    tracker=None,
-    device: torch.device | str | None = None,
-    recipe: Recipe | None = None,
-    accumulation: int = 1,
-) -> None:
-    """Run ``steps`` plain training steps: batch, forward and loss, backward, step, zero_grad.
-
-    With ``accumulation=k`` each step runs k micro-steps (forward and backward)
-    before the optimizer step, so the gradients of the first are alive during the
-    next ones, as under gradient accumulation. The same loop serves real runs and
-    fake-tensor runs (enter ``FakeTensorMode`` before building the model), so both
-    count the same storages. ``recipe`` adds autocast, activation offload and a
-    GradScaler as its Config asks. (Memory only: losses are not rescaled here;
-    memfit's training engine does the exact accumulation.)
-    """
-    scaler = recipe.scaler() if recipe is not None and optimizer is not None else None
-    forward_context = recipe.forward_context if recipe is not None else contextlib.nullcontext
-    for _ in range(steps):
-        for _ in range(accumulation):
-            batch = workload.batch(micro_batch)
-            if device is not None:
-                batch = move_batch(batch, device)
-            if recipe is not None:
-                batch = recipe.precision.convert_input(batch)
-            if tracker is not None:
-                tracker.mark_inputs(batch)
-            with forward_context():
-                loss = step_loss(workload.loss(model, batch))
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            # Drop the micro-step's references now: only the gradients carry over.
-            del batch, loss
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if tracker is not None:  # the scale is training state, like the optimizer's
-                tracker.mark(_torch_private.grad_scaler_state(scaler), "optimizer_state")
-        elif optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            model.zero_grad(set_to_none=True)

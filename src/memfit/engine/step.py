@@ -42,8 +42,8 @@ from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
 from memfit.engine.results import StepResult
 from memfit.errors import MemfitError, NonFiniteLoss, NonFiniteLossWarning, UsageError, warn
+from memfit.step import backward, forward, prepare, update
 from memfit.strategies import Recipe
-from memfit.workload import move_batch
 
 __all__ = ["TrainStep", "NONFINITE"]
 
@@ -102,12 +102,10 @@ class TrainStep:
                 micro = _slice(batch, start, start + size)
                 start += size
                 # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not: it would be read early.
-                micro = move_batch(micro, device, non_blocking=device.type == "cuda")
-                micro = recipe.precision.convert_input(micro)
+                micro = prepare(micro, device, recipe, non_blocking=device.type == "cuda")
                 if simulated:
                     micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
-                with recipe.forward_context():
-                    out = self.loss(self.model, micro)
+                out = forward(self.loss, self.model, micro, recipe)
                 if isinstance(out, torch.Tensor):
                     if token_scale is not None or out.dim() != 0:
                         raise _loss_error(out, mixed=token_scale is not None)
@@ -141,7 +139,7 @@ class TrainStep:
                 self.phase = "backward"
                 # Gradients are reduced across ranks once, in the last micro-batch's backward.
                 with self.comm.no_sync(self.model) if i < last else _NO_CONTEXT:
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    backward(scaled, scaler)
                 self.phase = "forward"
                 # Release this micro-batch's graph and inputs now: only the gradients carry over.
                 del out, scaled, micro
@@ -211,24 +209,12 @@ class TrainStep:
             warn(message, NonFiniteLossWarning)
 
     def _optimizer_step(self, scaler) -> str | None:
-        optimizer = self.optimizer
-        if self.clip_grad_norm is not None:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-        reason = None
-        if scaler is not None:
-            scale = scaler.get_scale()  # GradScaler.step syncs anyway, to check for inf
-            scaler.step(optimizer)
+        def committed() -> None:
             self.phase = "committed"
-            scaler.update()
-            if scaler.get_scale() < scale:  # the scale backs off exactly when the step was skipped
-                reason = "grad scaler"
-        else:
-            optimizer.step()
-            self.phase = "committed"
-        optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
-        return reason
+
+        skipped = update(self.optimizer, scaler, clip_grad_norm=self.clip_grad_norm, params=self.model.parameters(),
+                         committed=committed, detect_skip=True)
+        return "grad scaler" if skipped else None
 
 
 _NO_CONTEXT = contextlib.nullcontext()

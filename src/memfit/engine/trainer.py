@@ -130,12 +130,7 @@ class Trainer:
         ``*-true`` precisions, cast in place: parameters keep their identity, so
         the optimizer stays valid (cast before the optimizer has state).
         """
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"Trainer.from_parts: model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise UsageError(f"Trainer.from_parts: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not callable(loss):
-            raise UsageError(f"Trainer.from_parts: loss must be a function (model, batch) -> loss, got {type(loss).__name__}")
+        _check_parts(model, optimizer, loss)
         plan, config = _plan_and_config(plan_or_config)
         _check_optimizer_owns(model, optimizer)
         if device is None:
@@ -153,9 +148,7 @@ class Trainer:
         # Every argument is checked before the model is touched (checkpoint wrappers below).
         _check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget)
         if budget is not None and device.type == "cpu":
-            # The simulated device is real host memory: it must not promise more than the machine has.
-            check_fits(parse_bytes(budget), f"a Trainer on the CPU with a simulated budget of "
-                       f"{format_budget(parse_bytes(budget))}", "give a budget this machine can hold")
+            _check_host_holds(parse_bytes(budget))
         self.model = model
         self.optimizer = optimizer
         self.plan = plan
@@ -331,6 +324,21 @@ class Trainer:
             Checkpointing.remove(self.model, self._checkpointed)
             self._checkpointed = Checkpointing(config.checkpoint).apply(self.model)
         self._config = config
+
+
+def _check_parts(model: Any, optimizer: Any, loss: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"Trainer.from_parts: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageError(f"Trainer.from_parts: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not callable(loss):
+        raise UsageError(f"Trainer.from_parts: loss must be a function (model, batch) -> loss, got {type(loss).__name__}")
+
+
+def _check_host_holds(budget: int) -> None:
+    # A simulated device is real host memory: it must not promise more than the machine has.
+    check_fits(budget, f"a Trainer on the CPU with a simulated budget of {format_budget(budget)}",
+               "give a budget this machine can hold")
 
 
 def _check_options(max_retries: Any, clip_grad_norm: Any, scheduler: Any, on_nonfinite: Any, budget: Any) -> None:

@@ -55,7 +55,8 @@ from accelerate.utils import find_executable_batch_size
 from lightning.pytorch.tuner import Tuner
 
 import memfit
-from memfit.workload import build_model, run_steps, step_loss
+from memfit.step import run_steps
+from memfit.workload import build_model, step_loss
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
     logging.getLogger(_name).setLevel(logging.ERROR)

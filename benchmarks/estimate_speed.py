@@ -45,7 +45,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memfit
 from memfit.strategies import cast_module
-from memfit.workload import Workload, run_steps
+from memfit.step import run_steps
+from memfit.workload import Workload
 
 try:
     import transformers

@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import memfit
-from memfit.workload import run_steps
+from memfit.step import run_steps
 
 
 class _NoopMode(TorchDispatchMode):

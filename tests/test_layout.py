@@ -163,3 +163,20 @@ def test_no_module_or_class_grows_past_a_reading():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 280:
                 too_long.append(f"{path.relative_to(ROOT)}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
     assert not too_long, "split these: " + "; ".join(too_long)
+
+
+def test_benchmarks_and_tools_import_names_that_exist():
+    # Benchmarks are not run by the suite; a moved name must not break them silently.
+    import importlib.util
+
+    missing, files = [], 0
+    for folder in ("benchmarks", "tools"):
+        for path in sorted((Path(__file__).parents[1] / folder).glob("*.py")):
+            files += 1
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "memfit":
+                    module = importlib.import_module(node.module)
+                    missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                                if not hasattr(module, a.name)
+                                and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert files >= 5 and not missing, missing

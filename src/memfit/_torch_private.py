@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["FakeTensorMode", "TorchDispatchMode", "in_backward", "is_fake", "fake_friendly_grad_scaler",
            "grad_scaler_state", "reset_grad_scaler_step", "data_dependent_errors", "quiet_fake_tensor_errors",
-           "cpu_flash_attention"]
+           "cpu_flash_attention", "autocast_cpu_excluded", "autocast_cpu_ops", "drop_library",
+           "softmax_half_to_float"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -120,3 +121,38 @@ def cpu_flash_attention(query, key, value, dropout_p: float, is_causal: bool, at
     if op is None:
         return None
     return op(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def autocast_cpu_excluded():
+    """A context in which CPU autocast's kernels are skipped, as the C++ autocast wrappers do before they
+    redispatch (``ExcludeDispatchKeyGuard`` on ``AutocastCPU``; torch._C, torch 2.6-2.13)."""
+    return torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU))
+
+
+def autocast_cpu_ops() -> frozenset[str]:
+    """The aten ops (``"softmax.int"``, ``"mm"``) with a kernel on the ``AutocastCPU`` dispatch key in this torch."""
+    get = getattr(torch._C, "_dispatch_get_registrations_for_dispatch_key", None)
+    if get is None:  # pragma: no cover - future torch
+        return frozenset()
+    return frozenset(name.removeprefix("aten::") for name in get("AutocastCPU") if name.startswith("aten::"))
+
+
+def drop_library(lib) -> None:
+    """Remove a ``torch.library.Library``'s registrations now (the kernels they replaced are back).
+
+    ``Library._destroy`` is what its finalizer calls (torch 2.6-2.13); without it the
+    registrations go when the object is garbage-collected.
+    """
+    destroy = getattr(lib, "_destroy", None)
+    if destroy is not None:
+        destroy()
+
+
+def softmax_half_to_float(name: str):
+    """The kernel op that ``softmax.int``/``log_softmax.int`` (``name``) call on CUDA for a half input with
+    ``dtype=float``: ``aten._softmax``/``aten._log_softmax`` with ``half_to_float=True`` (SoftMax.cpp; the ops are
+    underscore-named, in torch 2.6-2.13 with this schema). None for another op or if this torch lacks it."""
+    kernel = {"softmax.int": "_softmax", "log_softmax.int": "_log_softmax"}.get(name)
+    packet = getattr(torch.ops.aten, kernel, None) if kernel is not None else None
+    return packet.default if packet is not None else None
+

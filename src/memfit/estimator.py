@@ -9,10 +9,11 @@ so an estimate and a measurement of a run that fits agree byte for byte on CPU.
 For ``device="cuda"`` the fake tensors still live on CPU (fake CUDA tensors can
 abort a CPU-only torch build), and memfit emulates what differs on CUDA:
 storages rounded to 512 bytes, the optimizers' foreach implementation (CUDA's
-default), fused attention with dropout (CPU falls back to a kernel that keeps
-the attention matrix, CUDA does not), autocast with the CPU autocast's op lists
-(an approximation: the CUDA lists differ in a few ops), and the caching
-allocator (:mod:`memfit.allocator`) for the reserved figure.
+default), and, through :mod:`memfit.emulation`, CUDA's kernels and autocast:
+dropout's fused kernel (a bool mask, not fp32 noise), fused attention with
+dropout (CPU falls back to a kernel that keeps the attention matrix, CUDA does
+not), CUDA's autocast op lists (softmax, layer_norm, losses and reductions in
+fp32); the caching allocator (:mod:`memfit.allocator`) gives the reserved figure.
 
 Known limitations: memory inside one kernel (cuDNN/cuBLAS scratch, fused
 attention's workspace) is not counted; CUDA-only kernels (flash attention) are

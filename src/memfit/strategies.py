@@ -23,6 +23,7 @@ from memfit import _torch_private
 from memfit._tree import map_tensors
 from memfit.checkpointing import Checkpointing, blocks, segment_layers
 from memfit.config import Config, check_precision
+from memfit.emulation import cuda_emulation, fused_attention_emulation
 from memfit.errors import UsageError
 
 __all__ = ["Precision", "Checkpointing", "OffloadActivations", "fused_attention_emulation", "Recipe", "cast_module",
@@ -114,46 +115,6 @@ def _unpark(packed) -> torch.Tensor:
     return t.to(device)
 
 
-@contextlib.contextmanager
-def fused_attention_emulation() -> Iterator[None]:
-    """On fake CPU tensors standing for CUDA, run attention with dropout as CUDA would.
-
-    With ``dropout_p > 0`` PyTorch's CPU ``scaled_dot_product_attention`` falls back
-    to the math kernel, which keeps the seq x seq scores and probabilities for
-    backward; on CUDA the flash and memory-efficient kernels support dropout and
-    keep only the output and a log-sum-exp. Within this context such a call goes
-    to the CPU flash kernel's op, whose fake outputs (and saved tensors) have the
-    shapes of CUDA's fused kernels. Calls it cannot map (grouped-query attention
-    with unequal heads) run unchanged.
-
-    It swaps ``torch.nn.functional.scaled_dot_product_attention`` for the
-    context's duration (models look it up at call time), over the whole step:
-    a TorchFunctionMode would be off during backward, where
-    ``torch.utils.checkpoint`` recomputes the forward and must take the same path.
-    Only ``memfit.estimate`` uses it, on fake tensors.
-    """
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        mapped = _fused_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        if mapped is not None:
-            return mapped
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-
-    torch.nn.functional.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
-def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    if not dropout_p or query.shape[-3] != key.shape[-3] or query.dim() != 4:
-        return None  # the CPU kernel choice already matches CUDA's, or the call is unusual
-    return _torch_private.cpu_flash_attention(query, key, value, dropout_p, is_causal, attn_mask, scale)
-
-
 class Recipe:
     """A Config's strategies for one device type (``"cpu"`` or ``"cuda"``), real or fake."""
 
@@ -188,9 +149,9 @@ class Recipe:
                     group["foreach"] = True
 
     def emulation(self):
-        """A context around the whole run that makes fake CPU kernels choose as CUDA's would."""
+        """A context around the whole run that makes fake CPU kernels do what CUDA's would (memfit.emulation)."""
         if self.fake and self.device_type == "cuda":
-            return fused_attention_emulation()
+            return cuda_emulation()
         return contextlib.nullcontext()
 
     def scaler(self):

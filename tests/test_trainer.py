@@ -2055,3 +2055,45 @@ def test_out_of_memory_advice_for_a_workload_says_what_each_change_saves():
         fix.saves > 0 for fix in changes)
     assert fixes[-1].lever == "a larger budget or device" and info.value.advice == tuple(f.describe() for f in fixes)
     assert "Try: " + "; ".join(info.value.advice) + "." in str(info.value)
+
+
+@pytest.mark.parametrize("zero_grad", ["zeros", "after-forward"])
+def test_gradients_kept_between_steps_train_the_fault_free_weights_through_ooms(zero_grad):
+    # With gradients alive between steps, a failed attempt must neither keep its partial
+    # gradients nor add the kept ones into the retry (zeros: zeroed again; after-forward: freed).
+    batches = classification_batches(6, 16, seed=4)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=16, zero_grad=zero_grad))
+    results = []
+    # (Op counts start after each optimizer step: with zeros, the 4 zero_ ops of zero_grad come first.)
+    with FaultInjector(trainer, optimizer, {2: 12, 4: 9}) as injector:
+        for batch in batches:
+            results.append(trainer.step(batch))
+            kept = [p.grad for p in model.parameters()]
+            assert all(g is not None for g in kept)  # alive between steps, as the option says
+            if zero_grad == "zeros":
+                assert all(not g.any() for g in kept)
+    assert injector.fired == 2 and sum(r.retries for r in results) == 2
+    reference_run(ref, torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9), batches,
+                  [r.micro_batches for r in results])
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_fused_optimizer_trains_as_the_loop_does_and_a_step_in_backward_is_refused():
+    batches = classification_batches(3, 16, seed=6)
+    ref = mlp()
+    model = copy.deepcopy(ref)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=8, optimizer_impl="fused"))
+    assert optimizer.param_groups[0]["fused"] is True
+    for batch in batches:
+        trainer.step(batch)
+    reference_run(ref, torch.optim.AdamW(ref.parameters(), lr=0.01, foreach=False), batches, [(8, 8)] * 3)
+    assert_same_weights(model, ref, 1e-6)
+    with pytest.raises(memfit.UsageError, match="does not run optimizer_in_backward: an out-of-memory error mid-backward"):
+        other = mlp()
+        Trainer.from_parts(other, torch.optim.SGD(other.parameters(), lr=0.1), classification_loss,
+                           Config(micro_batch=8, optimizer_in_backward=True))

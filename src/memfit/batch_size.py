@@ -64,7 +64,7 @@ def find_batch_size(
         config = Config(micro_batch=m, precision=precision)
         recipe = Recipe(config, target)
         model = recipe.apply(build_model(workload).to(device))
-        optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
+        optimizer = recipe.build_optimizer(workload.optimizer, model)
         try:
             if device == "cpu":
                 with simulate_budget(budget_bytes, model, optimizer) as sim:

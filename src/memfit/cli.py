@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from memfit.config import MAX_STEPS, PRECISIONS
+from memfit.config import MAX_STEPS, OPTIMIZER_IMPLS, PRECISIONS, ZERO_GRADS
 from memfit.errors import MemfitError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -76,6 +76,21 @@ def _key_value(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _add_loop_args(parser: argparse.ArgumentParser) -> None:
+    """How the training loop runs the optimizer and releases gradients (Config's fields of these names)."""
+    parser.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="default", help="torch.optim's "
+                        "implementation; its temporaries: for-loop two parameter-sized per tensor, foreach a copy of "
+                        "all exp_avg_sq, fused none (default: PyTorch's, foreach on CUDA, for-loop on CPU)")
+    parser.add_argument("--zero-grad", choices=ZERO_GRADS, default="set-to-none", help="when gradients are "
+                        "released: right after the step (default), after the next forward, or never (zeros)")
+    parser.add_argument("--optimizer-in-backward", action="store_true", help="step each parameter in its "
+                        "post-accumulate-grad hook and free its gradient at once (one micro-batch per step)")
+
+
+def _loop(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ("optimizer_impl", "zero_grad", "optimizer_in_backward")}
+
+
 def _add_workload_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
     parser.add_argument(
         "spec",
@@ -115,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--plot", metavar="PATH", help="also plot the timeline to PATH (.png, .svg or .pdf)")
     profile.add_argument("--json", action="store_true", help="print only JSON")
     profile.add_argument("--timeline", action="store_true", help="with --json, include the per-op timeline")
+    _add_loop_args(profile)
 
     estimate = commands.add_parser(
         "estimate",
@@ -134,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--budget", metavar="BYTES",
                           help="say whether the step fits in this much memory: 24GiB, or a card such as rtx4090, h100")
     estimate.add_argument("--json", action="store_true", help="print only JSON")
+    _add_loop_args(estimate)
 
     plan = commands.add_parser(
         "plan",
@@ -155,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="the target (default cuda; no GPU needed)")
     plan.add_argument("--calibrate", action="store_true", help="time a few real micro-steps on --device to fit the efficiency curve")
     plan.add_argument("--json", action="store_true", help="print only JSON")
+    _add_loop_args(plan)
 
     demo = commands.add_parser(
         "demo",
@@ -269,6 +287,7 @@ def _profile(args: argparse.Namespace) -> int:
     import torch
 
     from memfit import presets
+    from memfit.config import Config
     from memfit.display import PLOT_SUFFIXES
     from memfit.measurement import measure
 
@@ -284,7 +303,8 @@ def _profile(args: argparse.Namespace) -> int:
             f"--device cuda: no CUDA device is available to torch {torch.__version__} here; use --device cpu"
         )
     workload = presets.resolve(args.spec, **_overrides(args))
-    report = measure(workload, args.batch_size, steps=args.steps, device=args.device)
+    report = measure(workload, config=Config(micro_batch=args.batch_size, **_loop(args)), steps=args.steps,
+                     device=args.device)
     if args.plot is not None:
         report.plot(args.plot)
     if args.json:
@@ -315,6 +335,7 @@ def _estimate(args: argparse.Namespace) -> int:
         precision=args.precision,
         checkpoint=checkpoint,
         offload_activations=args.offload_activations,
+        **_loop(args),
     )
     workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Estimating {workload.name} on fake tensors"):
@@ -355,6 +376,7 @@ def _plan(args: argparse.Namespace) -> int:
             allow_offload=args.offload_activations,
             device=args.device,
             calibrate=args.calibrate,
+            **_loop(args),
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))

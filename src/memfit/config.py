@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from memfit.checks import positive_int
 from memfit.errors import UsageError
 
-__all__ = ["Config", "PRECISIONS", "MAX_STEPS", "check_precision", "accumulation_steps", "balanced_micro_batch"]
+__all__ = ["Config", "PRECISIONS", "OPTIMIZER_IMPLS", "ZERO_GRADS", "MAX_STEPS", "check_precision", "accumulation_steps",
+           "balanced_micro_batch"]
 
 MAX_STEPS = 1000
 """The most training steps measure() and estimate() run: the second shows the steady state, later ones repeat it."""
@@ -15,6 +16,12 @@ MAX_STEPS = 1000
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 """Precision names, as Lightning spells them: ``*-mixed`` keeps fp32 weights and runs
 autocast (``16-mixed`` adds a GradScaler); ``*-true`` casts the model itself."""
+
+OPTIMIZER_IMPLS = ("default", "for-loop", "foreach", "fused")
+"""How torch.optim runs the update: PyTorch's default (foreach on CUDA, the per-tensor loop on CPU), or one forced."""
+
+ZERO_GRADS = ("set-to-none", "after-forward", "zeros")
+"""When a step's gradients are released: see :attr:`Config.zero_grad`."""
 
 
 def check_precision(name: object, what: str = "precision") -> str:
@@ -49,6 +56,21 @@ class Config:
     A module inside another matched module is not checkpointed twice."""
     offload_activations: bool = False
     """Keep tensors saved for backward in CPU memory (``torch.autograd.graph.save_on_cpu``)."""
+    optimizer_impl: str = "default"
+    """One of :data:`OPTIMIZER_IMPLS`. Their temporaries differ: AdamW's per-tensor loop holds two
+    parameter-sized temporaries of one tensor at a time, ``foreach`` a copy of every ``exp_avg_sq``
+    at once (``_foreach_sqrt``), ``fused`` none (one kernel; torch.optim's Adam, AdamW, SGD, Adagrad)."""
+    zero_grad: str = "set-to-none"
+    """When gradients are released, one of :data:`ZERO_GRADS`: ``"set-to-none"`` right after the
+    optimizer step (none alive in the next forward; memfit's own loop), ``"after-forward"`` set to
+    None between the forward and the backward (a loop that calls ``zero_grad()`` there: the last
+    step's gradients live through the forward), ``"zeros"`` (``zero_grad(set_to_none=False)``:
+    gradient memory is never released)."""
+    optimizer_in_backward: bool = False
+    """Step each parameter in its post-accumulate-grad hook and free its gradient at once
+    (PyTorch's tutorial "How to save memory by fusing the optimizer step into the backward
+    pass"): the gradients of a few parameters alive instead of all. One optimizer per
+    parameter; needs one micro-batch per step (no accumulation) and no GradScaler."""
 
     def __post_init__(self) -> None:
         positive_int(self.micro_batch, "Config.micro_batch")
@@ -67,6 +89,18 @@ class Config:
         object.__setattr__(self, "checkpoint", tuple(checkpoint))  # frozen: the one normalisation, at creation
         if not isinstance(self.offload_activations, bool):
             raise UsageError(f"Config.offload_activations must be True or False, got {self.offload_activations!r}")
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise UsageError(f"Config.optimizer_impl {self.optimizer_impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
+        if self.zero_grad not in ZERO_GRADS:
+            raise UsageError(f"Config.zero_grad {self.zero_grad!r} is not one of {', '.join(ZERO_GRADS)}")
+        if not isinstance(self.optimizer_in_backward, bool):
+            raise UsageError(f"Config.optimizer_in_backward must be True or False, got {self.optimizer_in_backward!r}")
+        if self.optimizer_in_backward and self.zero_grad != "set-to-none":
+            raise UsageError(f"Config.optimizer_in_backward frees each gradient in its hook; zero_grad={self.zero_grad!r} "
+                             "cannot keep them: use zero_grad='set-to-none'")
+        if self.optimizer_in_backward and self.precision == "16-mixed":
+            raise UsageError("Config.optimizer_in_backward cannot run with 16-mixed: the GradScaler checks every "
+                             "gradient for inf before any step; use bf16-mixed")
 
     @property
     def mixed(self) -> bool:
@@ -80,6 +114,12 @@ class Config:
             parts.append("checkpoint " + ",".join(self.checkpoint))
         if self.offload_activations:
             parts.append("activations offloaded")
+        if self.optimizer_impl != "default":
+            parts.append(f"{self.optimizer_impl} optimizer")
+        if self.zero_grad != "set-to-none":
+            parts.append(f"zero_grad {self.zero_grad}")
+        if self.optimizer_in_backward:
+            parts.append("optimizer step in backward")
         return ", ".join(parts)
 
 

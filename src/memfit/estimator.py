@@ -182,6 +182,9 @@ def estimate(
         raise UsageError(f"steps must be a whole number from 1 to {MAX_STEPS} (the second step shows the steady "
                          f"state, later ones repeat it), got {steps!r}")
     positive_int(accumulation, "accumulation", hint="micro-steps per optimizer step")
+    if config.optimizer_in_backward and accumulation > 1:
+        raise UsageError(f"optimizer_in_backward updates every parameter in each backward, so it cannot accumulate "
+                         f"gradients over {accumulation} micro-batches; give one micro-batch per step")
     try:
         target = torch.device(device).type
     except (RuntimeError, TypeError):
@@ -198,9 +201,7 @@ def estimate(
         parameters = sum(p.numel() for p in model.parameters())
         model.train()
         recipe.apply(model)
-        optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
-        if optimizer is not None:
-            recipe.tune_optimizer(optimizer)
+        optimizer = recipe.build_optimizer(workload.optimizer, model)
         shape_error, value_errors = _torch_private.data_dependent_errors()
         try:
             with recipe.emulation(), _torch_private.quiet_fake_tensor_errors(), \
@@ -212,7 +213,11 @@ def estimate(
                 # state): derive them from its trace, unless asked to run them all or the
                 # trace cannot be repeated (then they run).
                 remaining = steps - 1
-                if remaining and (run_all_steps or not tracker.repeat_since(start, remaining)):
+                # Unless gradients are set to None after each step, a later step differs from the
+                # first: it frees the last step's gradients mid-step (after-forward) or adds into
+                # them through a temporary (zeros, AccumulateGrad's grad += new); so it runs.
+                repeatable = not run_all_steps and config.zero_grad == "set-to-none"
+                if remaining and not (repeatable and tracker.repeat_since(start, remaining)):
                     run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker,
                               recipe=recipe, accumulation=accumulation)
         except shape_error as exc:

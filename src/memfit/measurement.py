@@ -66,7 +66,7 @@ def measure(
     model = build_model(workload)
     model = recipe.apply(model.to(device))
     model.train()
-    optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
+    optimizer = recipe.build_optimizer(workload.optimizer, model)
     with track(model, optimizer, device=device) as tracker:
         run_steps(workload, model, optimizer, config.micro_batch, steps, tracker=tracker, device=device, recipe=recipe)
     report = tracker.report()

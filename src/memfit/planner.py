@@ -160,8 +160,10 @@ class Searcher:
     def estimate(self, config: Config) -> Estimate:
         # A micro-batch smaller than the batch means accumulation: the first
         # micro-step's gradients are alive during the next, so estimate two.
-        accumulation = 2 if self.batch_size is not None and config.micro_batch < self.batch_size else 1
-        key = (config.micro_batch, config.precision, config.checkpoint, config.offload_activations, accumulation)
+        # (A step in backward accumulates nothing: the plan gives it the whole batch.)
+        accumulation = 2 if (self.batch_size is not None and config.micro_batch < self.batch_size
+                             and not config.optimizer_in_backward) else 1
+        key = (config, accumulation)
         if key not in self.cache:
             self.calls += 1
             self.cache[key] = estimate(self.workload, config, steps=self.steps, device=self.device,
@@ -248,6 +250,9 @@ def plan(
     device: str = "cuda",
     m_half: float | None = None,
     calibrate: bool = False,
+    optimizer_impl: str = "default",
+    zero_grad: str = "set-to-none",
+    optimizer_in_backward: bool = False,
 ) -> Plan:
     """The configuration that fits ``budget`` at the lowest predicted step cost, keeping ``batch_size``.
 
@@ -266,6 +271,9 @@ def plan(
         device: the target, "cuda" (default) or "cpu".
         m_half: the efficiency curve's half-throughput micro-batch (default 2, or calibrated).
         calibrate: time a few real micro-steps on ``device`` to fit ``m_half``.
+        optimizer_impl, zero_grad, optimizer_in_backward: how the training loop runs the
+            optimizer and releases gradients (the :class:`Config` fields of these names); the
+            plan keeps them. A step in backward accumulates nothing: its plan is one micro-batch.
 
     Raises:
         PlanError: nothing fits, with the floor and the levers that would move it.
@@ -308,10 +316,12 @@ def plan(
         for offload in offloads:
             previous_best = 0
             for ckpt in checkpoint_sets:
-                base = Config(micro_batch=1, precision=precision, checkpoint=ckpt, offload_activations=offload)
+                base = Config(micro_batch=1, precision=precision, checkpoint=ckpt, offload_activations=offload,
+                              optimizer_impl=optimizer_impl, zero_grad=zero_grad,
+                              optimizer_in_backward=optimizer_in_backward)
                 # More checkpointing never needs more memory: start from the last size that fitted.
                 m = searcher.largest_micro_batch(base, budget, batch_size, start=previous_best or 1)
-                if m == 0:
+                if m == 0 or (optimizer_in_backward and m < batch_size):
                     continue
                 if ckpt and m <= previous_best:
                     continue  # more recomputation, no larger micro-batch: never cheaper
@@ -326,6 +336,13 @@ def plan(
                 if m == batch_size:
                     break  # the whole batch fits: more checkpointing only costs
 
+    if not candidates and optimizer_in_backward:
+        one = Config(micro_batch=batch_size, precision=precisions[0], optimizer_impl=optimizer_impl,
+                     optimizer_in_backward=True)
+        raise PlanError(f"with optimizer_in_backward the whole batch of {batch_size} is one micro-batch (a step in "
+                        f"backward cannot accumulate), and it needs {format_bytes(searcher.estimate(one).required)} at "
+                        f"{precisions[0]} against a budget of {format_bytes(budget)}; plan without "
+                        "optimizer_in_backward to split the batch", floor=0, budget=budget)
     if not candidates:
         raise _nothing_fits(searcher, precisions, budget, blocks)
 

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from memfit import _torch_private
+from memfit.optimizers import OptimizerInBackward
 from memfit.strategies import Recipe
 from memfit.workload import Workload, move_batch, step_loss
 
-__all__ = ["prepare", "forward", "backward", "update", "run_steps"]
+__all__ = ["prepare", "forward", "backward", "update", "release_before_backward", "run_steps"]
 
 
 def prepare(batch: Any, device: torch.device | str | None, recipe: Recipe | None, *,
@@ -50,8 +51,12 @@ def backward(loss: torch.Tensor, scaler: Any) -> None:
 
 def update(optimizer: torch.optim.Optimizer, scaler: Any, *, clip_grad_norm: float | None = None,
            params: Iterable[torch.Tensor] = (), committed: Callable[[], None] | None = None,
-           detect_skip: bool = False) -> bool:
-    """Clip, step and free the gradients (``zero_grad(set_to_none=True)``); True if the GradScaler skipped the step.
+           detect_skip: bool = False, zero_grad: str = "set-to-none") -> bool:
+    """Clip, step and release the gradients as ``zero_grad`` says; True if the GradScaler skipped the step.
+
+    ``zero_grad`` is :attr:`memfit.Config.zero_grad`: ``"set-to-none"`` frees them now,
+    ``"zeros"`` keeps them as zeros, ``"after-forward"`` leaves them for
+    :func:`release_before_backward` to free after the next forward.
 
     ``committed`` is called as soon as the parameters may have changed (the
     guard can no longer undo the attempt). ``detect_skip`` reads the scale
@@ -74,8 +79,17 @@ def update(optimizer: torch.optim.Optimizer, scaler: Any, *, clip_grad_norm: flo
         optimizer.step()
         if committed is not None:
             committed()
-    optimizer.zero_grad(set_to_none=True)  # frees the gradients until the next backward
+    if zero_grad != "after-forward":
+        # set-to-none frees the gradients until the next backward; zeros keeps their memory.
+        optimizer.zero_grad(set_to_none=zero_grad == "set-to-none")
     return skipped
+
+
+def release_before_backward(model: nn.Module, optimizer: torch.optim.Optimizer | None, zero_grad: str) -> None:
+    """Between the first forward of a step and its backward: free the last step's gradients if ``zero_grad``
+    is ``"after-forward"`` (they lived through the forward, as in a loop that calls ``zero_grad()`` there)."""
+    if zero_grad == "after-forward":
+        (optimizer if optimizer is not None else model).zero_grad(set_to_none=True)
 
 
 def run_steps(
@@ -101,18 +115,25 @@ def run_steps(
     the Trainer's TrainStep does the exact accumulation.)
     """
     scaler = recipe.scaler() if recipe is not None and optimizer is not None else None
+    zero_grad = recipe.config.zero_grad if recipe is not None else "set-to-none"
+    if isinstance(optimizer, OptimizerInBackward) and tracker is not None:
+        # The tracker's own gradient hook runs after the update freed the gradient: mark it before.
+        optimizer.before_step = lambda p: tracker.mark(p.grad, "gradients")
+        optimizer.after_step = lambda p: tracker.mark(optimizer.state[p], "optimizer_state")
     for _ in range(steps):
-        for _ in range(accumulation):
+        for i in range(accumulation):
             batch = prepare(workload.batch(micro_batch), device, recipe)
             if tracker is not None:
                 tracker.mark_inputs(batch)
             loss = step_loss(forward(workload.loss, model, batch, recipe))
+            if i == 0:
+                release_before_backward(model, optimizer, zero_grad)
             backward(loss, scaler)
             # Drop the micro-step's references now: only the gradients carry over.
             del batch, loss
         if optimizer is None:
-            model.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=zero_grad != "zeros")
             continue
-        update(optimizer, scaler)
+        update(optimizer, scaler, zero_grad=zero_grad)
         if scaler is not None and tracker is not None:  # the scale is training state, like the optimizer's
             tracker.mark(_torch_private.grad_scaler_state(scaler), "optimizer_state")

@@ -25,6 +25,7 @@ from memfit.checkpointing import Checkpointing, blocks, segment_layers
 from memfit.config import Config, check_precision
 from memfit.emulation import cuda_emulation, fused_attention_emulation
 from memfit.errors import UsageError
+from memfit.optimizers import OptimizerInBackward, set_implementation
 
 __all__ = ["Precision", "Checkpointing", "OffloadActivations", "fused_attention_emulation", "Recipe", "cast_module",
            "blocks", "segment_layers"]
@@ -136,15 +137,35 @@ class Recipe:
         self.checkpointed = self.checkpointing.apply(model)
         return model
 
+    def build_optimizer(self, factory, model: nn.Module) -> torch.optim.Optimizer | None:
+        """The optimizer over ``model``'s parameters as the Config runs it (None without a factory).
+
+        ``optimizer_in_backward`` builds one optimizer per parameter, stepped in backward
+        (:class:`memfit.optimizers.OptimizerInBackward`); ``optimizer_impl`` picks the
+        implementation; see :meth:`tune_optimizer` for a CUDA target's default.
+        """
+        if factory is None:
+            return None
+        if self.config.optimizer_in_backward:
+            optimizer = OptimizerInBackward(model.parameters(), factory)
+        else:
+            optimizer = factory(model.parameters())
+        self.tune_optimizer(optimizer)
+        return optimizer
+
     def tune_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """On fake CPU tensors standing for CUDA, pick the implementation CUDA would pick.
+        """The Config's ``optimizer_impl``; by default, on fake CPU tensors standing for CUDA, CUDA's choice.
 
         PyTorch's optimizers default to the foreach implementation on CUDA and to
         the per-tensor loop on CPU; their temporaries differ, so an emulated CUDA
         step must run the foreach one unless the user chose.
         """
-        if self.fake and self.device_type == "cuda":
-            for group in optimizer.param_groups:
+        set_implementation(optimizer, self.config.optimizer_impl)
+        if self.config.optimizer_impl != "default" or not (self.fake and self.device_type == "cuda"):
+            return
+        inner = optimizer.optimizers.values() if isinstance(optimizer, OptimizerInBackward) else [optimizer]
+        for opt in inner:
+            for group in opt.param_groups:
                 if group.get("foreach", False) is None and not group.get("fused") and not group.get("differentiable"):
                     group["foreach"] = True
 

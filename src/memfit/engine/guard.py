@@ -154,12 +154,17 @@ class OOMGuard:
         if learning:
             buffers = list(t.model.buffers())
         # Gradients are None between steps; ones the caller left on the model are kept as they were.
-        grads = [(p, p.grad.detach().clone()) for p in t.model.parameters() if p.grad is not None]
+        # With zero_grad="zeros" they are zeros (zeroed again, not copied); with "after-forward" they
+        # are the last step's, freed before this step's backward in any case (nothing to keep).
+        zero_grad = t._recipe.config.zero_grad
+        grads = [(p, p.grad.detach().clone()) for p in t.model.parameters()
+                 if p.grad is not None] if zero_grad == "set-to-none" else []
         optimizer = t.optimizer
         return {
             "buffers": [(b, b.detach().clone()) for b in buffers],
             "versions0": {id(b): b._version for b in buffers} if learning else None,
             "grads": grads,
+            "zeros": zero_grad == "zeros",
             "rng": rng.capture(cuda=t.device.type == "cuda", portable=False),
             "has_state": {id(p) for p in optimizer.state},
             # Weak references: a strong one would keep a state tensor the optimizer replaces alive twice.
@@ -173,7 +178,8 @@ class OOMGuard:
         The optimizer's parameters are the model's (checked at construction): one zero_grad frees them all.
         """
         t = self.trainer
-        t.model.zero_grad(set_to_none=True)  # the batch's partial gradients
+        # The batch's partial gradients: freed, or zeroed where gradients live as zeros.
+        t.model.zero_grad(set_to_none=restore is None or not restore["zeros"])
         if restore is not None:
             with torch.no_grad():
                 for b, saved in restore["buffers"]:

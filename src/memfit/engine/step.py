@@ -42,7 +42,7 @@ from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
 from memfit.engine.results import StepResult
 from memfit.errors import MemfitError, NonFiniteLoss, NonFiniteLossWarning, UsageError, warn
-from memfit.step import backward, forward, prepare, update
+from memfit.step import backward, forward, prepare, release_before_backward, update
 from memfit.strategies import Recipe
 
 __all__ = ["TrainStep", "NONFINITE"]
@@ -136,6 +136,8 @@ class TrainStep:
                 else:
                     raise _loss_error(out, mixed=False)
                 self.leak.watch_loss(out if isinstance(out, torch.Tensor) else out[0])
+                if i == 0:
+                    release_before_backward(self.model, self.optimizer, recipe.config.zero_grad)
                 self.phase = "backward"
                 # Gradients are reduced across ranks once, in the last micro-batch's backward.
                 with self.comm.no_sync(self.model) if i < last else _NO_CONTEXT:
@@ -191,7 +193,7 @@ class TrainStep:
 
     def _skip(self, restore: dict[str, Any], reason: str, loss_value: float, step: int) -> None:
         """Leave the model as before the step: no update, BatchNorm statistics back (a NaN poisons them)."""
-        self.model.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=not restore["zeros"])
         with torch.no_grad():
             for b, saved in restore["buffers"]:
                 b.copy_(saved)
@@ -213,7 +215,7 @@ class TrainStep:
             self.phase = "committed"
 
         skipped = update(self.optimizer, scaler, clip_grad_norm=self.clip_grad_norm, params=self.model.parameters(),
-                         committed=committed, detect_skip=True)
+                         committed=committed, detect_skip=True, zero_grad=self.recipe.config.zero_grad)
         return "grad scaler" if skipped else None
 
 

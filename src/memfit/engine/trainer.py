@@ -147,6 +147,12 @@ class Trainer:
                on_nonfinite) -> None:
         # Every argument is checked before the model is touched (checkpoint wrappers below).
         _check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget)
+        if config.optimizer_in_backward:
+            # An update inside backward cannot be undone if a later parameter's backward runs out of
+            # memory: the Trainer's promise (a failed step leaves the model as it was) would break.
+            raise UsageError("the Trainer does not run optimizer_in_backward: an out-of-memory error mid-backward "
+                             "would leave some parameters updated; estimate and plan with it, train with "
+                             "Config(optimizer_in_backward=False)")
         if budget is not None and device.type == "cpu":
             _check_host_holds(parse_bytes(budget))
         self.model = model
@@ -155,7 +161,8 @@ class Trainer:
         self.device = device
         self.max_retries = max_retries
         self._workload: Workload | None = None  # set by __init__: lets an OOM report come from an estimate
-        self._recipe = Recipe(config, device.type)  # autocast, offload, GradScaler
+        self._recipe = Recipe(config, device.type)  # autocast, offload, GradScaler, the optimizer's implementation
+        self._recipe.tune_optimizer(optimizer)
         self._checkpointed = Checkpointing(config.checkpoint).apply(model)
         self._config = config
         self._required = plan.required if plan is not None else None  # predicted bytes of the config in use

@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# A CUDA estimate reads this machine's calibrated device profile if there is one: tests use memfit's defaults.
+os.environ["MEMFIT_DEVICE_PROFILE"] = os.path.join(os.path.dirname(__file__), "no-such-dir", "device.json")
 
 import pytest
 import torch

@@ -88,7 +88,7 @@ class AllocatorEstimate:
     segments: int
     """Segments taken from the driver (cudaMalloc calls)."""
     workspace: int
-    """cuBLAS workspace bytes included in both figures."""
+    """Workspace bytes (cuBLAS, and others a device profile names) included in both figures."""
 
 
 class _Pool:
@@ -167,6 +167,8 @@ def simulate_caching_allocator(
     *,
     capability: tuple[int, int] = (9, 0),
     cublas_handles: int = 2,
+    cublas_workspace: int | None = None,
+    other_workspace: int = 0,
 ) -> AllocatorEstimate:
     """Replay a tracker's allocation trace (``MemoryTracker.allocation_events()``).
 
@@ -176,11 +178,17 @@ def simulate_caching_allocator(
             resize) is treated as free-and-allocate.
         capability: the GPU's compute capability, which sets the cuBLAS workspace.
         cublas_handles: workspaces held (2 for training: main thread and backward thread).
+        cublas_workspace: one handle's workspace, if measured (:class:`memfit.devices.DeviceProfile`);
+            by default the size cuBLAS takes for ``capability``.
+        other_workspace: other bytes the step keeps through the allocator for the process's life
+            (cuDNN workspaces, measured by ``memfit calibrate``).
     """
     alloc = _Allocator()
-    workspace = cublas_workspace_bytes(capability)
+    workspace = cublas_workspace if cublas_workspace is not None else cublas_workspace_bytes(capability)
     for _ in range(cublas_handles):
         alloc.malloc(workspace)
+    if other_workspace:
+        alloc.malloc(other_workspace)
     live: dict[int, tuple[tuple[int, int], int]] = {}
     for _, sid, delta in events:
         current = live.get(sid)
@@ -200,5 +208,5 @@ def simulate_caching_allocator(
         allocated=alloc.peak_allocated,
         reserved=alloc.peak_reserved,
         segments=alloc.segments,
-        workspace=workspace * cublas_handles,
+        workspace=workspace * cublas_handles + other_workspace,
     )

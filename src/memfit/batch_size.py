@@ -16,7 +16,8 @@ from memfit.config import Config
 from memfit.device import default_device
 from memfit.errors import UsageError
 from memfit.host import check_fits
-from memfit.planner import PlanError, Searcher, resolve_budget
+from memfit.planner import PlanError, resolve_budget
+from memfit.searcher import Searcher
 from memfit.step import run_steps
 from memfit.strategies import Recipe
 from memfit.units import format_budget

@@ -10,15 +10,12 @@ budget, an error inside the workload's code), one line on stderr; 130 Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-import threading
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 
 from memfit.config import MAX_STEPS, OPTIMIZER_IMPLS, PRECISIONS, ZERO_GRADS
+from memfit import commands
 from memfit.errors import MemfitError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -87,10 +84,6 @@ def _add_loop_args(parser: argparse.ArgumentParser) -> None:
                         "post-accumulate-grad hook and free its gradient at once (one micro-batch per step)")
 
 
-def _loop(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in ("optimizer_impl", "zero_grad", "optimizer_in_backward")}
-
-
 def _add_workload_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
     parser.add_argument(
         "spec",
@@ -150,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--budget", metavar="BYTES",
                           help="say whether the step fits in this much memory: 24GiB, or a card such as rtx4090, h100")
     estimate.add_argument("--json", action="store_true", help="print only JSON")
+    estimate.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces: a file "
+                          "`memfit calibrate` wrote, or a card (h100, a100-80gb, rtx4090, ...); default: this "
+                          "machine's calibrated profile, else memfit's defaults")
     _add_loop_args(estimate)
 
     plan = commands.add_parser(
@@ -172,7 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="the target (default cuda; no GPU needed)")
     plan.add_argument("--calibrate", action="store_true", help="time a few real micro-steps on --device to fit the efficiency curve")
     plan.add_argument("--json", action="store_true", help="print only JSON")
+    plan.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces, as for estimate")
     _add_loop_args(plan)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure this machine's CUDA card for estimates: context, workspaces",
+        description="Measure the CUDA context, the cuBLAS workspace and the allocator's configuration on this "
+        "machine's card and write a device profile that estimate and plan read.",
+    )
+    calibrate.add_argument("--device", default="cuda", help="the CUDA device to measure (default cuda)")
+    calibrate.add_argument("--output", metavar="PATH", help="where to write the profile (default: "
+                           "~/.cache/memfit/device.json, which estimate and plan read by default)")
 
     demo = commands.add_parser(
         "demo",
@@ -215,15 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help(sys.stderr)
             return EXIT_USAGE
-        if args.command == "presets":
-            return _presets()
-        if args.command == "estimate":
-            return _estimate(args)
-        if args.command == "plan":
-            return _plan(args)
-        if args.command == "demo":
-            return _demo(args)
-        return _profile(args)
+        return commands.run(args)
     except _UsageExit as exc:
         return _fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
@@ -259,161 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(message: str, code: int) -> int:
     print(f"memfit: error: {' '.join(message.split())}", file=sys.stderr)
     return code
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The workload function's keyword arguments: --seq-len and each --arg KEY=VALUE."""
-    overrides: dict[str, object] = {}
-    for key, value in args.arg:
-        if key in overrides:
-            raise UsageError(f"--arg {key}= is given twice; give each key once")
-        overrides[key] = value
-    if args.seq_len is not None:
-        if "seq_len" in overrides:
-            raise UsageError("--seq-len and --arg seq_len=... both give the sequence length; give one")
-        overrides["seq_len"] = args.seq_len
-    return overrides
-
-
-def _presets() -> int:
-    from memfit import presets
-
-    for name in presets.names():
-        print(presets.describe(name))
-    return 0
-
-
-def _profile(args: argparse.Namespace) -> int:
-    import torch
-
-    from memfit import presets
-    from memfit.config import Config
-    from memfit.display import PLOT_SUFFIXES
-    from memfit.measurement import measure
-
-    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
-        raise UsageError(f"--plot {args.plot}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
-    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
-        raise UsageError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; "
-                         "create it first")
-    if args.timeline and not args.json:
-        raise UsageError("--timeline only applies with --json")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device cuda: no CUDA device is available to torch {torch.__version__} here; use --device cpu"
-        )
-    workload = presets.resolve(args.spec, **_overrides(args))
-    report = measure(workload, config=Config(micro_batch=args.batch_size, **_loop(args)), steps=args.steps,
-                     device=args.device)
-    if args.plot is not None:
-        report.plot(args.plot)
-    if args.json:
-        print(report.to_json(indent=2, timeline=args.timeline))
-    else:
-        print(report.table(), end="")
-        if args.plot is not None:
-            print(f"Plot written to {args.plot}")
-    return 0
-
-
-def _estimate(args: argparse.Namespace) -> int:
-    from memfit import presets
-    from memfit.config import Config
-    from memfit.estimator import estimate
-    from memfit.units import format_budget, format_bytes, parse_bytes
-
-    budget = parse_bytes(args.budget) if args.budget is not None else None
-    if args.precision not in PRECISIONS:
-        raise UsageError(f"--precision {args.precision}: expected one of {', '.join(PRECISIONS)}")
-    checkpoint = tuple(args.checkpoint)
-    if checkpoint == ("none",):
-        checkpoint = ()
-    elif "none" in checkpoint:
-        raise UsageError("--checkpoint none cannot be combined with globs")
-    config = Config(
-        micro_batch=args.batch_size,
-        precision=args.precision,
-        checkpoint=checkpoint,
-        offload_activations=args.offload_activations,
-        **_loop(args),
-    )
-    workload = presets.resolve(args.spec, **_overrides(args))
-    with _progress(f"Estimating {workload.name} on fake tensors"):
-        est = estimate(workload, config, steps=args.steps, device=args.device)
-    fits = None if budget is None else est.required <= budget
-    if args.json:
-        data = est.to_dict()
-        data["budget"] = budget
-        data["fits"] = fits
-        print(json.dumps(data, indent=2))
-        return 0
-    print(est.table(), end="")
-    if budget is not None:
-        verdict = "fits" if fits else "does NOT fit"
-        print(f"Budget {format_budget(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
-              f"{format_bytes(abs(budget - est.required))} {'to spare' if fits else 'short'}).")
-    return 0
-
-
-def _plan(args: argparse.Namespace) -> int:
-    from memfit import presets
-    from memfit.planner import plan, resolve_budget
-    from memfit.units import format_budget
-
-    budget = resolve_budget(args.budget, args.device)
-    for p in args.precision or ():
-        if p not in PRECISIONS:
-            raise UsageError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
-    workload = presets.resolve(args.spec, **_overrides(args))
-    with _progress(f"Planning {workload.name} for {format_budget(budget)}"):
-        result = plan(
-            workload,
-            budget,
-            args.batch_size,
-            precisions=args.precision,
-            allow_checkpoint=not args.no_checkpoint,
-            checkpoint_candidates=args.checkpoint_candidates,
-            allow_offload=args.offload_activations,
-            device=args.device,
-            calibrate=args.calibrate,
-            **_loop(args),
-        )
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.table(), end="")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from memfit import demo
-    from memfit.units import parse_bytes
-
-    budget = parse_bytes(args.budget) if args.budget is not None else None
-    demo.run(Console(highlight=False), batch_size=args.batch_size, epochs=args.epochs, budget=budget, seed=args.seed)
-    return 0
-
-
-@contextlib.contextmanager
-def _progress(message: str, delay: float = 1.0):
-    """A spinner on stderr once work has taken more than ``delay`` seconds (terminals only)."""
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        yield
-        return
-    status = console.status(message + "...")
-    timer = threading.Timer(delay, status.start)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        status.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

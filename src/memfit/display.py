@@ -94,7 +94,9 @@ def render_estimate(est: Any, *, top: int = 10, width: int = 100) -> str:
             f"Needs {format_bytes(est.required)}: tensors peak at {format_bytes(est.peak)}, "
             f"{format_bytes(est.allocator.allocated)} allocated with cuBLAS workspaces, "
             f"{format_bytes(est.allocator.reserved)} reserved by the caching allocator, "
-            f"+ {format_bytes(est.context)} CUDA context."
+            f"+ {format_bytes(est.context)} CUDA context"
+            + (f" (device profile {est.profile.name}: {est.profile.source})." if est.profile is not None
+               and est.profile.name != "default" else ".")
         )
     else:
         console.print(f"Needs {format_bytes(est.required)} ({est.required:,} bytes) at the peak.")

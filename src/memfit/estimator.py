@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from memfit import _torch_private
-from memfit.allocator import CUDA_CONTEXT_BYTES, AllocatorEstimate, simulate_caching_allocator
+from memfit.allocator import AllocatorEstimate, simulate_caching_allocator
 from memfit.categories import PHASES
 from memfit.checks import positive_int
 from memfit.config import MAX_STEPS, Config
+from memfit.devices import DeviceProfile, default_profile, load_profile
 from memfit.errors import MemfitError, UsageError, user_frame
 from memfit.report import MemoryReport
 from memfit.step import run_steps
@@ -90,6 +91,8 @@ class Estimate:
     """CUDA only: the caching allocator's view (allocated with workspaces, reserved)."""
     context: int = 0
     """CUDA only: device memory of the CUDA context (outside the allocator)."""
+    profile: DeviceProfile | None = None
+    """CUDA only: the card's profile the allocator and context figures come from."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,6 +124,7 @@ class Estimate:
             "required": self.required,
             "reserved": self.reserved,
             "context": self.context if self.allocator is not None else None,
+            "profile": self.profile.to_dict() if self.profile is not None else None,
             "allocator": dataclasses.asdict(self.allocator) if self.allocator is not None else None,
             "at_peak": dict(self.at_peak),
             "phases": {k: dict(v) for k, v in self.phases.items()},
@@ -148,6 +152,7 @@ def estimate(
     capability: tuple[int, int] | None = None,
     run_all_steps: bool = False,
     accumulation: int = 1,
+    profile: DeviceProfile | str | None = None,
 ) -> Estimate:
     """Estimate the memory of ``steps`` training steps under ``config`` on fake tensors.
 
@@ -160,7 +165,12 @@ def estimate(
             optimizer creates its state).
         device: the target, ``"cpu"`` or ``"cuda"`` (no GPU needed for either).
         capability: CUDA compute capability for the allocator model (cuBLAS
-            workspace size); by default the local GPU's, else (9, 0) (Hopper).
+            workspace size); by default the profile's.
+        profile: the CUDA card's context, workspaces and capability
+            (:class:`memfit.devices.DeviceProfile`, a built-in card name such as
+            ``"h100"``, or a file ``memfit calibrate`` wrote); by default the
+            calibrated profile of this machine if there is one, else memfit's
+            defaults (512 MiB of context, the local GPU's capability or Hopper's).
         accumulation: micro-steps per optimizer step. Under gradient accumulation
             the gradients of the first micro-step are alive during the others;
             2 shows that (a third repeats the second), 1 is a plain step.
@@ -234,11 +244,15 @@ def estimate(
             ) from None
     report = tracker.report()
 
-    allocator = None
+    allocator = device = None
     if target == "cuda":
-        if capability is None:
-            capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
-        allocator = simulate_caching_allocator(tracker.allocation_events(), capability=capability)
+        device = load_profile(profile) if profile is not None else default_profile()
+        if capability is not None:
+            device = dataclasses.replace(device, capability=capability)
+        allocator = simulate_caching_allocator(tracker.allocation_events(), capability=device.capability,
+                                               cublas_handles=device.cublas_handles,
+                                               cublas_workspace=device.cublas_workspace,
+                                               other_workspace=device.other_workspace)
     report = dataclasses.replace(report, extra={"workload": workload.name, "estimated": True, "target": target})
     return Estimate(
         config=config,
@@ -251,7 +265,8 @@ def estimate(
         parameters=parameters,
         checkpointed=tuple(recipe.checkpointed),
         allocator=allocator,
-        context=CUDA_CONTEXT_BYTES if target == "cuda" else 0,
+        context=device.context if device is not None else 0,
+        profile=device,
         extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
     )
 

@@ -33,9 +33,11 @@ import torch
 from memfit.checks import positive_int
 from memfit.config import Config, accumulation_steps, balanced_micro_batch, check_precision
 from memfit.cost import DEFAULT_M_HALF, CostModel, calibrate_efficiency
+from memfit.devices import DeviceProfile
 from memfit.errors import MemfitError, UsageError
-from memfit.estimator import Estimate, estimate
+from memfit.estimator import Estimate
 from memfit.fixes import Fix
+from memfit.searcher import Searcher
 from memfit.units import format_budget, format_bytes, parse_bytes
 from memfit.workload import Workload
 
@@ -146,87 +148,6 @@ def resolve_budget(budget: int | str, device: str) -> int:
     return parse_bytes(budget)
 
 
-class Searcher:
-    """Estimates with a cache, and the FLOP counts of the cost model."""
-
-    def __init__(self, workload: Workload, device: str, steps: int = 2, batch_size: int | None = None) -> None:
-        self.workload = workload
-        self.device = device
-        self.steps = steps
-        self.batch_size = batch_size
-        self.cache: dict[tuple, Estimate] = {}
-        self.calls = 0
-
-    def estimate(self, config: Config) -> Estimate:
-        # A micro-batch smaller than the batch means accumulation: the first
-        # micro-step's gradients are alive during the next, so estimate two.
-        # (A step in backward accumulates nothing: the plan gives it the whole batch.)
-        accumulation = 2 if (self.batch_size is not None and config.micro_batch < self.batch_size
-                             and not config.optimizer_in_backward) else 1
-        key = (config, accumulation)
-        if key not in self.cache:
-            self.calls += 1
-            self.cache[key] = estimate(self.workload, config, steps=self.steps, device=self.device,
-                                       accumulation=accumulation)
-        return self.cache[key]
-
-    def fits(self, config: Config, budget: int) -> bool:
-        return self.estimate(config).required <= budget
-
-    def largest_micro_batch(self, base: Config, budget: int, limit: int, start: int = 1) -> int:
-        """The largest micro-batch <= limit that fits (0 if 1 does not).
-
-        Memory grows with the micro-batch, so "fits" is monotone and a search is
-        exact. Memory is also close to affine in the micro-batch (activations scale
-        with it, model states do not), so two estimates predict the answer and two
-        more confirm it; where the prediction is off, doubling and bisection finish.
-        """
-        def at(m: int) -> Config:
-            return dataclasses.replace(base, micro_batch=m)
-
-        def required(m: int) -> int:
-            return self.estimate(at(m)).required
-
-        lo = max(1, min(start, limit))
-        if lo > 1 and required(lo) > budget:
-            lo = 1
-        if required(lo) > budget:
-            return 0
-        if lo == limit:
-            return lo
-        nxt = min(lo + max(1, lo), limit)
-        slope = (required(nxt) - required(lo)) / (nxt - lo)
-        if required(nxt) > budget:
-            return self._bisect(at, budget, lo, nxt)
-        if slope <= 0:
-            return self._double(at, budget, nxt, limit)
-        guess = max(nxt, min(limit, lo + int((budget - required(lo)) // slope)))
-        if required(guess) <= budget:
-            if guess == limit or required(guess + 1) > budget:
-                return guess
-            return self._double(at, budget, guess + 1, limit)
-        return self._bisect(at, budget, nxt, guess)
-
-    def _double(self, at, budget: int, good: int, limit: int) -> int:
-        """From a size that fits, double until one does not (or the limit), then bisect."""
-        while good < limit:
-            trial = min(good * 2, limit)
-            if not self.fits(at(trial), budget):
-                return self._bisect(at, budget, good, trial)
-            good = trial
-        return good
-
-    def _bisect(self, at, budget: int, good: int, bad: int) -> int:
-        """The largest size in [good, bad) that fits, given good fits and bad does not."""
-        while bad - good > 1:
-            mid = (good + bad) // 2
-            if self.fits(at(mid), budget):
-                good = mid
-            else:
-                bad = mid
-        return good
-
-
 def _candidates(workload: Workload, globs: tuple[str, ...] | None) -> list[str]:
     """The modules the planner may checkpoint, in forward order: the model's repeated blocks, or the user's globs."""
     from memfit.estimator import source_model
@@ -253,6 +174,7 @@ def plan(
     optimizer_impl: str = "default",
     zero_grad: str = "set-to-none",
     optimizer_in_backward: bool = False,
+    profile: DeviceProfile | str | None = None,
 ) -> Plan:
     """The configuration that fits ``budget`` at the lowest predicted step cost, keeping ``batch_size``.
 
@@ -274,6 +196,7 @@ def plan(
         optimizer_impl, zero_grad, optimizer_in_backward: how the training loop runs the
             optimizer and releases gradients (the :class:`Config` fields of these names); the
             plan keeps them. A step in backward accumulates nothing: its plan is one micro-batch.
+        profile: the CUDA card's context and workspaces (see :func:`memfit.estimate`).
 
     Raises:
         PlanError: nothing fits, with the floor and the levers that would move it.
@@ -301,7 +224,7 @@ def plan(
         m_half = calibrate_efficiency(workload, device=device)
     m_half = DEFAULT_M_HALF if m_half is None else float(m_half)
 
-    searcher = Searcher(workload, device, batch_size=batch_size)
+    searcher = Searcher(workload, device, batch_size=batch_size, profile=profile)
     blocks = _candidates(workload, checkpoint_candidates) if allow_checkpoint else []
     # Every count of blocks up to 8; beyond, powers of two and all (each count costs a search).
     counts = range(1, len(blocks) + 1) if len(blocks) <= 8 else sorted({2**i for i in range(len(blocks).bit_length()) if 2**i < len(blocks)} | {len(blocks)})

@@ -1,0 +1,200 @@
+"""What each ``memfit`` command does, once :mod:`memfit.cli` has parsed its flags.
+
+Each command imports what it needs when it runs, so that ``memfit -h`` stays fast.
+Errors are raised (UsageError for the user's mistakes); :func:`memfit.cli.main`
+turns them into one line on stderr and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import threading
+from pathlib import Path
+
+from memfit.config import PRECISIONS
+from memfit.errors import UsageError
+
+__all__ = ["run"]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command; returns the exit code."""
+    handlers = {"presets": lambda _: _presets(), "estimate": _estimate, "plan": _plan, "demo": _demo,
+                "calibrate": _calibrate, "profile": _profile}
+    return handlers[args.command](args)
+
+
+def _loop(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ("optimizer_impl", "zero_grad", "optimizer_in_backward")}
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The workload function's keyword arguments: --seq-len and each --arg KEY=VALUE."""
+    overrides: dict[str, object] = {}
+    for key, value in args.arg:
+        if key in overrides:
+            raise UsageError(f"--arg {key}= is given twice; give each key once")
+        overrides[key] = value
+    if args.seq_len is not None:
+        if "seq_len" in overrides:
+            raise UsageError("--seq-len and --arg seq_len=... both give the sequence length; give one")
+        overrides["seq_len"] = args.seq_len
+    return overrides
+
+
+def _presets() -> int:
+    from memfit import presets
+
+    for name in presets.names():
+        print(presets.describe(name))
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from memfit import presets
+    from memfit.config import Config
+    from memfit.display import PLOT_SUFFIXES
+    from memfit.measurement import measure
+
+    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {args.plot}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
+    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
+        raise UsageError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; "
+                         "create it first")
+    if args.timeline and not args.json:
+        raise UsageError("--timeline only applies with --json")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device cuda: no CUDA device is available to torch {torch.__version__} here; use --device cpu"
+        )
+    workload = presets.resolve(args.spec, **_overrides(args))
+    report = measure(workload, config=Config(micro_batch=args.batch_size, **_loop(args)), steps=args.steps,
+                     device=args.device)
+    if args.plot is not None:
+        report.plot(args.plot)
+    if args.json:
+        print(report.to_json(indent=2, timeline=args.timeline))
+    else:
+        print(report.table(), end="")
+        if args.plot is not None:
+            print(f"Plot written to {args.plot}")
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from memfit import presets
+    from memfit.config import Config
+    from memfit.estimator import estimate
+    from memfit.units import format_budget, format_bytes, parse_bytes
+
+    budget = parse_bytes(args.budget) if args.budget is not None else None
+    if args.precision not in PRECISIONS:
+        raise UsageError(f"--precision {args.precision}: expected one of {', '.join(PRECISIONS)}")
+    checkpoint = tuple(args.checkpoint)
+    if checkpoint == ("none",):
+        checkpoint = ()
+    elif "none" in checkpoint:
+        raise UsageError("--checkpoint none cannot be combined with globs")
+    config = Config(
+        micro_batch=args.batch_size,
+        precision=args.precision,
+        checkpoint=checkpoint,
+        offload_activations=args.offload_activations,
+        **_loop(args),
+    )
+    workload = presets.resolve(args.spec, **_overrides(args))
+    with _progress(f"Estimating {workload.name} on fake tensors"):
+        est = estimate(workload, config, steps=args.steps, device=args.device, profile=args.profile)
+    fits = None if budget is None else est.required <= budget
+    if args.json:
+        data = est.to_dict()
+        data["budget"] = budget
+        data["fits"] = fits
+        print(json.dumps(data, indent=2))
+        return 0
+    print(est.table(), end="")
+    if budget is not None:
+        verdict = "fits" if fits else "does NOT fit"
+        print(f"Budget {format_budget(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
+              f"{format_bytes(abs(budget - est.required))} {'to spare' if fits else 'short'}).")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from memfit import presets
+    from memfit.planner import plan, resolve_budget
+    from memfit.units import format_budget
+
+    budget = resolve_budget(args.budget, args.device)
+    for p in args.precision or ():
+        if p not in PRECISIONS:
+            raise UsageError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
+    workload = presets.resolve(args.spec, **_overrides(args))
+    with _progress(f"Planning {workload.name} for {format_budget(budget)}"):
+        result = plan(
+            workload,
+            budget,
+            args.batch_size,
+            precisions=args.precision,
+            allow_checkpoint=not args.no_checkpoint,
+            checkpoint_candidates=args.checkpoint_candidates,
+            allow_offload=args.offload_activations,
+            device=args.device,
+            calibrate=args.calibrate,
+            profile=args.profile,
+            **_loop(args),
+        )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.table(), end="")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from memfit import demo
+    from memfit.units import parse_bytes
+
+    budget = parse_bytes(args.budget) if args.budget is not None else None
+    demo.run(Console(highlight=False), batch_size=args.batch_size, epochs=args.epochs, budget=budget, seed=args.seed)
+    return 0
+
+
+@contextlib.contextmanager
+def _progress(message: str, delay: float = 1.0):
+    """A spinner on stderr once work has taken more than ``delay`` seconds (terminals only)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    status = console.status(message + "...")
+    timer = threading.Timer(delay, status.start)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        status.stop()
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from memfit.devices import calibrate, default_path
+    from memfit.units import format_bytes
+
+    profile = calibrate(args.device)
+    path = profile.save(args.output or default_path())
+    print(f"{profile.name} (compute capability {profile.capability[0]}.{profile.capability[1]}): CUDA context "
+          f"{format_bytes(profile.context)}, cuBLAS workspace {format_bytes(profile.workspace)} per handle.")
+    print(f"Profile written to {path}; estimate and plan read it" + ("." if args.output is None else
+          f" with --profile {path}."))
+    return 0
+

@@ -321,3 +321,34 @@ def test_a_loss_that_reads_tensor_values_is_refused_in_one_line_and_can_be_measu
         estimate(workload, Config(micro_batch=4))
     assert "\n" not in str(info.value) and "memfit profile" in str(info.value)
     assert measure(workload, 4).peak > 0  # real tensors have the values: measuring works
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_lora_has_gradients_and_optimizer_state_for_its_adapters_only(base_dtype):
+    # peft's LoRA on a transformers GPT-2: the base is frozen, in fp32 or bf16; the adapters train in fp32.
+    peft = pytest.importorskip("peft")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def model():
+        torch.manual_seed(0)
+        base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64))
+        lora = peft.LoraConfig(r=4, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True)
+        return peft.get_peft_model(base.to(base_dtype), lora)
+
+    def batch(n):
+        ids = torch.randint(0, 128, (n, 32))
+        return {"input_ids": ids, "labels": ids}
+
+    workload = memfit.Workload(model=model, batch=batch, loss=lambda m, b: m(**b).loss,
+                               optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    reference = model()
+    adapters = [p for p in reference.parameters() if p.requires_grad]
+    assert len(adapters) == 4 and all(p.dtype == torch.float32 for p in adapters)
+    adapter_bytes = sum(p.numel() * 4 for p in adapters)  # 2 layers x (A: 4 x 64, B: 192 x 4) in fp32 = 8192
+    est = estimate(workload, Config(micro_batch=2)).report
+    own = est.peak_by_category
+    assert own["parameters"] == sum(p.numel() * p.element_size() for p in reference.parameters())
+    assert own["gradients"] == adapter_bytes == 8192
+    assert own["optimizer_state"] == 2 * adapter_bytes + 4 * len(adapters)  # exp_avg, exp_avg_sq, a 4-byte step each
+    measured = memfit.measure(workload, config=Config(micro_batch=2), device="cpu")
+    assert measured.peak == est.peak and measured.peak_by_category == own

@@ -12,6 +12,7 @@ from memfit import presets
 from memfit.batch_size import find_batch_size
 from memfit.budget import simulate_budget
 from memfit.config import PRECISIONS, Config
+from memfit.devices import DeviceProfile, calibrate
 from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLossWarning, OutOfMemory, ResumeWarning,
                            UsageError)
 from memfit.engine import FitResult, OOMEvent, StepResult, Trainer
@@ -30,6 +31,8 @@ __all__ = [
     "PHASES",
     "PRECISIONS",
     "Config",
+    "DeviceProfile",
+    "calibrate",
     "Estimate",
     "estimate",
     "Plan",

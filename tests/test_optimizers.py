@@ -127,3 +127,13 @@ def test_a_plan_keeps_the_loop_and_a_step_in_backward_takes_the_whole_batch():
     assert whole.config.micro_batch == 16 and whole.accumulation == (16,)
     with pytest.raises(memfit.PlanError, match="whole batch of 4096 is one micro-batch"):
         memfit.plan(workload, "2MiB", 4096, device="cpu", optimizer_in_backward=True)
+
+
+def test_adafactor_keeps_factored_second_moments_and_sgd_only_momentum():
+    # torch.optim.Adafactor: a 2-D weight keeps a row and a column of second-moment
+    # statistics (256 + 256 fp32) and a step, not a full-size moment as Adam does.
+    ada = _both(_workload(optimizer=lambda ps: torch.optim.Adafactor(ps, lr=1e-2)))
+    assert ada.peak_by_category["optimizer_state"] == 256 * 4 + 256 * 4 + 4
+    momentum = _both(_workload(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)))
+    plain = _both(_workload(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1)))
+    assert momentum.peak_by_category["optimizer_state"] == P and plain.peak_by_category["optimizer_state"] == 0

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ["FakeTensorMode", "TorchDispatchMode", "in_backward", "is_fake", "fake_friendly_grad_scaler",
            "grad_scaler_state", "reset_grad_scaler_step", "data_dependent_errors", "quiet_fake_tensor_errors",
            "cpu_flash_attention", "autocast_cpu_excluded", "autocast_cpu_ops", "drop_library",
-           "softmax_half_to_float"]
+           "softmax_half_to_float", "fake_item_values"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -155,4 +155,23 @@ def softmax_half_to_float(name: str):
     kernel = {"softmax.int": "_softmax", "log_softmax.int": "_log_softmax"}.get(name)
     packet = getattr(torch.ops.aten, kernel, None) if kernel is not None else None
     return packet.default if packet is not None else None
+
+
+class _FakeItemValues(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and is_fake(args[0]):
+            dtype = args[0].dtype
+            return True if dtype == torch.bool else (1.0 if dtype.is_floating_point or dtype.is_complex else 1)
+        return func(*args, **(kwargs or {}))
+
+
+def fake_item_values():
+    """A context in which ``.item()`` of a FakeTensor gives 1 (1.0, True) instead of raising.
+
+    For optimizer steps on fake tensors only: Adafactor reads its step and the norms of the
+    parameter and the update with ``.item()`` (torch/optim/_adafactor.py) to scale the update;
+    the value changes the numbers, not the tensors allocated. ``aten._local_scalar_dense`` is
+    the op ``.item()`` dispatches (torch 2.6-2.13).
+    """
+    return _FakeItemValues()
 

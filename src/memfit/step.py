@@ -12,6 +12,7 @@ frees the gradients reaches every figure memfit reports and every run it trains.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,12 +52,14 @@ def backward(loss: torch.Tensor, scaler: Any) -> None:
 
 def update(optimizer: torch.optim.Optimizer, scaler: Any, *, clip_grad_norm: float | None = None,
            params: Iterable[torch.Tensor] = (), committed: Callable[[], None] | None = None,
-           detect_skip: bool = False, zero_grad: str = "set-to-none") -> bool:
+           detect_skip: bool = False, zero_grad: str = "set-to-none",
+           context: Callable[[], Any] = contextlib.nullcontext) -> bool:
     """Clip, step and release the gradients as ``zero_grad`` says; True if the GradScaler skipped the step.
 
     ``zero_grad`` is :attr:`memfit.Config.zero_grad`: ``"set-to-none"`` frees them now,
     ``"zeros"`` keeps them as zeros, ``"after-forward"`` leaves them for
-    :func:`release_before_backward` to free after the next forward.
+    :func:`release_before_backward` to free after the next forward. ``context()`` is
+    entered around the optimizer step (the recipe's: values of fake tensors for estimates).
 
     ``committed`` is called as soon as the parameters may have changed (the
     guard can no longer undo the attempt). ``detect_skip`` reads the scale
@@ -70,13 +73,15 @@ def update(optimizer: torch.optim.Optimizer, scaler: Any, *, clip_grad_norm: flo
         torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
     if scaler is not None:
         scale = scaler.get_scale() if detect_skip else None
-        scaler.step(optimizer)
+        with context():
+            scaler.step(optimizer)
         if committed is not None:
             committed()
         scaler.update()
         skipped = scale is not None and scaler.get_scale() < scale
     else:
-        optimizer.step()
+        with context():
+            optimizer.step()
         if committed is not None:
             committed()
     if zero_grad != "after-forward":
@@ -134,6 +139,7 @@ def run_steps(
         if optimizer is None:
             model.zero_grad(set_to_none=zero_grad != "zeros")
             continue
-        update(optimizer, scaler, zero_grad=zero_grad)
+        update(optimizer, scaler, zero_grad=zero_grad,
+               context=recipe.optimizer_context if recipe is not None else contextlib.nullcontext)
         if scaler is not None and tracker is not None:  # the scale is training state, like the optimizer's
             tracker.mark(_torch_private.grad_scaler_state(scaler), "optimizer_state")

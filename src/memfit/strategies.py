@@ -169,6 +169,10 @@ class Recipe:
                 if group.get("foreach", False) is None and not group.get("fused") and not group.get("differentiable"):
                     group["foreach"] = True
 
+    def optimizer_context(self):
+        """Around an optimizer step: on fake tensors, ``.item()`` answers 1 (Adafactor reads norms that way)."""
+        return _torch_private.fake_item_values() if self.fake else contextlib.nullcontext()
+
     def emulation(self):
         """A context around the whole run that makes fake CPU kernels do what CUDA's would (memfit.emulation)."""
         if self.fake and self.device_type == "cuda":

@@ -319,3 +319,17 @@ def test_nothing_fits_gives_its_levers_as_fixes():
     assert [f.verified or bool(f.change) for f in error.fixes[1:]] == [False] * 5
     assert str(error).endswith("Levers: " + "; ".join(f"{f.lever} saves {memfit.format_bytes(f.saves)}"
                                                       for f in error.fixes))
+
+
+def test_nothing_fits_names_the_optimizer_levers_verified_by_estimates():
+    workload = memfit.presets.load("gpt2-tiny", seq_len=32)
+    with pytest.raises(memfit.PlanError) as info:
+        memfit.plan(workload, "550MiB", 8)
+    fixes = {fix.lever: fix for fix in info.value.fixes}
+    base = Config(micro_batch=1, precision="32-true")
+    needed = memfit.estimate(workload, base, device="cuda").required
+    for lever, change in (("optimizer_impl='fused'", {"optimizer_impl": "fused"}),
+                          ("optimizer_in_backward=True", {"optimizer_in_backward": True})):
+        other = memfit.estimate(workload, dataclasses.replace(base, **change), device="cuda").required
+        assert fixes[lever].verified and fixes[lever].saves == needed - other > 0
+        assert fixes[lever].config(base) == dataclasses.replace(base, **change)

@@ -326,6 +326,16 @@ def _nothing_fits(searcher: Searcher, precisions, budget: int, blocks) -> PlanEr
         low = searcher.estimate(Config(micro_batch=1, precision="bf16-true", checkpoint=tuple(blocks))).report.peak_by_category
         fixes.append(Fix("precision bf16-true", change=(("precision", "bf16-true"),), verified=True,
                          saves=floor - (low["parameters"] + low["gradients"] + low["optimizer_state"])))
+    # How the loop runs the optimizer: estimated, as the plan would run them.
+    base = Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks))
+    for lever, change in (("optimizer_impl='fused'", (("optimizer_impl", "fused"),)),
+                          ("optimizer_in_backward=True", (("optimizer_in_backward", True),))):
+        try:
+            other = searcher.estimate(dataclasses.replace(base, **dict(change)))
+        except UsageError:  # an optimizer without a fused kernel, a GradScaler: not a lever here
+            continue
+        if other.required < est.required:
+            fixes.append(Fix(lever, change=change, saves=est.required - other.required, verified=True))
     # The rest is arithmetic on the estimate's model states: no Config expresses them yet.
     fixes.append(Fix("an optimizer with less state (SGD without momentum keeps none)", saves=own["optimizer_state"]))
     fixes += [Fix(f"sharding over {n} GPUs (FSDP)", saves=floor - floor // n) for n in (2, 4, 8)]

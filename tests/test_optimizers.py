@@ -137,3 +137,19 @@ def test_adafactor_keeps_factored_second_moments_and_sgd_only_momentum():
     momentum = _both(_workload(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)))
     plain = _both(_workload(optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1)))
     assert momentum.peak_by_category["optimizer_state"] == P and plain.peak_by_category["optimizer_state"] == 0
+
+
+def test_bitsandbytes_8bit_adamw_state_is_its_own_layout():
+    bnb = pytest.importorskip("bitsandbytes")
+    workload = memfit.Workload(
+        model=lambda: nn.Sequential(nn.Linear(256, 256, bias=False), nn.Linear(256, 8)),
+        batch=lambda n: (torch.randn(n, 256),), loss=lambda m, b: m(b[0]).pow(2).mean(),
+        optimizer=lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3))
+    report = _both(workload)  # the quantization map is built from values: on fake tensors inside the optimizer context
+    # bitsandbytes/optim/optimizer.py: tensors of >= 4096 elements (min_8bit_size) keep two uint8 states and,
+    # blockwise, one fp32 absmax per 256 elements each, plus the two 256-entry fp32 quantization maps (shared);
+    # smaller tensors keep fp32 states like Adam.
+    big = 256 * 256
+    eight_bit = 2 * big + 2 * (big // 256) * 4 + 2 * 256 * 4
+    small = 2 * (256 * 8 + 8) * 4
+    assert report.peak_by_category["optimizer_state"] == eight_bit + small == 151616

@@ -168,9 +168,10 @@ class _FakeItemValues(TorchDispatchMode):
 def fake_item_values():
     """A context in which ``.item()`` of a FakeTensor gives 1 (1.0, True) instead of raising.
 
-    For optimizer steps on fake tensors only: Adafactor reads its step and the norms of the
-    parameter and the update with ``.item()`` (torch/optim/_adafactor.py) to scale the update;
-    the value changes the numbers, not the tensors allocated. ``aten._local_scalar_dense`` is
+    For optimizers on fake tensors only: Adafactor reads its step and the norms of the
+    parameter and the update with ``.item()`` (torch/optim/_adafactor.py) to scale the update,
+    and bitsandbytes builds its 8-bit quantization map with ``.tolist()`` when the optimizer is
+    made; the values change the numbers, not the tensors allocated. ``aten._local_scalar_dense`` is
     the op ``.item()`` dispatches (torch 2.6-2.13).
     """
     return _FakeItemValues()

@@ -146,10 +146,11 @@ class Recipe:
         """
         if factory is None:
             return None
-        if self.config.optimizer_in_backward:
-            optimizer = OptimizerInBackward(model.parameters(), factory)
-        else:
-            optimizer = factory(model.parameters())
+        with self.optimizer_context():  # bitsandbytes builds its quantization map from values
+            if self.config.optimizer_in_backward:
+                optimizer = OptimizerInBackward(model.parameters(), factory)
+            else:
+                optimizer = factory(model.parameters())
         self.tune_optimizer(optimizer)
         return optimizer
 

@@ -38,6 +38,8 @@ Known limitations:
   tensor, so they are not counted here.
 * Code that calls ``aten::dropout`` with other device types, or that checks
   ``x.is_cuda`` itself, takes its CPU branch.
+* The kernels are registered for the process while an estimate runs: CPU autocast
+  in another thread at that moment would follow CUDA's lists too.
 """
 
 from __future__ import annotations

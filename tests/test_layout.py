@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import memfit
 
 ROOT = Path(memfit.__file__).parent
@@ -157,6 +159,8 @@ def test_no_module_or_class_grows_past_a_reading():
     too_long = []
     for path in sorted(ROOT.rglob("*.py")):
         source = path.read_text()
+        if "__mutmut_" in source:
+            pytest.skip("`make mutate` runs the suite on mutmut's generated copies, not on the code as written")
         if source.count("\n") > 420:
             too_long.append(f"{path.relative_to(ROOT)}: {source.count(chr(10))} lines")
         for node in ast.walk(ast.parse(source)):

@@ -173,9 +173,12 @@ def test_benchmarks_and_tools_import_names_that_exist():
     # Benchmarks are not run by the suite; a moved name must not break them silently.
     import importlib.util
 
+    repo = Path(__file__).parents[1]
+    if not (repo / "benchmarks").is_dir():
+        pytest.skip("no benchmarks/ beside tests/ (mutmut runs a copy of src/ and tests/ only)")
     missing, files = [], 0
     for folder in ("benchmarks", "tools"):
-        for path in sorted((Path(__file__).parents[1] / folder).glob("*.py")):
+        for path in sorted((repo / folder).glob("*.py")):
             files += 1
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "memfit":

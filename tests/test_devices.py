@@ -1,6 +1,7 @@
 """Device profiles (memfit.devices): what a card adds beyond the tensors, and bad profiles refused in one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_a_cards_capability_sets_the_cublas_workspaces(workload):
 def test_profiles_round_trip_and_the_default_location_is_read(workload, tmp_path, monkeypatch):
     profile = DeviceProfile(name="A10G", capability=(8, 6), total=22 * 2**30, context=400 * MiB,
                             cublas_workspace=4 * MiB, source="memfit calibrate")
-    path = profile.save(tmp_path / "sub" / "device.json")
+    path = profile.save(tmp_path / "a" / "b" / "device.json")  # folders made
     assert load_profile(path) == profile
     monkeypatch.setenv("MEMFIT_DEVICE_PROFILE", str(path))
     assert default_path() == path
@@ -62,6 +63,7 @@ def test_profiles_round_trip_and_the_default_location_is_read(workload, tmp_path
     ('{"format": 1, "device": "cuda", "name": "x", "capability": [9, 0], "context": -1}',
      "context is a whole number of bytes >= 0, got -1"),
     ('{"format": 1, "device": "cuda", "name": "x", "capability": "sm90"}', "capability is \\(major, minor\\)"),
+    ('{"format": 1, "device": "cuda", "capability": [9, 0]}', "missing name/capability"),
     ('{"format": 1, "device": "cuda", "name": "x", "capability": [9, 0], "expandable_segments": true}',
      "expandable_segments:True, which memfit's allocator model does not follow"),
 ])
@@ -95,3 +97,12 @@ def test_calibrate_measures_this_card(tmp_path):
     assert profile.capability == torch.cuda.get_device_capability()
     assert 0 < profile.context < profile.total and profile.workspace > 0
     assert load_profile(profile.save(tmp_path / "d.json")) == profile
+
+
+def test_the_default_location_follows_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEMFIT_DEVICE_PROFILE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_path() == tmp_path / "memfit" / "device.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_path() == Path.home() / ".cache" / "memfit" / "device.json"
+

@@ -176,3 +176,16 @@ def test_emulated_dtypes_equal_cudas(dtype):
     with FakeTensorMode(), cuda_emulation():
         emulated = run("cpu")
     assert emulated == run("cuda")
+
+
+def test_promote_casts_the_lower_precision_arguments_up_as_cuda_does():
+    # promote (autocast_mode.h): every eligible argument goes to the widest dtype among them, by a cast
+    # (a copy), where a plain addcmul would promote inside the kernel without one.
+    x, h = torch.randn(4, 8), torch.randn(4, 8).to(torch.bfloat16)
+    with cuda_autocast_policy(), torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as ops:
+        out = torch.addcmul(x, h, h)
+    assert out.dtype == torch.float32 and ops.names.count("_to_copy.default") == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Ops() as ops:
+        torch.addcmul(x, h, h)
+    assert "_to_copy.default" not in ops.names
+

@@ -474,3 +474,10 @@ def test_reset_peak_starts_the_peak_from_the_live_bytes():
         assert report.peak == 6000 and report.at_peak["temporaries"] == 6000
         assert report.timeline[report.peak_index].total == 6000
     del b, c
+    with track(device="cpu") as t:
+        a = torch.zeros(1000)
+        t.reset_peak()  # nothing later goes higher: the peak is the moment of the reset
+        torch.zeros(10).add_(1)
+        report = t.report()
+    assert report.peak == 4000 and report.at_peak["temporaries"] == 4000
+    del a

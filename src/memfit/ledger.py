@@ -72,8 +72,8 @@ class StorageLedger:
         self.ops: list[tuple[Any, int, int, int]] = []
         self.steps = 0  # optimizer steps completed
 
-    def add_category(self, name: str, strength: float) -> int:
-        """Add a category (shown after the existing ones); returns its index."""
+    def add_category(self, name: str, strength: float) -> None:
+        """Add a category, shown after the existing ones."""
         if not isinstance(name, str) or not name.isidentifier():
             raise MemfitError(f"a category name is a lowercase identifier such as 'unsharded_parameters', got {name!r}")
         if name in self.names:
@@ -84,7 +84,6 @@ class StorageLedger:
         self.names.append(name)
         self.strength.append(float(strength))
         self.live_cat.append(0)
-        return len(self.names) - 1
 
     def index(self, name: str) -> int:
         """The index of category ``name``."""

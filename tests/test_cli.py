@@ -351,3 +351,10 @@ def test_profile_and_estimate_print_their_tables_and_json_as_documented(capsys):
     code, out, _ = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--precision", "bf16-true", "--json")
     assert json.loads(out)["config"]["precision"] == "bf16-true"
 
+
+def test_a_loop_option_out_of_its_choices_is_one_line_with_the_valid_ones(capsys):
+    code, _, err = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--zero-grad", "never")
+    assert code == 2 and err == ("memfit: error: argument --zero-grad: invalid choice: 'never' "
+                                 "(choose from 'set-to-none', 'after-forward', 'zeros')\n")
+    code, _, err = run(capsys, "plan", "gpt2-tiny", "-b", "2", "--budget", "1GiB", "--optimizer-impl", "apex")
+    assert code == 2 and err.count("\n") == 1 and "'default', 'for-loop', 'foreach', 'fused'" in err

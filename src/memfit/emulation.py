@@ -45,6 +45,7 @@ Known limitations:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -200,8 +201,12 @@ def cuda_autocast_policy() -> Iterator[None]:
         _torch_private.drop_library(lib)
 
 
+@functools.cache
 def _policy_kernels() -> dict[str, Callable[..., Any]]:
-    """``op -> kernel`` for every op whose CUDA policy differs from what CPU autocast does."""
+    """``op -> kernel`` for every op whose CUDA policy differs from what CPU autocast does.
+
+    Built once per process (the kernels hold no state; the ops are this torch's): a plan
+    registers them for each of its estimates."""
     kernels: dict[str, Callable[..., Any]] = {}
     keep = set(CUDA_LOWER_PRECISION) & set(CPU_LOWER_PRECISION)
     for name in _torch_private.autocast_cpu_ops() - keep:

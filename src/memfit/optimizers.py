@@ -52,9 +52,9 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     Every update happens during backward. :meth:`step` only marks the end of a step
     (step hooks see one step per backward). :attr:`state` holds the per-parameter
-    optimizers' state as one optimizer's would. ``before_step(p)`` and
-    ``after_step(p)``, when set, run around each parameter's update (memfit's
-    tracker marks the gradient and the state there).
+    optimizers' state as one optimizer's would (the step hooks read it there).
+    ``before_step(p)``, when set, runs before each parameter's update (memfit's
+    tracker marks the gradient, which the update frees before its own hook sees it).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -72,7 +72,6 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.optimizers = {p: factory([p]) for p in params}
         super().__init__(params, {})
         self.before_step: Callable[[torch.Tensor], None] | None = None
-        self.after_step: Callable[[torch.Tensor], None] | None = None
         self._handles = [p.register_post_accumulate_grad_hook(self._step_one) for p in params]
 
     def _step_one(self, p: torch.Tensor) -> None:
@@ -81,8 +80,6 @@ class OptimizerInBackward(torch.optim.Optimizer):
         optimizer = self.optimizers[p]
         optimizer.step()
         self.state[p] = optimizer.state[p]
-        if self.after_step is not None:
-            self.after_step(p)
         optimizer.zero_grad(set_to_none=True)  # this gradient's memory is released now, not at the step's end
 
     def step(self, closure: Any = None) -> None:

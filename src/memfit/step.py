@@ -124,7 +124,6 @@ def run_steps(
     if isinstance(optimizer, OptimizerInBackward) and tracker is not None:
         # The tracker's own gradient hook runs after the update freed the gradient: mark it before.
         optimizer.before_step = lambda p: tracker.mark(p.grad, "gradients")
-        optimizer.after_step = lambda p: tracker.mark(optimizer.state[p], "optimizer_state")
     for _ in range(steps):
         for i in range(accumulation):
             batch = prepare(workload.batch(micro_batch), device, recipe)

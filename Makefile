@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/estimate_speed.py
 	$(PY) benchmarks/estimate_accuracy.py
 	$(PY) benchmarks/published_figures.py
+	$(PY) benchmarks/published_gpu.py
 	$(PY) benchmarks/batch_size_search.py
 	$(PY) benchmarks/checkpoint_plan.py
 	$(PY) benchmarks/engine_overhead.py

@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["FakeTensorMode", "TorchDispatchMode", "in_backward", "is_fake", "fake_friendly_grad_scaler",
            "grad_scaler_state", "reset_grad_scaler_step", "data_dependent_errors", "quiet_fake_tensor_errors",
-           "cpu_flash_attention", "autocast_cpu_excluded", "autocast_cpu_ops", "drop_library",
+           "cpu_flash_attention", "cpu_flash_attention_backward", "has_cpu_flash_attention",
+           "autocast_cpu_excluded", "autocast_cpu_ops", "drop_library",
            "softmax_half_to_float", "fake_item_values"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
@@ -121,6 +122,21 @@ def cpu_flash_attention(query, key, value, dropout_p: float, is_causal: bool, at
     if op is None:
         return None
     return op(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def cpu_flash_attention_backward(grad, query, key, value, out, logsumexp, dropout_p: float, is_causal: bool,
+                                 attn_mask, scale):
+    """Gradients of q, k, v from the CPU flash-attention kernel's backward op; None if this torch has none."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if op is None:
+        return None
+    return op(grad, query, key, value, out, logsumexp, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+
+
+def has_cpu_flash_attention() -> bool:
+    """Whether this torch has the CPU flash-attention kernel's forward and backward ops."""
+    return all(hasattr(torch.ops.aten, name) for name in (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
 def autocast_cpu_excluded():

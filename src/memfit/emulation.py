@@ -12,9 +12,8 @@ Each rule is PyTorch's own, read from its source (torch 2.13):
   multiplies by a noise tensor in the input's dtype and saves that (4 bytes per
   element in fp32, 2 in bf16). In-place and feature dropout are not fused on CUDA
   either, so they run unchanged.
-* **Attention with dropout** (``scaled_dot_product_attention``). CPU falls back to
-  the math kernel, which keeps the seq x seq probabilities. CUDA's flash and
-  memory-efficient kernels keep the output and a log-sum-exp.
+* **Attention** (``scaled_dot_product_attention``): the kernel CUDA picks for the card
+  (flash, memory-efficient or math) and what it keeps: :mod:`memfit.cuda_attention`.
 * **Autocast.** CUDA's op lists replace CPU's. They are the macros
   AT_FORALL_LOWER_PRECISION_FP, AT_FORALL_FP32, AT_FORALL_FP32_SET_OPT_DTYPE,
   AT_FORALL_DIFFERENT_REDISPATCH_SIGNATURE and AT_FORALL_PROMOTE in
@@ -55,6 +54,7 @@ import torch
 
 from memfit import _torch_private
 from memfit._tree import map_tensors, tensors
+from memfit.cuda_attention import fused_attention_emulation
 from memfit.errors import UsageError
 
 __all__ = ["cuda_emulation", "fused_attention_emulation", "cuda_autocast_policy", "dropout_as_cuda",
@@ -106,9 +106,10 @@ CPU_LOWER_PRECISION = (
 
 
 @contextlib.contextmanager
-def cuda_emulation() -> Iterator[None]:
-    """All of CUDA's rules at once, for a whole estimated run on fake CPU tensors (see the module docstring)."""
-    with fused_attention_emulation(), dropout_as_cuda(), cuda_autocast_policy():
+def cuda_emulation(capability: tuple[int, int] = (9, 0)) -> Iterator[None]:
+    """All of CUDA's rules at once, for a whole estimated run on fake CPU tensors standing for a card of
+    compute ``capability`` (see the module docstring)."""
+    with fused_attention_emulation(capability), dropout_as_cuda(), cuda_autocast_policy():
         yield
 
 
@@ -139,48 +140,6 @@ def _dropout(input: torch.Tensor, p: float, train: bool) -> torch.Tensor:
     if p == 0 or not train or input.numel() == 0:
         return input
     return input.mul(torch.zeros((), dtype=input.dtype, device=input.device))  # p == 1
-
-
-# ------------------------------------------------------------------------ attention
-
-
-@contextlib.contextmanager
-def fused_attention_emulation() -> Iterator[None]:
-    """On fake CPU tensors standing for CUDA, run attention with dropout as CUDA would.
-
-    With ``dropout_p > 0`` PyTorch's CPU ``scaled_dot_product_attention`` falls back
-    to the math kernel, which keeps the seq x seq scores and probabilities for
-    backward; on CUDA the flash and memory-efficient kernels support dropout and
-    keep only the output and a log-sum-exp. Within this context such a call goes
-    to the CPU flash kernel's op, whose fake outputs (and saved tensors) have the
-    shapes of CUDA's fused kernels. Calls it cannot map (grouped-query attention
-    with unequal heads) run unchanged.
-
-    It swaps ``torch.nn.functional.scaled_dot_product_attention`` for the
-    context's duration (models look it up at call time), over the whole step:
-    a TorchFunctionMode would be off during backward, where
-    ``torch.utils.checkpoint`` recomputes the forward and must take the same path.
-    """
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        mapped = _fused_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        if mapped is not None:
-            return mapped
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
-
-    torch.nn.functional.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
-def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    if not dropout_p or query.shape[-3] != key.shape[-3] or query.dim() != 4:
-        return None  # the CPU kernel choice already matches CUDA's, or the call is unusual
-    return _torch_private.cpu_flash_attention(query, key, value, dropout_p, is_causal, attn_mask, scale)
 
 
 # ------------------------------------------------------------------------- autocast

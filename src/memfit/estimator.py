@@ -164,8 +164,8 @@ def estimate(
         steps: training steps to run (2 shows the steady state after the
             optimizer creates its state).
         device: the target, ``"cpu"`` or ``"cuda"`` (no GPU needed for either).
-        capability: CUDA compute capability for the allocator model (cuBLAS
-            workspace size); by default the profile's.
+        capability: CUDA compute capability (it sets the cuBLAS workspace and
+            the attention kernel CUDA picks); by default the profile's.
         profile: the CUDA card's context, workspaces and capability
             (:class:`memfit.devices.DeviceProfile`, a built-in card name such as
             ``"h100"``, or a file ``memfit calibrate`` wrote); by default the
@@ -201,7 +201,12 @@ def estimate(
         target = device
     if target not in _TARGETS:
         raise UsageError(f"device {device!r} is not a target memfit estimates; use one of {', '.join(_TARGETS)}")
-    recipe = Recipe(config, target, fake=True)
+    device = None
+    if target == "cuda":
+        device = load_profile(profile) if profile is not None else default_profile()
+        if capability is not None:
+            device = dataclasses.replace(device, capability=capability)
+    recipe = Recipe(config, target, fake=True, capability=device.capability if device is not None else (9, 0))
 
 
     source = source_model(workload)
@@ -244,11 +249,8 @@ def estimate(
             ) from None
     report = tracker.report()
 
-    allocator = device = None
-    if target == "cuda":
-        device = load_profile(profile) if profile is not None else default_profile()
-        if capability is not None:
-            device = dataclasses.replace(device, capability=capability)
+    allocator = None
+    if device is not None:
         allocator = simulate_caching_allocator(tracker.allocation_events(), capability=device.capability,
                                                cublas_handles=device.cublas_handles,
                                                cublas_workspace=device.cublas_workspace,

@@ -119,10 +119,13 @@ def _unpark(packed) -> torch.Tensor:
 class Recipe:
     """A Config's strategies for one device type (``"cpu"`` or ``"cuda"``), real or fake."""
 
-    def __init__(self, config: Config, device_type: str, *, fake: bool = False) -> None:
+    def __init__(self, config: Config, device_type: str, *, fake: bool = False,
+                 capability: tuple[int, int] = (9, 0)) -> None:
         self.config = config
         self.device_type = device_type
         self.fake = fake
+        self.capability = capability
+        """The CUDA card's compute capability a fake run stands for (it picks attention kernels)."""
         self.precision = Precision(config.precision)
         self.checkpointing = Checkpointing(config.checkpoint)
         self.offload = OffloadActivations() if config.offload_activations else None
@@ -177,7 +180,7 @@ class Recipe:
     def emulation(self):
         """A context around the whole run that makes fake CPU kernels do what CUDA's would (memfit.emulation)."""
         if self.fake and self.device_type == "cuda":
-            return cuda_emulation()
+            return cuda_emulation(self.capability)
         return contextlib.nullcontext()
 
     def scaler(self):

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from memfit import _torch_private
 from memfit.checkpointing import segment_layers
 from memfit.config import Config, accumulation_steps
+from memfit.depth import repeated_run, truncated
 from memfit.device import resolve_device
 from memfit.estimator import fake_copy, source_model
 from memfit.step import backward, forward, prepare
@@ -101,19 +102,66 @@ def _module_paths(name: str) -> list[str]:
 
 
 def _flops(workload: Workload, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
-    """Forward+backward FLOPs of one micro-step and forward FLOPs per module, on fake tensors."""
+    """Forward+backward FLOPs of one micro-step and forward FLOPs per module, on fake tensors.
 
-
-    recipe = Recipe(Config(micro_batch=micro_batch, precision=precision), "cpu", fake=True)
+    A model with a run of 8 or more identical blocks is counted cut to 1, 2 and 3 of them
+    (:mod:`memfit.depth`): identical blocks count the same FLOPs, and the rest is affine in the
+    depth; where the counts show otherwise the full model is counted.
+    """
     source = source_model(workload)
+    run = repeated_run(source)
+    if run is not None and run.count >= 8:
+        counts = {}
+        for n in (1, 2, 3):
+            with truncated(source, run, n) as cut:
+                counts[n] = _count_flops(workload, cut, precision, micro_batch)
+        extrapolated = _deeper(counts, run)
+        if extrapolated is not None:
+            return extrapolated
+    return _count_flops(workload, source, precision, micro_batch)
+
+
+def _deeper(counts: dict[int, tuple[int, dict[str, int]]], run) -> tuple[int, dict[str, int]] | None:
+    """The counts at the run's full depth from those at 1, 2 and 3 blocks; None where they are not affine."""
+    (t1, m1), (t2, m2), (t3, m3) = counts[1], counts[2], counts[3]
+    if t3 - t2 != t2 - t1:
+        return None
+    extra = run.count - 1
+    per_module: dict[str, int] = {}
+    for path, value in m3.items():
+        where = run.locate(path)
+        if where is not None:
+            first = run.block(0) + ("." + where[1] if where[1] else "")
+            if value != m3.get(first):
+                return None  # blocks that count differently
+            continue
+        if value - m2.get(path, 0) != m2.get(path, 0) - m1.get(path, 0):
+            return None
+        per_module[path] = m1.get(path, 0) + extra * (m2.get(path, 0) - m1.get(path, 0))
+    for path, value in m1.items():
+        where = run.locate(path)
+        if where is not None:
+            for j in range(run.count):
+                per_module[run.block(j) + ("." + where[1] if where[1] else "")] = value
+    return t1 + extra * (t2 - t1), per_module
+
+
+def _count_flops(workload: Workload, source, precision: str, micro_batch: int) -> tuple[int, dict[str, int]]:
+    recipe = Recipe(Config(micro_batch=micro_batch, precision=precision), "cpu", fake=True)
     with _torch_private.FakeTensorMode() as mode:
         model = fake_copy(source, mode)
         recipe.apply(model)
         batch = prepare(workload.batch(micro_batch), None, recipe)
+        # Forward and backward are counted apart: a checkpoint recomputes a module's forward only, and
+        # FlopCounterMode's module attribution in backward puts some of a block's gradients' FLOPs
+        # on other modules (a Llama block's self_attn counted the next block's attention backward).
         counter = FlopCounterMode(display=False)
         with counter:
-            backward(step_loss(forward(workload.loss, model, batch, recipe)), None)
-        total = counter.get_total_flops()
+            loss = step_loss(forward(workload.loss, model, batch, recipe))
+        backward_counter = FlopCounterMode(display=False)
+        with backward_counter:
+            backward(loss, None)
+        total = counter.get_total_flops() + backward_counter.get_total_flops()
         per_module: dict[str, int] = {}
         root = type(model).__name__
         for name, counts in counter.get_flop_counts().items():

@@ -42,7 +42,9 @@ from memfit.checks import positive_int
 from memfit.config import MAX_STEPS, Config
 from memfit.devices import DeviceProfile, default_profile, load_profile
 from memfit.errors import MemfitError, UsageError, user_frame
-from memfit.report import MemoryReport
+from memfit.checkpointing import Checkpointing
+from memfit import depth as _depth
+from memfit.report import History, MemoryReport, build_report
 from memfit.step import run_steps
 from memfit.strategies import Recipe
 from memfit.tracker import track
@@ -93,6 +95,8 @@ class Estimate:
     """CUDA only: device memory of the CUDA context (outside the allocator)."""
     profile: DeviceProfile | None = None
     """CUDA only: the card's profile the allocator and context figures come from."""
+    notes: tuple[str, ...] = ()
+    """How the estimate was made where it matters (a model's depth extrapolated, or why it was not)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -132,6 +136,7 @@ class Estimate:
             "model_states": self.model_states,
             "parameters": self.parameters,
             "checkpointed": list(self.checkpointed),
+            "notes": list(self.notes),
             "extra": dict(self.extra),
             "report": report,
         }
@@ -153,6 +158,7 @@ def estimate(
     run_all_steps: bool = False,
     accumulation: int = 1,
     profile: DeviceProfile | str | None = None,
+    extrapolate: bool | None = None,
 ) -> Estimate:
     """Estimate the memory of ``steps`` training steps under ``config`` on fake tensors.
 
@@ -174,6 +180,12 @@ def estimate(
         accumulation: micro-steps per optimizer step. Under gradient accumulation
             the gradients of the first micro-step are alive during the others;
             2 shows that (a third repeats the second), 1 is a plain step.
+        extrapolate: whether a model with a run of identical blocks (transformer
+            layers) is traced cut to 2, 3 and 4 of them and extrapolated to its depth
+            (:mod:`memfit.depth`), which gives the full trace's figures byte for byte
+            where the cut traces show it is exact and traces the full model otherwise
+            (the estimate's ``notes`` say which). None (default): where the run has 8
+            blocks or more; True: from 5; False: never.
         run_all_steps: run every step on fake tensors. By default only the first
             runs and later ones are derived from its trace (a later step repeats
             the first's allocations, its optimizer state existing from the
@@ -206,14 +218,57 @@ def estimate(
         device = load_profile(profile) if profile is not None else default_profile()
         if capability is not None:
             device = dataclasses.replace(device, capability=capability)
-    recipe = Recipe(config, target, fake=True, capability=device.capability if device is not None else (9, 0))
-
-
+    capability = device.capability if device is not None else (9, 0)
     source = source_model(workload)
+    notes: list[str] = []
+    history = None
+    if extrapolate is not False:
+        key = (workload, target, capability, steps, accumulation, run_all_steps)
+        history, note = _depth.extrapolated(
+            source, config, key,
+            lambda cut: _trace(workload, cut, config, target, capability, steps, accumulation, run_all_steps)[0],
+            always=extrapolate is True)
+        if note:
+            notes.append(note)
+    if history is None:
+        history, checkpointed = _trace(workload, source, config, target, capability, steps, accumulation,
+                                       run_all_steps)
+    else:
+        checkpointed = Checkpointing(config.checkpoint).select(source)
+    report = build_report(**history._asdict())
+
+    allocator = None
+    if device is not None:
+        allocator = simulate_caching_allocator(history.events, capability=device.capability,
+                                               cublas_handles=device.cublas_handles,
+                                               cublas_workspace=device.cublas_workspace,
+                                               other_workspace=device.other_workspace)
+    report = dataclasses.replace(report, extra={"workload": workload.name, "estimated": True, "target": target})
+    return Estimate(
+        config=config,
+        device=target,
+        peak=report.peak,
+        at_peak=dict(report.at_peak),
+        phases=_phases(report, steps),
+        by_module=dict(report.by_module),
+        report=report,
+        parameters=sum(p.numel() for p in source.parameters()),
+        checkpointed=tuple(checkpointed),
+        allocator=allocator,
+        context=device.context if device is not None else 0,
+        profile=device,
+        notes=tuple(notes),
+        extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
+    )
+
+
+def _trace(workload: Workload, source: nn.Module, config: Config, target: str, capability: tuple[int, int],
+           steps: int, accumulation: int, run_all_steps: bool) -> tuple[History, list[str]]:
+    """Run the step on a fake copy of ``source`` under the tracker: its history and the checkpointed paths."""
+    recipe = Recipe(config, target, fake=True, capability=capability)
     fake_mode = _torch_private.FakeTensorMode()
     with fake_mode:
         model = fake_copy(source, fake_mode)
-        parameters = sum(p.numel() for p in model.parameters())
         model.train()
         recipe.apply(model)
         optimizer = recipe.build_optimizer(workload.optimizer, model)
@@ -247,30 +302,12 @@ def estimate(
                 f"{user_frame(exc)}, which fake tensors do not have, so it cannot be estimated; keep the value "
                 "on the device (torch.where, torch.clamp), or measure real steps (memfit profile, memfit.measure)"
             ) from None
-    report = tracker.report()
-
-    allocator = None
-    if device is not None:
-        allocator = simulate_caching_allocator(tracker.allocation_events(), capability=device.capability,
-                                               cublas_handles=device.cublas_handles,
-                                               cublas_workspace=device.cublas_workspace,
-                                               other_workspace=device.other_workspace)
-    report = dataclasses.replace(report, extra={"workload": workload.name, "estimated": True, "target": target})
-    return Estimate(
-        config=config,
-        device=target,
-        peak=report.peak,
-        at_peak=dict(report.at_peak),
-        phases=_phases(report, steps),
-        by_module=dict(report.by_module),
-        report=report,
-        parameters=parameters,
-        checkpointed=tuple(recipe.checkpointed),
-        allocator=allocator,
-        context=device.context if device is not None else 0,
-        profile=device,
-        extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
-    )
+    # A copy: the ledger still hears of storages freed later (the model, the optimizer and a
+    # GradScaler's scale go when this returns), which the step's record must not show.
+    history = tracker.history()
+    history = history._replace(events=list(history.events), ops=list(history.ops), sid_cat=list(history.sid_cat),
+                               sid_module=list(history.sid_module), live_cat=list(history.live_cat))
+    return history, recipe.checkpointed
 
 
 def _phases(report: MemoryReport, steps: int) -> dict[str, dict[str, int]]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from memfit.categories import CATEGORIES, PHASES
 
-__all__ = ["CATEGORIES", "PHASES", "TimelineEntry", "MemoryReport"]
+__all__ = ["CATEGORIES", "PHASES", "TimelineEntry", "MemoryReport", "History"]
 
 
 
@@ -139,6 +139,30 @@ class MemoryReport:
         from memfit.display import plot_report
 
         return plot_report(self, path)
+
+
+class History(NamedTuple):
+    """A tracker's raw record, from which :func:`build_report` makes a report.
+
+    Storages are numbered by serial id (``sid``) in the order they were allocated;
+    ``events`` are ``(op index, sid, byte delta)`` (a storage's first event allocates it,
+    a negative one frees or shrinks it), ``ops`` are ``(aten op, module index, phase index,
+    optimizer steps before it)``, and module indices point into ``paths`` (-1: outside the model).
+    """
+
+    device: str
+    fake: bool
+    steps: int
+    categories: tuple[str, ...]
+    paths: list[str]
+    sid_cat: list[int]
+    sid_module: list[int]
+    events: list[tuple[int, int, int]]
+    ops: list[tuple[Any, int, int, int]]
+    peak: int
+    peak_event: int
+    peak_op: int
+    live_cat: list[int]
 
 
 def build_report(

@@ -67,7 +67,7 @@ from memfit.errors import MemfitError
 from memfit.ledger import StorageLedger
 from memfit.observer import StepObserver
 from memfit.replay import repeat_since
-from memfit.report import MemoryReport, build_report
+from memfit.report import History, MemoryReport, build_report
 
 __all__ = ["MemoryTracker", "track", "CATEGORIES"]
 
@@ -230,8 +230,12 @@ class MemoryTracker:
 
     def report(self) -> MemoryReport:
         """Everything measured so far, as a :class:`~memfit.report.MemoryReport`."""
+        return build_report(**self.history()._asdict())
+
+    def history(self) -> History:
+        """The raw record a report is built from (:class:`memfit.report.History`), without copying it."""
         ledger = self._ledger
-        return build_report(
+        return History(
             device=str(self.device),
             fake=self._observer.fake,
             steps=ledger.steps,

@@ -85,16 +85,19 @@ def _stack(**kwargs) -> Workload:
 
 
 def test_blocks_that_allocate_differently_fall_back_and_say_so():
-    # Every third block allocates more: the step with 3 blocks is not the step with 2 and one more like them.
-    workload = _stack(odd_every=3)
-    est = estimate(workload, Config(micro_batch=4), extrapolate=True)
-    assert est.notes == ("traced in full: the step with 3 blocks of blocks is not the step with 2 plus one more "
-                         "block's records",)
-    # Every fourth: 2 and 3 blocks agree with each other, and the step with 4 shows the difference.
+    # Every second or third block allocates more: the full model is traced, and the note says why
+    # the last cuts tried (2 and 3 blocks) failed: the third block differs from the second.
+    for odd_every in (2, 3):
+        workload = _stack(odd_every=odd_every)
+        est = estimate(workload, Config(micro_batch=4), extrapolate=True)
+        assert est.notes == ("traced in full: the step with one more block of blocks is not the step plus that "
+                             "block's records",), est.notes
+        _same(est, estimate(workload, Config(micro_batch=4), extrapolate=False))
+    # Every fourth: the cuts to 2 and 3 blocks agree with each other; the check at 4 sees the odd one.
     workload = _stack(odd_every=4)
     est = estimate(workload, Config(micro_batch=4), extrapolate=True)
-    assert est.notes == ("traced in full: the step with 4 blocks of blocks is not predicted by those with 2 and 3 "
-                         "(the blocks differ in what they allocate)",)
+    assert est.notes == ("traced in full: the step with two more blocks of blocks is not predicted by those with "
+                         "none and one more (the blocks differ in what they allocate)",), est.notes
     _same(est, estimate(workload, Config(micro_batch=4), extrapolate=False))
     # Without the odd blocks the same model is extrapolated.
     plain = _stack()
@@ -111,12 +114,25 @@ def test_a_first_block_that_differs_stays_outside_the_run():
     _same(est, estimate(workload, Config(micro_batch=4), device="cuda", extrapolate=False))
 
 
-def test_a_checkpoint_set_over_some_blocks_is_traced_in_full():
+def test_a_checkpoint_set_that_alternates_is_traced_in_full():
     workload = _stack()
     config = Config(micro_batch=4, checkpoint=("blocks.0", "blocks.3"))
     est = estimate(workload, config, extrapolate=True)
-    assert est.notes == ("traced in full: the checkpoint set covers some of the 8 blocks of blocks and not others",)
+    assert est.notes == ("traced in full: the checkpoint set alternates over the 8 blocks of blocks (4 segments; at "
+                         "most 2, such as the first k blocks, are extrapolated)",)
     _same(est, estimate(workload, config, extrapolate=False))
+
+
+@pytest.mark.parametrize("checkpoint", [("blocks.0", "blocks.1", "blocks.2"), ("blocks.*.0",),
+                                        tuple(f"blocks.{i}" for i in range(3, 9))])
+def test_a_checkpoint_set_over_the_first_or_last_blocks_is_extrapolated(checkpoint):
+    workload = _stack(depth=9)
+    config = Config(micro_batch=4, checkpoint=checkpoint)
+    est = estimate(workload, config, device="cuda", extrapolate=True)
+    assert _extrapolated(est), est.notes
+    full = estimate(workload, config, device="cuda", extrapolate=False)
+    _same(est, full)
+    assert est.checkpointed == full.checkpointed
 
 
 def test_repeated_run_finds_the_largest_run_and_no_shared_block():

@@ -47,16 +47,11 @@ from memfit.report import History
 
 __all__ = ["Run", "repeated_run", "truncated", "extrapolated"]
 
-# Blocks of the run kept in the traces: the first two give one block's records, the third checks
-# them. Most models' blocks repeat from the first (Llama's); where the first or last block differs
-# from the middle ones (GPT-2's last block frees the final norm's gradient, not the next block's),
-# 2, 3 and 4 do, reusing the traces at 2 and 3.
-_DEPTHS = ((1, 2, 3), (2, 3, 4))
 # Below this many identical blocks, tracing a few of them saves too little.
 _WORTH_IT = 8
-# Steps whose extrapolation was checked, by everything but the micro-batch: the depths that
-# worked. Later micro-batches of the same step (the planner's searches) trace those two only.
-_CHECKED: dict[tuple, tuple[int, int]] = {}
+# Steps whose extrapolation was checked, by everything but the micro-batch: the blocks per segment
+# of the cut that worked. Later micro-batches of the same step (the planner's searches) skip the check.
+_CHECKED: dict[tuple, int] = {}
 
 
 def _signature(block: nn.Module) -> tuple:
@@ -108,64 +103,84 @@ def truncated(model: nn.Module, run: Run, blocks: int) -> Iterator[nn.Module]:
         container._modules = kept
 
 
-def extrapolated(source: nn.Module, config: Config, key: tuple, trace: Callable[[nn.Module], History],
+def extrapolated(source: nn.Module, config: Config, key: tuple, trace: Callable[[nn.Module, Config], History],
                  *, always: bool = False) -> tuple[History | None, str]:
     """The step's history for ``source`` at full depth from ``trace`` of cuts of it, or (None, why not).
 
-    ``trace(model)`` runs the step under ``config`` on a model and returns its history;
-    ``key`` names everything else the step depends on (the workload, the target), for
-    remembering which depths were checked. The reason is "" where the model has no run of
-    identical blocks worth it (8 or more; 5 with ``always``).
+    ``trace(model, config)`` runs the step on a model and returns its history; ``key`` names
+    everything else the step depends on (the workload, the target), for remembering which
+    cuts were checked. The reason is "" where the model has no run of identical blocks
+    worth it (8 or more; 5 with ``always``).
+
+    The run's blocks fall in segments checkpointed alike (all, none, or the first k of
+    them): each segment is cut to 1 block (else 2), grown by one in a second trace, and
+    the cut with 2 more in each is the check.
     """
     run = repeated_run(source)
     if run is None or (run.count < _WORTH_IT and not always):
         return None, ""
-    uneven = _uneven_checkpointing(source, config, run)
-    if uneven:
-        return None, f"traced in full: {uneven}"
+    pattern = _pattern(source, config, run)
+    if isinstance(pattern, str):
+        return None, f"traced in full: {pattern}"
+    outside, segments = pattern
+    lengths = [length for _, length in segments]
     key = (key, dataclasses.replace(config, micro_batch=1))
-    traces: dict[int, History] = {}
+    traces: dict[tuple[int, ...], History] = {}
 
-    def at(depths: tuple[int, ...]) -> dict[int, History]:
-        for n in depths:
-            if n not in traces:
-                with truncated(source, run, n) as cut:
-                    traces[n] = trace(cut)
-        return {n: traces[n] for n in depths}
+    def at(cut: list[int]) -> History:
+        if tuple(cut) not in traces:
+            kinds = [kind for (kind, _), n in zip(segments, cut) for _ in range(n)]
+            checkpoint = list(outside) + [run.block(j) + ("." + rel if rel else "")
+                                          for j, kind in enumerate(kinds) for rel in sorted(kind)]
+            with truncated(source, run, len(kinds)) as model:
+                traces[tuple(cut)] = trace(model, dataclasses.replace(config, checkpoint=tuple(checkpoint)))
+        return traces[tuple(cut)]
 
     paths = [p for p, _ in source.named_modules()]
     checked = _CHECKED.get(key)
-    if checked is not None:
-        history, why = extrapolate(at(checked), run, paths)
+    why = "the model has too few blocks for the cuts"
+    for size in (checked,) if checked is not None else (1, 2):
+        base = [min(n, size) for n in lengths]
+        grow = [s for s, n in enumerate(lengths) if n > base[s]]
+        more = lambda extra: [b + extra * (s in grow) for s, b in enumerate(base)]  # noqa: E731
+        if sum(more(2)) > run.count:
+            continue
+        longer = [(at([b + (t == s) for t, b in enumerate(base)]), lengths[s] - base[s]) for s in grow]
+        check = None if checked is not None else (at(more(2)), [2] * len(grow))
+        history, why = extrapolate(at(base), longer, run, paths, check)
         if history is not None:
-            return history, _note(run, checked)
-    for depths in _DEPTHS:
-        history, why = extrapolate(at(depths), run, paths)
-        if history is not None:
-            _CHECKED[key] = depths[:2]
-            return history, _note(run, depths)
+            _CHECKED[key] = size
+            cuts = " and ".join(str(sum(c)) for c in [base] + [more(1)] * bool(grow))
+            return history, (f"extrapolated from the step with {cuts} of the {run.count} identical blocks of "
+                             f"{run.container or 'the model'} (exact: the step with {sum(more(2))} was predicted "
+                             "record for record from the smaller ones)")
     return None, f"traced in full: {why}"
 
 
-def _note(run: Run, depths: tuple[int, ...]) -> str:
-    return (f"extrapolated from the step with {' and '.join(map(str, depths[:2]))} of the {run.count} identical "
-            f"blocks of {run.container or 'the model'} (exact: the step with {depths[1] + 1} was predicted token "
-            "for token from those two)")
+def _pattern(source: nn.Module, config: Config, run: Run) -> tuple[list[str], list[tuple[frozenset, int]]] | str:
+    """The checkpointed paths outside the run, and the run as segments of blocks checkpointed alike.
 
-
-def _uneven_checkpointing(source: nn.Module, config: Config, run: Run) -> str:
-    """Why the config's checkpoint set treats the run's blocks differently ("" if it does not)."""
-    if not config.checkpoint:
-        return ""
-    chosen = Checkpointing(config.checkpoint).select(source)
+    A segment is (the paths inside each of its blocks that are checkpointed, ``""`` for the
+    block itself; its length). Returns why not where the set cannot be cut this way.
+    """
+    chosen = Checkpointing(config.checkpoint).select(source) if config.checkpoint else []
     inside: list[set[str]] = [set() for _ in range(run.count)]
+    outside = []
     for path in chosen:
         if run.container and path.startswith(run.container + "["):
             return f"the checkpoint segment {path} cuts the run of blocks"
         where = run.locate(path)
-        if where is not None:
+        if where is None:
+            outside.append(path)
+        else:
             inside[where[0]].add(where[1])
-    if any(s != inside[0] for s in inside):
-        return (f"the checkpoint set covers some of the {run.count} blocks of {run.container or 'the model'} and "
-                "not others")
-    return ""
+    segments: list[tuple[frozenset, int]] = []
+    for kind in map(frozenset, inside):
+        if segments and segments[-1][0] == kind:
+            segments[-1] = (kind, segments[-1][1] + 1)
+        else:
+            segments.append((kind, 1))
+    if len(segments) > 2:
+        return (f"the checkpoint set alternates over the {run.count} blocks of {run.container or 'the model'} "
+                f"({len(segments)} segments; at most 2, such as the first k blocks, are extrapolated)")
+    return outside, segments

@@ -226,7 +226,8 @@ def estimate(
         key = (workload, target, capability, steps, accumulation, run_all_steps)
         history, note = _depth.extrapolated(
             source, config, key,
-            lambda cut: _trace(workload, cut, config, target, capability, steps, accumulation, run_all_steps)[0],
+            lambda cut, cut_config: _trace(workload, cut, cut_config, target, capability, steps, accumulation,
+                                           run_all_steps)[0],
             always=extrapolate is True)
         if note:
             notes.append(note)

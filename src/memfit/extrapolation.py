@@ -269,35 +269,45 @@ def _token_insertions(short: list[tuple], longer: list[tuple]) -> list[tuple[int
     return chunks
 
 
-def _expand(tokens: list[tuple], chunks: list[tuple[int, list[tuple]]], copies: int) -> list[tuple]:
+def _expand(tokens: list[tuple], grown: list[tuple[list[tuple[int, list[tuple]]], int]]) -> list[tuple]:
+    """``tokens`` with each segment's inserted chunks repeated as many times as it has blocks to add."""
+    inserts = sorted(((at, s, i), chunk * copies) for s, (chunks, copies) in enumerate(grown)
+                     for i, (at, chunk) in enumerate(chunks))
     out: list[tuple] = []
     done = 0
-    for at, chunk in chunks:
+    for (at, _, _), chunk in inserts:
         out += tokens[done:at]
-        out += chunk * copies
+        out += chunk
         done = at
     out += tokens[done:]
     return out
 
 
-def extrapolate(traces: dict[int, History], run: Run, paths: list[str]) -> tuple[History | None, str]:
-    """The history of the model with all ``run.count`` blocks, from ``traces`` at :data:`SAMPLE_DEPTHS` blocks.
+def extrapolate(base: History, longer: list[tuple[History, int]], run: Run, paths: list[str],
+                check: tuple[History, list[int]] | None = None) -> tuple[History | None, str]:
+    """The history of the model with all its blocks, from cuts of it.
 
-    ``paths`` are the full model's module paths. The trace at 4 blocks may be left out
-    when the same structure was checked before (the planner's later micro-batches).
-    Returns the history, or None and why it cannot be extrapolated exactly.
+    ``base`` is the step cut short; ``longer`` has, for each segment of blocks that grows
+    (blocks checkpointed alike), the step with one block more in that segment and how many
+    blocks it lacks at full depth. ``check`` is a step with more blocks than any of them and,
+    per growing segment, how many more than ``base``: it must be predicted token for token
+    (left out where the same step was checked before). ``paths`` are the full model's module
+    paths. Returns the history, or None and why it cannot be extrapolated exactly.
     """
-    low, high, *check = sorted(traces)
     where = run.container or "the model"
-    first = encode(traces[low], run)
-    chunks = _insertions(first, encode(traces[high], run))
-    if not chunks:
-        return None, (f"the step with {high} blocks of {where} is not the step with {low} plus one more block's "
-                      "records")
-    if check and _expand(first, chunks, check[0] - low) != encode(traces[check[0]], run):
-        return None, (f"the step with {check[0]} blocks of {where} is not predicted by those with {low} and {high} "
-                      "(the blocks differ in what they allocate)")
-    history = _decode(_expand(first, chunks, run.count - low), run, paths, traces[low])
+    first = encode(base, run)
+    grown = []
+    for history, copies in longer:
+        chunks = _insertions(first, encode(history, run))
+        if not chunks:
+            return None, f"the step with one more block of {where} is not the step plus that block's records"
+        grown.append((chunks, copies))
+    if check is not None:
+        history, copies = check
+        if _expand(first, [(chunks, k) for (chunks, _), k in zip(grown, copies)]) != encode(history, run):
+            return None, (f"the step with two more blocks of {where} is not predicted by those with none and one "
+                          "more (the blocks differ in what they allocate)")
+    history = _decode(_expand(first, grown), run, paths, base)
     if history is None:
         return None, "the extrapolated records name modules the full model does not have"
     return history, ""

@@ -337,3 +337,56 @@ def test_nothing_fits_names_the_optimizer_levers_verified_by_estimates():
         other = memfit.estimate(workload, dataclasses.replace(base, **change), device="cuda").required
         assert fixes[lever].verified and fixes[lever].saves == needed - other > 0
         assert fixes[lever].config(base) == dataclasses.replace(base, **change)
+
+
+class _Hetero(nn.Module):
+    """Blocks that differ: the first costs many FLOPs for few kept bytes, the next two keep wide activations cheaply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        dense = nn.Sequential(nn.Linear(32, 256), nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(256, 32))
+        wide = lambda: nn.Sequential(nn.Linear(32, 1024), nn.GELU(), nn.Tanh(), nn.GELU(), nn.Linear(1024, 32))  # noqa: E731
+        self.blocks = nn.ModuleList([dense, wide(), wide(), nn.Sequential(nn.Linear(32, 32), nn.Tanh())])
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_the_cheapest_checkpoint_set_of_blocks_that_differ_need_not_be_a_prefix():
+    workload = memfit.Workload(model=_Hetero, batch=lambda n: (torch.randn(n, 32), torch.randint(0, 4, (n,))),
+                               loss=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1), name="hetero")
+    batch = 64
+    # A budget where the first wide block, recomputed, lets micro-batches of 16 fit, and an efficiency
+    # curve (m_half = 8 samples) under which fewer micro-steps pay for recomputing it.
+    budget = estimate(workload, Config(micro_batch=16, checkpoint=("blocks.1",)), device="cpu", accumulation=2).required
+    chosen = plan(workload, budget, batch, device="cpu", m_half=8.0)
+    assert chosen.config.checkpoint == ("blocks.1",) and chosen.config.micro_batch == 16
+    # Against every subset of the four blocks, each searched for its largest micro-batch.
+    searcher = Searcher(workload, "cpu", batch_size=batch)
+    costs = CostModel(workload, device="cpu", m_half=chosen.extra["m_half"])
+    blocks = [f"blocks.{i}" for i in range(4)]
+    best = min(
+        (costs.step_cost(Config(micro_batch=m, checkpoint=subset), batch), subset)
+        for k in range(5) for subset in itertools.combinations(blocks, k)
+        if (m := searcher.largest_micro_batch(Config(micro_batch=1, checkpoint=subset), budget, batch))
+    )
+    assert best[1] == ("blocks.1",) and costs.step_cost(chosen.config, batch) == best[0]
+    # The search over the first k blocks recomputes the dense block as well.
+    prefixes = plan(workload, budget, batch, device="cpu", m_half=8.0, exhaustive=True)
+    assert prefixes.config.checkpoint == ("blocks.0", "blocks.1") and prefixes.step_cost > chosen.step_cost
+
+
+@pytest.mark.parametrize("name, budget_share", [("tied-lm", 0.3), ("block-cnn", 0.5), ("gpt2-tiny", 0.25)])
+def test_the_confirmed_search_finds_the_exhaustive_plan(name, budget_share):
+    workload = ZOO[name]()
+    whole = estimate(workload, Config(micro_batch=64), device="cpu").required
+    fast = plan(workload, int(whole * budget_share), 64, device="cpu", precisions=("32-true", "bf16-mixed"))
+    slow = plan(workload, int(whole * budget_share), 64, device="cpu", precisions=("32-true", "bf16-mixed"),
+                exhaustive=True)
+    assert fast.config == slow.config and fast.required == slow.required and fast.step_cost == slow.step_cost
+    assert fast.alternatives[0].largest == slow.alternatives[0].largest
+    assert fast.extra["estimates"] < slow.extra["estimates"] or slow.extra["estimates"] <= 8

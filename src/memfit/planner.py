@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from memfit.candidates import fast_candidates
 from memfit.checks import positive_int
 from memfit.config import Config, accumulation_steps, balanced_micro_batch, check_precision
 from memfit.cost import DEFAULT_M_HALF, CostModel, calibrate_efficiency
@@ -77,6 +78,9 @@ class Alternative:
     largest: int | None = None
     """The largest micro-batch that fits with these settings (``config.micro_batch`` balances
     the same number of micro-steps, so it may be smaller)."""
+    predicted: bool = False
+    """True for a candidate the planner ranked from its memory model without confirming it by an
+    estimate (it was not the cheapest): ``required`` and ``largest`` are predictions."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,7 @@ class Plan:
                     "required": a.required,
                     "step_cost": a.step_cost,
                     "fits": a.fits,
+                    "predicted": a.predicted,
                 }
                 for a in self.alternatives
             ],
@@ -175,6 +180,7 @@ def plan(
     zero_grad: str = "set-to-none",
     optimizer_in_backward: bool = False,
     profile: DeviceProfile | str | None = None,
+    exhaustive: bool = False,
 ) -> Plan:
     """The configuration that fits ``budget`` at the lowest predicted step cost, keeping ``batch_size``.
 
@@ -197,6 +203,10 @@ def plan(
             optimizer and releases gradients (the :class:`Config` fields of these names); the
             plan keeps them. A step in backward accumulates nothing: its plan is one micro-batch.
         profile: the CUDA card's context and workspaces (see :func:`memfit.estimate`).
+        exhaustive: search the largest micro-batch of every candidate checkpoint set (the first
+            k blocks, for each k up to 8, powers of two and all) instead of choosing the set from
+            the search without checkpointing and confirming the winner
+            (:mod:`memfit.candidates`); slower, kept to compare against.
 
     Raises:
         PlanError: nothing fits, with the floor and the levers that would move it.
@@ -226,38 +236,23 @@ def plan(
 
     searcher = Searcher(workload, device, batch_size=batch_size, profile=profile)
     blocks = _candidates(workload, checkpoint_candidates) if allow_checkpoint else []
-    # Every count of blocks up to 8; beyond, powers of two and all (each count costs a search).
-    counts = range(1, len(blocks) + 1) if len(blocks) <= 8 else sorted({2**i for i in range(len(blocks).bit_length()) if 2**i < len(blocks)} | {len(blocks)})
-    checkpoint_sets: list[tuple[str, ...]] = [()] + [tuple(blocks[:k]) for k in counts]
     offloads = (False, True) if allow_offload and device == "cuda" else (False,)
-
     model = CostModel(workload, device=device, m_half=m_half)
     cost_of = lambda config: model.step_cost(config, batch_size)  # noqa: E731
 
     candidates: list[Alternative] = []
     for precision in precisions:
         for offload in offloads:
-            previous_best = 0
-            for ckpt in checkpoint_sets:
-                base = Config(micro_batch=1, precision=precision, checkpoint=ckpt, offload_activations=offload,
-                              optimizer_impl=optimizer_impl, zero_grad=zero_grad,
-                              optimizer_in_backward=optimizer_in_backward)
-                # More checkpointing never needs more memory: start from the last size that fitted.
-                m = searcher.largest_micro_batch(base, budget, batch_size, start=previous_best or 1)
-                if m == 0 or (optimizer_in_backward and m < batch_size):
-                    continue
-                if ckpt and m <= previous_best:
-                    continue  # more recomputation, no larger micro-batch: never cheaper
-                previous_best = m
-                # As many micro-steps as the largest size needs, each as small as that allows:
-                # the same predicted cost, and headroom for what an estimate cannot see.
-                config = dataclasses.replace(base, micro_batch=balanced_micro_batch(batch_size, m))
-                candidates.append(
-                    Alternative(config, accumulation_steps(batch_size, config.micro_batch),
-                                searcher.estimate(config).required, cost_of(config), True, largest=m)
-                )
-                if m == batch_size:
-                    break  # the whole batch fits: more checkpointing only costs
+            base = Config(micro_batch=1, precision=precision, offload_activations=offload,
+                          optimizer_impl=optimizer_impl, zero_grad=zero_grad,
+                          optimizer_in_backward=optimizer_in_backward)
+            if exhaustive:
+                candidates += _exhaustive(searcher, base, budget, batch_size, blocks, cost_of)
+                continue
+            for c in fast_candidates(searcher, model, base, budget, batch_size, blocks):
+                candidates.append(Alternative(c.config, accumulation_steps(batch_size, c.config.micro_batch),
+                                              c.required, c.step_cost, True, largest=c.largest,
+                                              predicted=c.predicted))
 
     if not candidates and optimizer_in_backward:
         one = Config(micro_batch=batch_size, precision=precisions[0], optimizer_impl=optimizer_impl,
@@ -271,7 +266,7 @@ def plan(
 
     # 1.0 = the whole batch in one micro-step at the fastest allowed precision, no recomputation.
     ideal = min(cost_of(Config(micro_batch=batch_size, precision=p)) for p in precisions)
-    candidates.sort(key=lambda a: (a.step_cost, a.required))
+    candidates.sort(key=lambda a: (a.step_cost, a.predicted, a.required))
     best = candidates[0]
     alternatives = tuple(dataclasses.replace(a, step_cost=a.step_cost / ideal) for a in candidates)
     chosen = alternatives[0]
@@ -287,8 +282,36 @@ def plan(
         reasons=tuple(reasons),
         alternatives=alternatives,
         estimate=est,
-        extra={"estimates": searcher.calls, "m_half": m_half, "device": device, "workload": workload.name},
+        extra={"estimates": searcher.calls, "m_half": m_half, "device": device, "workload": workload.name,
+               "search": "exhaustive" if exhaustive else "confirmed"},
     )
+
+
+def _exhaustive(searcher: Searcher, base: Config, budget: int, batch_size: int, blocks: list[str],
+                cost_of) -> list[Alternative]:
+    """The largest micro-batch of each checkpoint set of the first k blocks (every k up to 8, then
+    powers of two and all), each a search over estimates: the planner before :mod:`memfit.candidates`."""
+    counts = range(1, len(blocks) + 1) if len(blocks) <= 8 else sorted(
+        {2**i for i in range(len(blocks).bit_length()) if 2**i < len(blocks)} | {len(blocks)})
+    found = []
+    previous_best = 0
+    for ckpt in [()] + [tuple(blocks[:k]) for k in counts]:
+        config = dataclasses.replace(base, checkpoint=ckpt)
+        # More checkpointing never needs more memory: start from the last size that fitted.
+        m = searcher.largest_micro_batch(config, budget, batch_size, start=previous_best or 1)
+        if m == 0 or (base.optimizer_in_backward and m < batch_size):
+            continue
+        if ckpt and m <= previous_best:
+            continue  # more recomputation, no larger micro-batch: never cheaper
+        previous_best = m
+        # As many micro-steps as the largest size needs, each as small as that allows:
+        # the same predicted cost, and headroom for what an estimate cannot see.
+        config = dataclasses.replace(config, micro_batch=balanced_micro_batch(batch_size, m))
+        found.append(Alternative(config, accumulation_steps(batch_size, config.micro_batch),
+                                 searcher.estimate(config).required, cost_of(config), True, largest=m))
+        if m == batch_size:
+            break  # the whole batch fits: more checkpointing only costs
+    return found
 
 
 def _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher) -> list[str]:

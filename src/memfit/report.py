@@ -81,6 +81,10 @@ class MemoryReport:
     """Optimizer steps seen."""
     fake: bool = False
     """True when the tensors were FakeTensors: the figures are what real tensors would take."""
+    kept_by_module: dict[str, int] = field(default_factory=dict)
+    """Module path -> bytes its forward allocated that were still alive when backward began (the most over
+    the steps), its submodules included: what the forward keeps for backward, which checkpointing the
+    module would free (less its output, which the next module keeps)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form facts added by the caller (workload name, micro-batch)."""
 
@@ -93,6 +97,7 @@ class MemoryReport:
             "peak_by_category": dict(self.peak_by_category),
             "peak_by_phase": dict(self.peak_by_phase),
             "by_module": dict(self.by_module),
+            "kept_by_module": dict(self.kept_by_module),
             "at_end": dict(self.at_end),
             "peak_index": self.peak_index,
             "peak_op": self.peak_op,
@@ -202,9 +207,17 @@ def build_report(
     timeline: list[TimelineEntry] = []
     phase_max = [0] * len(PHASES)
     names: dict[Any, str] = {}
+    kept = [0] * len(paths)
+    last_phase = -1
 
     def emit(i: int) -> None:
+        nonlocal last_phase
         func, module, phase, step = ops[i]
+        if phase == 1 and last_phase == 0:  # backward begins: what the forward allocated and kept
+            for m, live in enumerate(mod_live):
+                if live > kept[m]:
+                    kept[m] = live
+        last_phase = phase
         name = names.get(func)
         if name is None:
             name = names[func] = str(func)
@@ -251,6 +264,7 @@ def build_report(
         peak_by_category=dict(zip(categories, cat_max)),
         peak_by_phase=dict(zip(PHASES, phase_max)),
         by_module={paths[m]: mod_max[m] for m in range(len(paths)) if mod_max[m] > 0},
+        kept_by_module={paths[m]: kept[m] for m in range(len(paths)) if kept[m] > 0},
         timeline=tuple(timeline),
         at_end=dict(zip(categories, live_cat)),
         peak_index=peak_index,

@@ -135,8 +135,11 @@ class _Model:
         high = searcher.estimate(dataclasses.replace(base, micro_batch=ref + 1))
         self.slope = high.required - low.required
         self.intercept = low.required - self.slope * ref
-        kept = low.report.kept_by_module
-        self.saves = [sum(kept.get(p, 0) for p in (segment_layers(b) or [b])) / ref for b in blocks]
+        # What each block keeps for backward, affine in the micro-batch: activations scale with it,
+        # the weights autocast cast and a matmul saved do not.
+        self.saves_at = [_kept(low, b) for b in blocks]
+        self.saves = [_kept(high, b) - at for b, at in zip(blocks, self.saves_at)]
+        self.ref = ref
         _, per_module = cost.flops(base.precision)
         self.costs = [float(sum(per_module.get(p, 0) for p in (segment_layers(b) or [b]))) for b in blocks]
 
@@ -150,12 +153,21 @@ class _Model:
             if m in seen or m <= self.m0:
                 continue
             seen.add(m)
-            chosen = cheapest_cover(self.saves, self.costs, (self.intercept + self.slope * m - budget) / m)
+            saves = [at + slope * (m - self.ref) for at, slope in zip(self.saves_at, self.saves)]
+            chosen = cheapest_cover(saves, self.costs, self.intercept + self.slope * m - budget)
             if chosen is None:
-                break  # no set frees enough at m, nor at any larger micro-batch
+                # No set frees enough by the model, nor at any larger micro-batch; but the model is
+                # additive, and recomputing every block frees more than the sum (no two blocks'
+                # kept tensors alive at once): all blocks are a candidate at m, to be confirmed.
+                ckpt = tuple(self.blocks)
+                config = dataclasses.replace(self.base, micro_batch=balanced_micro_batch(batch_size, m),
+                                             checkpoint=ckpt)
+                out.append((self.cost.step_cost(config, batch_size), ckpt, m, int(self.intercept + m * self.slope
+                                                                                   - sum(saves))))
+                break
             ckpt = tuple(self.blocks[i] for i in chosen)
             config = dataclasses.replace(self.base, micro_batch=balanced_micro_batch(batch_size, m), checkpoint=ckpt)
-            required = int(self.intercept + m * (self.slope - sum(self.saves[i] for i in chosen)))
+            required = int(self.intercept + m * self.slope - sum(saves[i] for i in chosen))
             out.append((self.cost.step_cost(config, batch_size), ckpt, m, required))
         return sorted(out)
 
@@ -170,9 +182,14 @@ class _Model:
             rest = [i for i, b in enumerate(self.blocks) if b not in ckpt]
             if not rest:
                 return None
-            extra = min(rest, key=lambda i: (self.costs[i] / self.saves[i] if self.saves[i] > 0 else float("inf"), i))
+            extra = min(rest, key=lambda i: (self.costs[i] / self.saves_at[i] if self.saves_at[i] > 0 else float("inf"), i))
             ckpt = tuple(b for i, b in enumerate(self.blocks) if b in ckpt or i == extra)
         return None
+
+
+def _kept(estimate, block: str) -> int:
+    kept = estimate.report.kept_by_module
+    return sum(kept.get(p, 0) for p in (segment_layers(block) or [block]))
 
 
 def _confirmed(searcher: Searcher, cost: CostModel, base: Config, batch_size: int, ckpt: tuple[str, ...],

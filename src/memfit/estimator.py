@@ -44,6 +44,8 @@ from memfit.devices import DeviceProfile, default_profile, load_profile
 from memfit.errors import MemfitError, UsageError, user_frame
 from memfit.checkpointing import Checkpointing
 from memfit import depth as _depth
+from memfit import traces as _traces
+from memfit.extrapolation import canonical
 from memfit.report import History, MemoryReport, build_report
 from memfit.step import run_steps
 from memfit.strategies import Recipe
@@ -220,22 +222,28 @@ def estimate(
             device = dataclasses.replace(device, capability=capability)
     capability = device.capability if device is not None else (9, 0)
     source = source_model(workload)
-    notes: list[str] = []
-    history = None
-    if extrapolate is not False:
-        key = (workload, target, capability, steps, accumulation, run_all_steps)
-        history, note = _depth.extrapolated(
-            source, config, key,
-            lambda cut, cut_config: _trace(workload, cut, cut_config, target, capability, steps, accumulation,
-                                           run_all_steps)[0],
-            always=extrapolate is True)
-        if note:
-            notes.append(note)
-    if history is None:
-        history, checkpointed = _trace(workload, source, config, target, capability, steps, accumulation,
-                                       run_all_steps)
-    else:
-        checkpointed = Checkpointing(config.checkpoint).select(source)
+
+    def trace(config: Config) -> _traces.Traced:
+        history = None
+        notes = ()
+        if extrapolate is not False:
+            history, note = _depth.extrapolated(
+                source, config, (workload, target, capability, steps, accumulation, run_all_steps),
+                lambda cut, cut_config: _trace(workload, cut, cut_config, target, capability, steps, accumulation,
+                                               run_all_steps)[0],
+                always=extrapolate is True)
+            notes = (note,) if note else ()
+        if history is None:
+            history, checkpointed = _trace(workload, source, config, target, capability, steps, accumulation,
+                                           run_all_steps)
+        else:
+            checkpointed = Checkpointing(config.checkpoint).select(source)
+        return history, tuple(checkpointed), notes
+
+    key = (workload, target, capability, steps, accumulation, run_all_steps, extrapolate)
+    history, checkpointed, notes = _traces.history(key, config, trace, reuse=extrapolate is not False)
+    if target == "cuda":
+        history = _traces.rounded(history, 512)  # the caching allocator's blocks, as max_memory_allocated counts
     report = build_report(**history._asdict())
 
     allocator = None
@@ -258,7 +266,7 @@ def estimate(
         allocator=allocator,
         context=device.context if device is not None else 0,
         profile=device,
-        notes=tuple(notes),
+        notes=notes,
         extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
     )
 
@@ -276,7 +284,7 @@ def _trace(workload: Workload, source: nn.Module, config: Config, target: str, c
         shape_error, value_errors = _torch_private.data_dependent_errors()
         try:
             with recipe.emulation(), _torch_private.quiet_fake_tensor_errors(), \
-                    track(model, optimizer, device="cpu", round_to=512 if target == "cuda" else 1) as tracker:
+                    track(model, optimizer, device="cpu", round_to=1) as tracker:
                 start = tracker.position()
                 run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe,
                           accumulation=accumulation)
@@ -306,8 +314,8 @@ def _trace(workload: Workload, source: nn.Module, config: Config, target: str, c
     # A copy: the ledger still hears of storages freed later (the model, the optimizer and a
     # GradScaler's scale go when this returns), which the step's record must not show.
     history = tracker.history()
-    history = history._replace(events=list(history.events), ops=list(history.ops), sid_cat=list(history.sid_cat),
-                               sid_module=list(history.sid_module), live_cat=list(history.live_cat))
+    history = canonical(history._replace(ops=list(history.ops), sid_cat=list(history.sid_cat),
+                                         sid_module=list(history.sid_module), live_cat=list(history.live_cat)))
     return history, recipe.checkpointed
 
 

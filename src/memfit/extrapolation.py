@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from memfit.report import History
 
-__all__ = ["Run", "encode", "extrapolate"]
+__all__ = ["Run", "encode", "extrapolate", "with_peak", "canonical"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +182,10 @@ def _decode(tokens: list[tuple], run: Run, paths: list[str], like: History) -> H
             if kind == "f":
                 del same[at]
             events.append((len(ops), sid, delta))
-    return _with_peak(like, paths, ops, events, sid_cat, sid_module)
+    return with_peak(like, paths, ops, events, sid_cat, sid_module)
 
 
-def _with_peak(like: History, paths, ops, events, sid_cat, sid_module) -> History:
+def with_peak(like: History, paths, ops, events, sid_cat, sid_module) -> History:
     """A history of these records, its peak found by replaying them (the ledger notes it after each allocation)."""
     live_cat = [0] * len(like.categories)
     live = peak = peak_event = peak_op = 0
@@ -311,3 +311,22 @@ def extrapolate(base: History, longer: list[tuple[History, int]], run: Run, path
     if history is None:
         return None, "the extrapolated records name modules the full model does not have"
     return history, ""
+
+
+def canonical(history: History) -> History:
+    """The history with storages freed together (before one op) in the order they were allocated.
+
+    Their order is otherwise arbitrary (autocast's cache is a hash map of pointers), and no
+    figure depends on it: a free raises no peak, and freed blocks merge alike.
+    """
+    events = list(history.events)
+    last = {sid: i for i, (_, sid, _) in enumerate(events)}
+    i = 0
+    while i < len(events):
+        j = i
+        while j < len(events) and events[j][0] == events[i][0] and events[j][2] < 0 and last[events[j][1]] == j:
+            j += 1
+        if j - i > 1:
+            events[i:j] = sorted(events[i:j], key=lambda e: e[1])
+        i = max(j, i + 1)
+    return history._replace(events=events)

@@ -204,9 +204,10 @@ def plan(
             plan keeps them. A step in backward accumulates nothing: its plan is one micro-batch.
         profile: the CUDA card's context and workspaces (see :func:`memfit.estimate`).
         exhaustive: search the largest micro-batch of every candidate checkpoint set (the first
-            k blocks, for each k up to 8, powers of two and all) instead of choosing the set from
-            the search without checkpointing and confirming the winner
-            (:mod:`memfit.candidates`); slower, kept to compare against.
+            k blocks, for each k up to 8, powers of two and all), every estimate a full trace,
+            instead of choosing the set from the search without checkpointing and confirming the
+            winner (:mod:`memfit.candidates`) on extrapolated traces (:mod:`memfit.traces`,
+            :mod:`memfit.depth`); slower, kept to compare against.
 
     Raises:
         PlanError: nothing fits, with the floor and the levers that would move it.
@@ -234,7 +235,9 @@ def plan(
         m_half = calibrate_efficiency(workload, device=device)
     m_half = DEFAULT_M_HALF if m_half is None else float(m_half)
 
-    searcher = Searcher(workload, device, batch_size=batch_size, profile=profile)
+    # The exhaustive search is kept as it was before issue 12, full traces included, to compare against.
+    searcher = Searcher(workload, device, batch_size=batch_size, profile=profile,
+                        extrapolate=False if exhaustive else None)
     blocks = _candidates(workload, checkpoint_candidates) if allow_checkpoint else []
     offloads = (False, True) if allow_offload and device == "cuda" else (False,)
     model = CostModel(workload, device=device, m_half=m_half)

@@ -83,8 +83,8 @@ class MemoryReport:
     """True when the tensors were FakeTensors: the figures are what real tensors would take."""
     kept_by_module: dict[str, int] = field(default_factory=dict)
     """Module path -> bytes its forward allocated that were still alive when backward began (the most over
-    the steps), its submodules included: what the forward keeps for backward, which checkpointing the
-    module would free (less its output, which the next module keeps)."""
+    the steps and micro-steps), its submodules included: what the forward keeps for backward, which
+    checkpointing the module would free (less its output, which the next module keeps)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form facts added by the caller (workload name, micro-batch)."""
 
@@ -208,13 +208,16 @@ def build_report(
     phase_max = [0] * len(PHASES)
     names: dict[Any, str] = {}
     kept = [0] * len(paths)
+    forward_live = [0] * len(paths)  # bytes allocated in forward ops, still alive
+    in_forward: set[int] = set()
+    seen_sids: set[int] = set()
     last_phase = -1
 
     def emit(i: int) -> None:
         nonlocal last_phase
         func, module, phase, step = ops[i]
         if phase == 1 and last_phase == 0:  # backward begins: what the forward allocated and kept
-            for m, live in enumerate(mod_live):
+            for m, live in enumerate(forward_live):
                 if live > kept[m]:
                     kept[m] = live
         last_phase = phase
@@ -244,6 +247,12 @@ def build_report(
                 mod_live[m] += delta
                 if mod_live[m] > mod_max[m]:
                     mod_max[m] = mod_live[m]
+            if sid in in_forward or (delta > 0 and op_index < len(ops) and ops[op_index][2] == 0
+                                     and sid not in seen_sids):
+                in_forward.add(sid)
+                for m in ancestors[module]:
+                    forward_live[m] += delta
+        seen_sids.add(sid)
     if peak_event == len(events):
         at_peak = list(cat_live)
     while next_op < len(ops):

@@ -20,7 +20,7 @@ class Searcher:
     """Estimates with a cache, and the FLOP counts of the cost model."""
 
     def __init__(self, workload: Workload, device: str, steps: int = 2, batch_size: int | None = None,
-                 profile: DeviceProfile | str | None = None) -> None:
+                 profile: DeviceProfile | str | None = None, extrapolate: bool | None = None) -> None:
         self.workload = workload
         self.device = device
         self.profile = load_profile(profile) if profile is not None and device == "cuda" else None
@@ -28,6 +28,8 @@ class Searcher:
         self.batch_size = batch_size
         self.cache: dict[tuple, Estimate] = {}
         self.calls = 0
+        self.extrapolate = extrapolate
+        """Passed to :func:`memfit.estimate`: False traces every estimate in full (the search before issue 12)."""
 
     def estimate(self, config: Config) -> Estimate:
         # A micro-batch smaller than the batch means accumulation: the first
@@ -39,7 +41,8 @@ class Searcher:
         if key not in self.cache:
             self.calls += 1
             self.cache[key] = estimate(self.workload, config, steps=self.steps, device=self.device,
-                                       accumulation=accumulation, profile=self.profile)
+                                       accumulation=accumulation, profile=self.profile,
+                                       extrapolate=self.extrapolate)
         return self.cache[key]
 
     def fits(self, config: Config, budget: int) -> bool:

@@ -150,3 +150,15 @@ def test_truncated_restores_the_container_also_after_an_error():
         assert len(cut.blocks) == 2
         raise RuntimeError("boom")
     assert len(model.blocks) == 6
+
+
+def test_the_cli_says_how_the_estimate_was_traced(capsys):
+    from memfit.cli import main
+
+    assert main(["estimate", "gpt2", "--seq-len", "16", "-b", "1", "--precision", "bf16-true"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Note: extrapolated from the step with 2 and 3 of the 12 identical blocks of transformer.h" in out
+    assert main(["estimate", "gpt2", "--seq-len", "16", "-b", "1", "--precision", "bf16-true", "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["notes"][0].startswith("extrapolated from the step with 2 and 3")

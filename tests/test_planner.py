@@ -390,3 +390,18 @@ def test_the_confirmed_search_finds_the_exhaustive_plan(name, budget_share):
     assert fast.config == slow.config and fast.required == slow.required and fast.step_cost == slow.step_cost
     assert fast.alternatives[0].largest == slow.alternatives[0].largest
     assert fast.extra["estimates"] < slow.extra["estimates"] or slow.extra["estimates"] <= 8
+
+
+def test_find_batch_size_verifies_with_as_many_real_steps_as_the_steady_state_needs(monkeypatch):
+    import memfit.batch_size as finder
+
+    ran = []
+    real = finder.run_steps
+    monkeypatch.setattr(finder, "run_steps", lambda *a, **k: ran.append(a[4]) or real(*a, **k))
+    stateless = memfit.Workload(model=lambda: nn.Linear(64, 64), batch=lambda n: (torch.randn(n, 64),),
+                                loss=lambda m, b: m(b[0]).square().mean(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    adam = dataclasses.replace(stateless, optimizer=lambda p: torch.optim.Adam(p, lr=0.1))
+    for workload, steps in ((stateless, 1), (adam, 2)):  # SGD keeps no state: its second step repeats the first
+        ran.clear()
+        memfit.find_batch_size(workload, budget="600KiB", device="cpu", limit=512)
+        assert ran == [steps]

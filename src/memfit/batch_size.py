@@ -34,11 +34,13 @@ def find_batch_size(
     precision: str = "32-true",
     limit: int = 4096,
 ) -> int:
-    """The largest micro-batch that fits: predicted by the estimator, verified by one real step.
+    """The largest micro-batch that fits: predicted by the estimator, verified by real steps.
 
-    On CPU give ``budget``: the verifying step runs under ``simulate_budget(budget)``.
-    On CUDA the default budget is the free memory. If the verifying step runs out
-    of memory, the size backs off and is verified again.
+    On CPU give ``budget``: the verifying steps run under ``simulate_budget(budget)``.
+    On CUDA the default budget is the free memory. Two steps verify it (the second is the
+    steady state, with the optimizer's state alive), one where the estimate's steady state
+    needs no more than its first step. If the verification runs out of memory, the size backs
+    off and is verified again.
     """
     if not isinstance(workload, Workload):
         raise UsageError(f"find_batch_size() takes a memfit.Workload, got {type(workload).__name__}")
@@ -55,9 +57,13 @@ def find_batch_size(
     target = "cuda" if device == "cuda" else "cpu"
     searcher = Searcher(workload, target)
     m = searcher.largest_micro_batch(Config(micro_batch=1, precision=precision), budget_bytes, limit)
+    # The real steps verify the steady state: a second step only where the estimate says it needs
+    # more than the first (an optimizer's state exists from its start).
+    est = searcher.estimate(Config(micro_batch=m, precision=precision)) if m > 0 else None
+    steps = 2 if est is None or est.phases["steady"]["step"] > est.phases["first"]["step"] else 1
     if device == "cpu" and m > 0:
         # The verification runs real steps: on the CPU they take real memory, as much as the estimate says.
-        check_fits(searcher.estimate(Config(micro_batch=m, precision=precision)).required,
+        check_fits(est.required,
                    f"verifying micro-batch {m} with real steps under the simulated budget of "
                    f"{format_budget(budget_bytes)}",
                    "give a budget this machine can hold, or use memfit.plan() (estimates only, no real steps)")
@@ -69,9 +75,9 @@ def find_batch_size(
         try:
             if device == "cpu":
                 with simulate_budget(budget_bytes, model, optimizer) as sim:
-                    run_steps(workload, model, optimizer, m, 2, tracker=sim, device=device, recipe=recipe)
+                    run_steps(workload, model, optimizer, m, steps, tracker=sim, device=device, recipe=recipe)
             else:
-                run_steps(workload, model, optimizer, m, 2, device=device, recipe=recipe)
+                run_steps(workload, model, optimizer, m, steps, device=device, recipe=recipe)
             return m
         except torch.OutOfMemoryError:
             m = max(m - max(1, m // 10), 0)  # back off 10% and verify again

@@ -104,6 +104,8 @@ def render_estimate(est: Any, *, top: int = 10, width: int = 100) -> str:
         shown = ", ".join(est.checkpointed[:6]) + (f" and {len(est.checkpointed) - 6} more" if len(est.checkpointed) > 6 else "")
         console.print(f"Checkpointed: {shown}.")
     console.print(f"Peak reached by {report.peak_op} during {report.peak_phase}" + (f", in {report.peak_module or '<root>'}." if report.peak_module is not None else "."))
+    for note in est.notes:  # how it was traced: extrapolated by depth or micro-batch, or why in full
+        console.print(f"Note: {note}.")
 
     categories = Table(title="Memory at the peak", title_justify="left", min_width=64)
     categories.add_column("category")

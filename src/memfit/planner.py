@@ -1,25 +1,25 @@
 """plan(): the configuration that fits a memory budget at the best predicted speed.
 
 The planner works from estimates only (fake tensors, no GPU): for each allowed
-precision and each candidate checkpoint set it finds the largest micro-batch
-that fits (a monotone search over estimates), splits the user's batch into
+precision it finds the largest micro-batch that fits without checkpointing (a
+monotone search over estimates), chooses the checkpoint sets that would let
+larger micro-batches fit from those estimates and confirms the best by
+estimates (:mod:`memfit.candidates`), splits the user's batch into
 micro-batches of at most that size (gradient accumulation keeps the effective
 batch and its math), and ranks the candidates by the cost model of
 :mod:`memfit.cost` (FLOPs on fake tensors, recomputation, precision speed, and the
 device's efficiency at small micro-batches; ``calibrate=True`` fits the latter
-from timed real micro-steps).
+from timed real micro-steps). ``exhaustive=True`` searches every set of the first
+k blocks instead, as memfit did before.
 
 It never changes the math the user asked for: the effective batch, the
 optimizer, and any precision outside ``precisions`` stay as they are.
 
 Known limitations: the cost model is a model (FLOPs, not a profile): use
-``calibrate=True`` on the target device for the efficiency curve. Checkpoint
-candidates are the first k of the model's repeated blocks
-(:func:`memfit.strategies.blocks`, or the ``checkpoint_candidates`` globs given;
-every k up to 8 blocks, powers of two and all beyond): for identical blocks
-(a transformer's) which k blocks makes no difference to memory or FLOPs; for
-blocks that differ, the set is not chosen by each block's activation bytes per
-recomputed FLOP yet. Offload is costed as free (its PCIe traffic is not modelled).
+``calibrate=True`` on the target device for the efficiency curve. Candidates
+not confirmed by an estimate (they were predicted dearer than the winner) are
+listed with predicted figures. Offload is costed as free (its PCIe traffic is
+not modelled).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ The last line: the sum of plan() times over the sum of exhaustive times (target
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -74,14 +75,19 @@ def _describe(p) -> str:
     return f"{c.precision}, micro-batch {c.micro_batch} x {len(p.accumulation)}{ckpt}, cost {p.step_cost:.3f}"
 
 
-def _cli(args: list[str]) -> float:
+def _cli(args: list[str]) -> tuple[float, str]:
+    """Seconds of ``memfit plan ARGS`` in a fresh process, and its answer in a few words."""
     memfit_cli = Path(sys.executable).with_name("memfit")
     start = time.perf_counter()
-    done = subprocess.run([str(memfit_cli), "plan", *args], capture_output=True, text=True)
+    done = subprocess.run([str(memfit_cli), "plan", *args, "--json"], capture_output=True, text=True)
     took = time.perf_counter() - start
+    if done.returncode == 1 and "nothing fits" in done.stderr:  # an answer too: what fits nowhere, and the levers
+        return took, done.stderr.strip()[len("memfit: error: "):][:160] + "..."
     if done.returncode != 0:
         raise SystemExit(f"memfit plan {' '.join(args)} failed: {done.stderr.strip()}")
-    return took
+    config = json.loads(done.stdout)["config"]
+    return took, (f"{config['precision']}, micro-batch {config['micro_batch']}, "
+                  f"{len(config['checkpoint'])} blocks checkpointed")
 
 
 def main() -> None:
@@ -109,8 +115,9 @@ def main() -> None:
         for command, target in (("gpt2-large --budget 24GiB -b 256 --seq-len 1024 --precision 32-true bf16-mixed", 15),
                                 ("llama-70b --budget 80GiB -b 64 --seq-len 4096 --precision bf16-true bf16-mixed",
                                  20)):
-            took = _cli(command.split())
-            print(f"memfit plan {command}: {took:.1f} s wall in a fresh process (target < {target} s)", flush=True)
+            took, answer = _cli(command.split())
+            print(f"memfit plan {command}: {took:.1f} s wall in a fresh process (target < {target} s): {answer}",
+                  flush=True)
     print(f"ratio: plan time / exhaustive = {fast_total / slow_total:.3f} (target <= 0.1); same plan: {same}")
 
 

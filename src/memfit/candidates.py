@@ -103,6 +103,8 @@ def fast_candidates(searcher: Searcher, cost: CostModel, base: Config, budget: i
     found = [c for c in [_confirmed(searcher, cost, base, batch_size, (), m0) if m0 else None] if usable(c)]
     if m0 == batch_size or not blocks:
         return found
+    if m0 == 0 and not searcher.fits(dataclasses.replace(base, checkpoint=tuple(blocks)), budget):
+        return found  # not one sample fits even with every block recomputed
     model = _Model(searcher, cost, base, blocks, m0)
     predicted = model.predict(budget, batch_size, whole)
     tried: set[tuple[str, ...]] = set()

@@ -68,3 +68,17 @@ def test_a_step_whose_ops_depend_on_the_micro_batch_gets_no_line():
         est = estimate(workload, Config(micro_batch=m))
         assert not any(n.startswith("derived") for n in est.notes)
         _same(est, estimate(workload, Config(micro_batch=m), extrapolate=False))
+
+
+def test_a_model_instance_changed_between_estimates_is_traced_again():
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    workload = memfit.Workload(model=model, batch=lambda n: (torch.randn(n, 16),), loss=lambda m, b: m(b[0]).sum(),
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    before = estimate(workload, Config(micro_batch=8))
+    model[2] = nn.Linear(16, 64)  # the same object, a wider head
+    after = estimate(workload, Config(micro_batch=8))
+    assert after.model_states > before.model_states
+    assert after.peak == estimate(workload, Config(micro_batch=8), extrapolate=False).peak

@@ -240,7 +240,11 @@ def estimate(
             checkpointed = Checkpointing(config.checkpoint).select(source)
         return history, tuple(checkpointed), notes
 
-    key = (workload, target, capability, steps, accumulation, run_all_steps, extrapolate)
+    # A model instance may change between estimates (a layer swapped, a dtype cast): its shapes are in the key.
+    shapes = tuple((name, tuple(t.shape), t.dtype, type(m).__name__) for name, m in source.named_modules()
+                   for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None) \
+        if isinstance(workload.model, nn.Module) else None
+    key = (workload, shapes, target, capability, steps, accumulation, run_all_steps, extrapolate)
     history, checkpointed, notes = _traces.history(key, config, trace, reuse=extrapolate is not False)
     if target == "cuda":
         history = _traces.rounded(history, 512)  # the caching allocator's blocks, as max_memory_allocated counts

@@ -19,8 +19,11 @@ Sizes are kept as the tensors' own bytes; :func:`rounded` applies the CUDA cachi
 allocator's 512-byte blocks afterwards, as the tracker would have (rounding is not
 affine, the bytes are).
 
-Known limitations: the cache keys on the workload object, so a workload rebuilt
-with new factories (a lambda made again) is traced again; a step whose ops
+Known limitations: the cache keys on the workload object (and, for a model
+instance, its modules' parameter and buffer shapes and dtypes), so a workload
+rebuilt with new factories (a lambda made again) is traced again, and a factory
+whose behaviour changes between calls (it reads a global the caller changed)
+needs :func:`clear`; a step whose ops
 depend on the micro-batch (a branch on ``batch_size == 1``) gets no line (the
 third trace disagrees) and is traced every time.
 """

@@ -45,7 +45,7 @@ def test_profile_json_is_only_json_with_the_report_schema(capsys):
     assert code == 0, err
     data = json.loads(out)
     assert set(data) == {
-        "device", "peak", "at_peak", "peak_by_category", "peak_by_phase", "by_module", "at_end",
+        "device", "peak", "at_peak", "peak_by_category", "peak_by_phase", "by_module", "kept_by_module", "at_end",
         "peak_index", "peak_op", "peak_module", "peak_phase", "steps", "fake", "extra",
     }  # fmt: skip
     assert data["peak"] == sum(data["at_peak"].values())

@@ -73,3 +73,13 @@ def test_tracked_model_states_without_ops():
         pass
     r = t.report()
     assert r.peak == r.at_peak["parameters"] == 440
+
+
+def test_kept_by_module_is_what_each_forward_left_for_backward():
+    # Linear(4, 8)'s output dies in ReLU (which saves its own output, 5 x 8 fp32 = 160 bytes);
+    # the logits die in the sum; the batch was allocated before the forward: not the model's.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with memfit.track(model) as tracker:
+        for _ in range(2):  # the second step's gradients from the first are not the forward's
+            model(torch.randn(5, 4)).sum().backward()
+    assert tracker.report().kept_by_module == {"": 160, "1": 160}

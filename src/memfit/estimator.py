@@ -348,6 +348,11 @@ def source_model(workload: Workload) -> nn.Module:
     """
     if isinstance(workload.model, nn.Module):
         return workload.model
+    # Built once per workload (memfit.traces keeps it): never changed, only copied, and cut then restored.
+    return _traces.built(workload, lambda: _meta_model(workload))
+
+
+def _meta_model(workload: Workload) -> nn.Module:
     with torch.device("meta"):
         model = build_model(workload)
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):

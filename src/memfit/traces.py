@@ -34,11 +34,13 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
 
+from torch import nn
+
 from memfit.config import Config
 from memfit.extrapolation import with_peak
 from memfit.report import History
 
-__all__ = ["history", "rounded", "BatchLine", "CACHE_SIZE", "clear"]
+__all__ = ["history", "rounded", "built", "BatchLine", "CACHE_SIZE", "clear"]
 
 CACHE_SIZE = 8
 """Histories kept, most recently used first (a 70B Llama's two steps are about 30 MB of records)."""
@@ -49,6 +51,7 @@ Traced = tuple[History, tuple[str, ...], tuple[str, ...]]
 _CACHE: OrderedDict[tuple, Traced] = OrderedDict()
 _LINES: OrderedDict[tuple, BatchLine] = OrderedDict()  # the last 16 steps' lines
 _SEEN: OrderedDict[tuple, dict[int, Traced]] = OrderedDict()  # the last 4 steps' traced micro-batches
+_MODELS: OrderedDict[object, nn.Module] = OrderedDict()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -161,8 +164,19 @@ def rounded(history: History, block: int) -> History:
     return with_peak(history, history.paths, history.ops, events, history.sid_cat, history.sid_module)
 
 
+def built(workload, build: Callable[[], nn.Module]) -> nn.Module:
+    """The workload's model as ``build()`` makes it (on the meta device), built once per workload (the last 4)."""
+    if workload not in _MODELS:
+        _MODELS[workload] = build()
+        while len(_MODELS) > 4:
+            _MODELS.popitem(last=False)
+    _MODELS.move_to_end(workload)
+    return _MODELS[workload]
+
+
 def clear() -> None:
-    """Forget every cached history and line (tests; a workload whose factories changed behind its back)."""
+    """Forget every cached history, line and built model (a workload whose factories changed behind its back)."""
+    _MODELS.clear()
     _CACHE.clear()
     _LINES.clear()
     _SEEN.clear()

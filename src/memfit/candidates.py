@@ -99,8 +99,7 @@ def fast_candidates(searcher: Searcher, cost: CostModel, base: Config, budget: i
     def usable(c: Candidate | None) -> bool:
         return c is not None and (not whole or c.config.micro_batch == batch_size)
 
-    # From 2: micro-batch 1 is always traced in full (memfit.traces), and seldom the answer.
-    m0 = searcher.largest_micro_batch(base, budget, batch_size, start=min(2, batch_size))
+    m0 = searcher.largest_micro_batch(base, budget, batch_size)
     found = [c for c in [_confirmed(searcher, cost, base, batch_size, (), m0) if m0 else None] if usable(c)]
     if m0 == batch_size or not blocks:
         return found

@@ -162,3 +162,8 @@ def test_the_cli_says_how_the_estimate_was_traced(capsys):
     import json
 
     assert json.loads(capsys.readouterr().out)["notes"][0].startswith("extrapolated from the step with 2 and 3")
+
+
+def test_a_bad_extrapolate_value_is_named_with_the_valid_ones():
+    with pytest.raises(memfit.UsageError, match=r"extrapolate must be None \(.*\), True or False, got 'yes'"):
+        estimate(_stack(), Config(micro_batch=2), extrapolate="yes")

@@ -206,6 +206,9 @@ def estimate(
         raise UsageError(f"steps must be a whole number from 1 to {MAX_STEPS} (the second step shows the steady "
                          f"state, later ones repeat it), got {steps!r}")
     positive_int(accumulation, "accumulation", hint="micro-steps per optimizer step")
+    if extrapolate not in (None, True, False):
+        raise UsageError(f"extrapolate must be None (where a run of 8 or more identical blocks makes it worth it), "
+                         f"True or False, got {extrapolate!r}")
     if config.optimizer_in_backward and accumulation > 1:
         raise UsageError(f"optimizer_in_backward updates every parameter in each backward, so it cannot accumulate "
                          f"gradients over {accumulation} micro-batches; give one micro-batch per step")

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import memfit
 import memfit.statefile
 from memfit import Config, LeakWarning, OutOfMemory, StepResult, Trainer
-from memfit.engine.comm import LocalComm
+from memfit.engine.comm import FAILED, OK, OOM, LocalComm, PeerOutOfMemory
 from memfit.planner import Alternative
 
 
@@ -1989,18 +1989,37 @@ def test_an_oom_after_the_update_counts_the_batch_and_does_not_redo_it():
 
 
 class _ScriptedComm(LocalComm):
-    """The other ranks, scripted: at the agreement calls numbered in ``peer_fails`` (from 0) one ran out of memory."""
+    """One peer rank, scripted: it has the same samples as this one, and at the agreements numbered in
+    ``peer_fails`` (from 0) it ran out of memory. Records every agreement as (status, where)."""
+
+    world_size = 2
 
     def __init__(self, peer_fails=()) -> None:
         self.calls, self.peer_fails, self.unsynced = [], set(peer_fails), 0
 
-    def any(self, flag: bool) -> bool:
-        self.calls.append(flag)
-        return flag or len(self.calls) - 1 in self.peer_fails
+    def _call(self, status, where):
+        self.calls.append((status, where))
+        if status == OK and len(self.calls) - 1 in self.peer_fails:
+            raise PeerOutOfMemory(f"out of memory on 1 other rank(s) at {where}")
+
+    def agree(self, status, *values, where=""):
+        self._call(status, where)
+        return [2 * v for v in values]  # the peer's values are this rank's
+
+    def counts(self, own, where=""):
+        self._call(OK, where)
+        return [own, own]
+
+    def signal(self, status):
+        self.calls.append((status, "a failure"))
 
     def no_sync(self, model):
         self.unsynced += 1
         return super().no_sync(model)
+
+
+_TWO_MICRO_STEPS = ["the start of the step", "micro-step 1's backward", "micro-step 2's forward",
+                    "micro-step 2's backward", "the update"]
 
 
 def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alike():
@@ -2013,13 +2032,14 @@ def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alik
         reference.step(b)
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
                                  Config(micro_batch=8))
-    comm = trainer._attempt.comm = _ScriptedComm(peer_fails={0})
+    comm = trainer._attempt.comm = _ScriptedComm(peer_fails={1})  # the peer fails in its first forward
     results = [trainer.step(b) for b in batches]
     assert results[0].retries == 1 and results[0].micro_batches == (4, 4) and results[1].micro_batches == (4, 4)
     assert [(e.phase, e.micro_batch, e.message, e.action) for e in results[0].oom_events] == [
-        ("forward", 8, "out of memory on another rank at step 1", "re-planned")]
-    # One agreement per attempt (the dropped one, its retry, step 2), before any update: nothing to undo on any rank.
-    assert comm.calls == [False, False, False]
+        ("forward", 8, "out of memory on 1 other rank(s) at micro-step 1's backward", "re-planned")]
+    # The dropped attempt's agreements, then every agreement of the retry and of step 2: all before any update.
+    assert comm.calls == [(OK, "the start of the step"), (OK, "micro-step 1's backward")] + \
+        [(OK, where) for where in _TWO_MICRO_STEPS] * 2
     assert comm.unsynced == 2  # the first of two micro-batches, in each step that had two, reduces no gradients
     assert_same_weights(model, ref, 0.0)
 
@@ -2031,7 +2051,25 @@ def test_a_rank_that_runs_out_of_memory_tells_the_others_before_re_planning():
     comm = trainer._attempt.comm = _ScriptedComm()
     with _FailFirst(trainer, times=1):
         result = trainer.step(classification_batches(1, 8)[0])
-    assert result.retries == 1 and comm.calls == [True, False]  # its own failure, said once; then the retry agreed
+    # Its own failure, said once in place of its next agreement; then the retry's agreements.
+    assert result.retries == 1 and comm.calls == [(OK, "the start of the step"), (OOM, "a failure")] + [
+        (OK, where) for where in _TWO_MICRO_STEPS]
+
+
+def test_a_rank_that_fails_otherwise_tells_the_others_to_stop():
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    comm = trainer._attempt.comm = _ScriptedComm()
+    before = copy.deepcopy(model)
+
+    def broken(model, batch):
+        raise ValueError("a bug in the loss")
+    trainer._attempt.loss = broken
+    with pytest.raises(ValueError, match="a bug in the loss"):
+        trainer.step(classification_batches(1, 8)[0])
+    assert comm.calls == [(OK, "the start of the step"), (FAILED, "a failure")]
+    assert_same_weights(model, before, 0.0)
 
 
 def test_out_of_memory_advice_for_a_workload_says_what_each_change_saves():

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from memfit.checks import positive_int
 from memfit.errors import UsageError
 
-__all__ = ["Config", "PRECISIONS", "OPTIMIZER_IMPLS", "ZERO_GRADS", "MAX_STEPS", "check_precision", "accumulation_steps",
-           "balanced_micro_batch"]
+__all__ = ["Config", "PRECISIONS", "OPTIMIZER_IMPLS", "ZERO_GRADS", "STRATEGIES", "MAX_STEPS", "check_precision",
+           "check_strategy", "accumulation_steps", "balanced_micro_batch", "rank_micro_batches"]
 
 MAX_STEPS = 1000
 """The most training steps measure() and estimate() run: the second shows the steady state, later ones repeat it."""
@@ -22,6 +22,21 @@ OPTIMIZER_IMPLS = ("default", "for-loop", "foreach", "fused")
 
 ZERO_GRADS = ("set-to-none", "after-forward", "zeros")
 """When a step's gradients are released: see :attr:`Config.zero_grad`."""
+
+
+STRATEGIES = ("single", "ddp", "fsdp")
+"""How the step is spread over the ranks of a ``torch.distributed`` run: ``single`` (one process),
+``ddp`` (DistributedDataParallel: every rank holds the whole model, gradients are averaged), ``fsdp``
+(FSDP2's ``fully_shard`` on each repeated block and on the root: parameters, gradients and optimizer
+state sharded 1/N, parameters gathered per block for its forward and backward)."""
+
+
+def check_strategy(name: object, what: str = "strategy") -> str:
+    """``name`` if it is one of :data:`STRATEGIES`; else a UsageError naming ``what`` and the valid names."""
+    if name not in STRATEGIES:
+        raise UsageError(f"{what} {name!r} is not one of {', '.join(STRATEGIES)} (single: one process; ddp: "
+                         "DistributedDataParallel; fsdp: FSDP2 fully_shard per block)")
+    return name
 
 
 def check_precision(name: object, what: str = "precision") -> str:
@@ -71,6 +86,14 @@ class Config:
     (PyTorch's tutorial "How to save memory by fusing the optimizer step into the backward
     pass"): the gradients of a few parameters alive instead of all. One optimizer per
     parameter; needs one micro-batch per step (no accumulation) and no GradScaler."""
+    strategy: str = "single"
+    """One of :data:`STRATEGIES`. The number of ranks is not part of the config: it is the
+    run's (``world_size=`` of :func:`memfit.estimate` and :func:`memfit.plan`, ``--gpus`` on the
+    command line, the process group's in :class:`memfit.Trainer`)."""
+    reshard_after_forward: bool = True
+    """FSDP only: free each block's gathered parameters after its forward and gather them again
+    for its backward (FSDP2's default; less memory, one more all-gather per block), or keep them
+    gathered from the forward to the backward."""
 
     def __post_init__(self) -> None:
         positive_int(self.micro_batch, "Config.micro_batch")
@@ -98,6 +121,19 @@ class Config:
         if self.optimizer_in_backward and self.zero_grad != "set-to-none":
             raise UsageError(f"Config.optimizer_in_backward frees each gradient in its hook; zero_grad={self.zero_grad!r} "
                              "cannot keep them: use zero_grad='set-to-none'")
+        check_strategy(self.strategy, "Config.strategy")
+        if not isinstance(self.reshard_after_forward, bool):
+            raise UsageError(f"Config.reshard_after_forward must be True or False, got {self.reshard_after_forward!r}")
+        if not self.reshard_after_forward and self.strategy != "fsdp":
+            raise UsageError(f"Config.reshard_after_forward=False applies to strategy='fsdp' only (FSDP2 gathers "
+                             f"parameters per block), not to strategy={self.strategy!r}")
+        if self.strategy != "single" and self.optimizer_in_backward:
+            raise UsageError(f"Config.optimizer_in_backward runs on one process only; strategy={self.strategy!r} "
+                             "reduces gradients across ranks before the update: use optimizer_in_backward=False")
+        if self.strategy == "fsdp" and self.precision == "16-mixed":
+            raise UsageError("Config.strategy='fsdp' with precision '16-mixed': the GradScaler's inf check sees "
+                             "only this rank's shard of the gradients, so ranks could skip different steps; "
+                             "use bf16-mixed")
         if self.optimizer_in_backward and self.precision == "16-mixed":
             raise UsageError("Config.optimizer_in_backward cannot run with 16-mixed: the GradScaler checks every "
                              "gradient for inf before any step; use bf16-mixed")
@@ -120,6 +156,8 @@ class Config:
             parts.append(f"zero_grad {self.zero_grad}")
         if self.optimizer_in_backward:
             parts.append("optimizer step in backward")
+        if self.strategy != "single":
+            parts.append(self.strategy + ("" if self.reshard_after_forward else " (no reshard after forward)"))
         return ", ".join(parts)
 
 
@@ -139,3 +177,21 @@ def balanced_micro_batch(batch_size: int, largest: int) -> int:
     """
     steps = -(-batch_size // largest)
     return -(-batch_size // steps)
+
+
+def rank_micro_batches(n: int, micro_batch: int, steps: int) -> tuple[int, ...]:
+    """This rank's micro-batch sizes when every rank must run ``steps`` micro-steps (their collectives pair up).
+
+    ``steps`` is the most any rank needs (``ceil(n_max / micro_batch)``). A rank whose own split has as
+    many gets it (:func:`accumulation_steps`); one with fewer samples spreads them evenly over ``steps``:
+    ``rank_micro_batches(10, 4, 4) == (3, 3, 2, 2)``.
+    """
+    own = accumulation_steps(n, micro_batch)
+    if len(own) == steps:
+        return own
+    if n < steps:
+        raise UsageError(f"this rank has {n} samples but every rank runs {steps} micro-steps (another rank has "
+                         f"more samples); give every rank the same number of samples per batch, as "
+                         "torch.utils.data.DistributedSampler does")
+    base, extra = divmod(n, steps)
+    return (base + 1,) * extra + (base,) * (steps - extra)

@@ -34,7 +34,7 @@ import torch
 from memfit import _torch_private, rng
 from memfit.checkpointing import blocks
 from memfit.config import Config, accumulation_steps
-from memfit.engine.comm import PeerOutOfMemory
+from memfit.engine.comm import FAILED, OOM, CommTimeout, PeerFailed, PeerOutOfMemory
 from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
 from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
@@ -80,7 +80,7 @@ class OOMGuard:
                     self.abandon(restore, n, exc)
                     raise
                 if not attempt.agreed and not isinstance(exc, PeerOutOfMemory):
-                    attempt.comm.any(True)  # the other ranks are waiting to agree: tell them to drop the attempt
+                    attempt.comm.signal(OOM)  # the other ranks are waiting to agree: tell them to drop the attempt
                 message = str(exc).split("\n")[0]
                 # The frames hold the attempt's activations: clear them before anything else.
                 traceback.clear_frames(exc.__traceback__)
@@ -100,6 +100,7 @@ class OOMGuard:
                                   micro_batch=failed.micro_batch, retries=retries, report=self.report(failed),
                                   events=event("raised")) from None
             self.discard(restore)
+            t._rebuild()  # DDP's reducer or FSDP's gathered parameters, as a fresh step expects them
             t._probe.release_cached_memory()  # after an OOM only: hand cached blocks back before the retry
             retries += 1
             t.retries += 1
@@ -136,6 +137,8 @@ class OOMGuard:
     def abandon(self, restore: dict[str, Any] | None, n: int, exc: BaseException) -> None:
         """An exception other than a retried OOM left an attempt: put back what it changed, or count a committed step."""
         t = self.trainer
+        if not t._attempt.agreed and not isinstance(exc, (PeerOutOfMemory, PeerFailed, CommTimeout)):
+            t._attempt.comm.signal(FAILED)  # the other ranks stop at their next agreement instead of waiting
         if t._attempt.phase == "committed":  # optimizer.step() applied the update: the batch counts
             t._count(n, None)
             t.model.zero_grad(set_to_none=True)

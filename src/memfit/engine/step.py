@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from memfit._tree import map_tensors
-from memfit.config import Config, accumulation_steps
-from memfit.engine.comm import Comm, LocalComm, PeerOutOfMemory
+from memfit.config import Config, accumulation_steps, rank_micro_batches
+from memfit.engine.comm import OK, Comm, LocalComm
 from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
 from memfit.engine.results import StepResult
@@ -79,6 +79,7 @@ class TrainStep:
         self.on_nonfinite = on_nonfinite
         self.comm = comm if comm is not None else LocalComm()
         self.agreed = False  # this attempt has passed the ranks' agreement (no OOM anywhere before the update)
+        self.running = False  # an attempt is under way (FSDP's per-block agreements run only then)
         self.phase = "forward"  # where the current attempt is: forward, backward, optimizer, committed
         # Buffers forward updates (BatchNorm statistics): learned from the first step's snapshot.
         self.mutable_buffers: list[torch.Tensor] | None = None
@@ -86,68 +87,107 @@ class TrainStep:
 
     def __call__(self, batch: Any, n: int, config: Config, step: int, retries: int,
                  restore: dict[str, Any]) -> StepResult:
-        """One attempt at ``batch`` (``n`` samples) as ``step`` with ``config``; ``restore`` is the guard's snapshot."""
-        sizes = accumulation_steps(n, config.micro_batch)
-        recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
-        simulated = self.probe.sim is not None
+        """One attempt at ``batch`` (``n`` samples) as ``step`` with ``config``; ``restore`` is the guard's snapshot.
+
+        In a distributed run ``batch`` is this rank's part of the logical batch: the ranks agree on
+        every rank's sample count first, and the math is the whole logical batch's (see _Ranks).
+        """
         self.phase = "forward"
         self.agreed = False
         self.leak.begin_attempt(step)  # the first micro-batch's graph is marked
+        self.running = True
+        try:
+            return self._attempt(batch, n, config, step, retries, restore)
+        finally:
+            self.running = False
+
+    def _attempt(self, batch: Any, n: int, config: Config, step: int, retries: int,
+                 restore: dict[str, Any]) -> StepResult:
+        comm = self.comm
+        ranks = _Ranks(comm, n, config.micro_batch) if comm.world_size > 1 else None
+        sizes = ranks.sizes if ranks is not None else accumulation_steps(n, config.micro_batch)
+        recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
+        simulated = self.probe.sim is not None
         with self.probe.measure() as peak:
             total = None  # detached running loss, float32 (float64 for a float64 loss); no sync until read
             token_scale = items = low = None
             start = 0
             last = len(sizes) - 1
             for i, size in enumerate(sizes):
-                micro = _slice(batch, start, start + size)
-                start += size
-                # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not: it would be read early.
-                micro = prepare(micro, device, recipe, non_blocking=device.type == "cuda")
-                if simulated:
-                    micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
-                out = forward(self.loss, self.model, micro, recipe)
-                if isinstance(out, torch.Tensor):
-                    if token_scale is not None or out.dim() != 0:
-                        raise _loss_error(out, mixed=token_scale is not None)
-                    if total is None:
-                        total = torch.zeros((), device=device, dtype=_accumulator(out))
-                    # A mean over this micro-batch: its share of the logical batch's samples.
-                    scaled = out * (size / n)
-                    total += scaled.detach()
-                elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
-                    if items is None and start != size:
-                        raise _loss_error(out, mixed=True)
-                    loss_sum, n_items = out
-                    if loss_sum.dim() != 0:
-                        raise _loss_error(loss_sum, mixed=False)
-                    dtype = _accumulator(loss_sum)
-                    n_items = torch.as_tensor(n_items, device=device).detach().to(dtype)
-                    if token_scale is None:
-                        # Provisional 1/total (the true total is known after the last micro-batch), in the
-                        # loss's precision (float64 for a float64 model), so the gradients keep theirs.
-                        token_scale = 1.0 / (n_items.clamp(min=1.0) * len(sizes))
-                        total = torch.zeros((), device=device, dtype=dtype)
-                        items = torch.zeros((), device=device, dtype=dtype)
-                        low = n_items
-                    items += n_items
-                    low = torch.minimum(low, n_items)
-                    scaled = loss_sum * token_scale
-                    total += loss_sum.detach()
-                else:
-                    raise _loss_error(out, mixed=False)
-                self.leak.watch_loss(out if isinstance(out, torch.Tensor) else out[0])
-                if i == 0:
-                    release_before_backward(self.model, self.optimizer, recipe.config.zero_grad)
-                self.phase = "backward"
-                # Gradients are reduced across ranks once, in the last micro-batch's backward.
-                with self.comm.no_sync(self.model) if i < last else _NO_CONTEXT:
+                if ranks is not None and i > 0:  # before the forward's collectives (DDP's buffer broadcast, FSDP's gathers)
+                    comm.agree(OK, where=f"micro-step {i + 1}'s forward")
+                # Gradients are reduced across ranks once, after the last micro-batch (DDP decides in the
+                # forward whether its backward reduces: the whole micro-step runs in the context).
+                with comm.no_sync(self.model) if i < last else _NO_CONTEXT:
+                    micro = _slice(batch, start, start + size)
+                    start += size
+                    # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not: it would be read early.
+                    micro = prepare(micro, device, recipe, non_blocking=device.type == "cuda")
+                    if simulated:
+                        micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
+                    out = forward(self.loss, self.model, micro, recipe)
+                    if isinstance(out, torch.Tensor):
+                        if token_scale is not None or out.dim() != 0:
+                            raise _loss_error(out, mixed=token_scale is not None)
+                        if total is None:
+                            total = torch.zeros((), device=device, dtype=_accumulator(out))
+                        # A mean over this micro-batch: its share of the logical batch's samples. Across ranks,
+                        # DDP and FSDP average the gradients (divide by the world size): the share is multiplied back.
+                        share = size / n if ranks is None else size / ranks.total
+                        scaled = out * (share * comm.world_size)
+                        total += (out * share).detach() if ranks is not None else scaled.detach()
+                    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+                        if items is None and start != size:
+                            raise _loss_error(out, mixed=True)
+                        loss_sum, n_items = out
+                        if loss_sum.dim() != 0:
+                            raise _loss_error(loss_sum, mixed=False)
+                        dtype = _accumulator(loss_sum)
+                        n_items = torch.as_tensor(n_items, device=device).detach().to(dtype)
+                        if token_scale is None:
+                            # Provisional 1/total (the true total is known after the last micro-batch), in the
+                            # loss's precision (float64 for a float64 model), so the gradients keep theirs.
+                            # Across ranks it must be the same on every rank (the gradients are averaged before
+                            # the exact rescale): the first micro-batches' items summed over the ranks.
+                            if ranks is None:
+                                token_scale = 1.0 / (n_items.clamp(min=1.0) * len(sizes))
+                            else:
+                                first = comm.agree(OK, float(n_items), where="the first backward")[0]
+                                ranks.agreed_before_backward = True
+                                token_scale = torch.tensor(comm.world_size / (max(first, 1.0) * len(sizes)),
+                                                           device=device, dtype=dtype)
+                            total = torch.zeros((), device=device, dtype=dtype)
+                            items = torch.zeros((), device=device, dtype=dtype)
+                            low = n_items
+                        items += n_items
+                        low = torch.minimum(low, n_items)
+                        scaled = loss_sum * token_scale
+                        total += loss_sum.detach()
+                    else:
+                        raise _loss_error(out, mixed=False)
+                    self.leak.watch_loss(out if isinstance(out, torch.Tensor) else out[0])
+                    if ranks is not None:  # before the backward's collectives (FSDP's gathers and reduce-scatters)
+                        if not ranks.agreed_before_backward:
+                            comm.agree(OK, where=f"micro-step {i + 1}'s backward")
+                        ranks.agreed_before_backward = False
+                    if i == 0:
+                        release_before_backward(self.model, self.optimizer, recipe.config.zero_grad)
+                    self.phase = "backward"
                     backward(scaled, scaler)
-                self.phase = "forward"
-                # Release this micro-batch's graph and inputs now: only the gradients carry over.
-                del out, scaled, micro
+                    self.phase = "forward"
+                    # Release this micro-batch's graph and inputs now: only the gradients carry over.
+                    del out, scaled, micro
             # Every rank got here, or one ran out of memory: all of them learn which before anyone updates.
-            if self.comm.any(False):
-                raise PeerOutOfMemory(f"out of memory on another rank at step {step}")
+            if ranks is not None:
+                # The loss and the item counts of the whole logical batch (one sync, as on one device);
+                # then the gradients DDP left unreduced are averaged.
+                loss_all, items_all = comm.agree(OK, float(total), float(items) if items is not None else 0.0,
+                                                 where="the update")
+                self.agreed = True
+                comm.reduce(self.model)
+                total = torch.tensor(loss_all, device=device, dtype=total.dtype)
+                if items is not None:
+                    items = torch.tensor(items_all, device=device, dtype=items.dtype)
             self.agreed = True
             if self.mutable_buffers is None:
                 # The first step shows which buffers forward updates, by value as well as by version:
@@ -172,14 +212,17 @@ class TrainStep:
                 reason = "no items"  # every item was padding: there is no mean to follow
             if token_scale is not None:
                 fix = 1.0 / (items * token_scale) if total_items > 0 else None
-                # grads = sum_i d(loss_sum_i)/dw * c; the exact mean needs 1/items: rescale once.
+                # grads = sum_i d(loss_sum_i)/dw * c (averaged over the ranks: c / world); the exact mean
+                # needs 1/items: rescale once.
+                if fix is not None and ranks is not None:
+                    fix = fix * comm.world_size
                 if fix is not None and len(sizes) > 1:  # one micro-batch: c was 1/total already
                     for p in self.model.parameters():
                         if p.grad is not None:
                             p.grad.mul_(fix)
                 mean = total / items.clamp(min=1.0)
             else:
-                items = torch.tensor(float(n), device=device)
+                items = torch.tensor(float(n if ranks is None else ranks.total), device=device)
                 mean = total
             if reason is None:
                 self.phase = "optimizer"
@@ -220,6 +263,23 @@ class TrainStep:
 
 
 _NO_CONTEXT = contextlib.nullcontext()
+
+
+class _Ranks:
+    """A distributed attempt's shape: every rank's samples, agreed before the first forward.
+
+    Every rank runs the same number of micro-steps (their collectives pair up): the most any
+    rank's own split needs, a rank with fewer samples spreading them evenly
+    (:func:`memfit.config.rank_micro_batches`). A mean loss is weighted by its micro-batch's share
+    of the samples of all ranks; gradients are averaged over the ranks by DDP and FSDP.
+    """
+
+    def __init__(self, comm: Comm, n: int, micro_batch: int) -> None:
+        counts = comm.counts(float(n), where="the start of the step")
+        self.total = int(sum(counts))
+        steps = max(-(-int(c) // micro_batch) for c in counts)
+        self.sizes = rank_micro_batches(n, micro_batch, steps)
+        self.agreed_before_backward = False
 
 
 def _accumulator(loss: torch.Tensor) -> torch.dtype:

@@ -28,30 +28,22 @@ import torch
 from torch import nn
 
 from memfit import statefile
-from memfit.budget import SimulatedBudget
 from memfit.checkpointing import Checkpointing
 from memfit.checks import positive_int
 from memfit.config import Config
 from memfit.device import resolve_device
-from memfit.engine.guard import OOMGuard
-from memfit.engine.leak import LeakCheck
+from memfit.engine.comm import OK, make_comm
 from memfit.engine.loop import run_fit
-from memfit.engine.probe import Probe
 from memfit.engine.results import FitResult, StepResult
-from memfit.engine.resume import LoaderReplay
+from memfit.engine.setup import assemble, cast, check_optimizer_owns, check_options, check_parts, plan_and_config
 from memfit.engine.state import load_trainer_state, trainer_state
-from memfit.engine.step import NONFINITE, TrainStep
+from memfit.engine.step import NONFINITE
 from memfit.errors import UsageError
-from memfit.host import check_fits
 from memfit.planner import Plan
-from memfit.strategies import Precision, Recipe
-from memfit.units import format_budget, parse_bytes
+from memfit.sharding import Sharding, full_state_dict
 from memfit.workload import Workload, batch_size_of, build_model
 
 __all__ = ["Trainer"]
-
-_ON_NONFINITE = ("skip", "raise")
-
 
 class Trainer:
     """Trains a workload under a plan or a config; see the module docstring for the math and the guard.
@@ -72,6 +64,16 @@ class Trainer:
         on_nonfinite: a NaN or inf loss: ``"skip"`` the update, leave the model as it was,
             count it and warn once (default), or ``"raise"`` :class:`memfit.NonFiniteLoss`
             after undoing the step. Checking reads the loss from the device: one sync a step.
+        timeout: with ``strategy="ddp"`` or ``"fsdp"``, the seconds a rank waits for the others
+            at an agreement (before each micro-step, each backward, the update) before it ends
+            the run with an error instead of hanging.
+
+    Distributed training (``Config(strategy="ddp")`` or ``"fsdp"``): run one process per device
+    under ``torchrun``; the process group is the one already initialised, or one made from
+    torchrun's environment. The model is wrapped per :mod:`memfit.sharding`; ``step(batch)``
+    takes this rank's part of the logical batch, and the math is the whole batch's across
+    ranks (:mod:`memfit.engine.step`). An OOM on any rank is every rank's retry with the same
+    new config (:mod:`memfit.engine.comm`).
 
     Example:
         >>> trainer = Trainer(memfit.presets.load("cifar-cnn"), Config(micro_batch=32))
@@ -90,23 +92,30 @@ class Trainer:
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         clip_grad_norm: float | None = None,
         on_nonfinite: str = "skip",
+        timeout: float = 600.0,
     ) -> None:
         if not isinstance(workload, Workload):
             raise UsageError(f"Trainer() takes a memfit.Workload, got {type(workload).__name__}; "
                              "for a model and optimizer you built, use Trainer.from_parts(model, optimizer, loss, config)")
-        plan, config = _plan_and_config(plan_or_config)
+        plan, config = plan_and_config(plan_or_config)
         device = resolve_device(device)
         if scheduler is not None and not callable(scheduler):
             raise UsageError(f"Trainer(scheduler=...) takes a factory optimizer -> LR scheduler, such as "
                              f"lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000); got {scheduler!r}")
-        model = build_model(workload)
-        # Cast before the optimizer exists, so its state is created in the model's dtype.
-        model = _cast(model.to(device), config.precision)
-        optimizer = workload.optimizer(model.parameters()) if workload.optimizer is not None else None
-        if optimizer is None:
+        if workload.optimizer is None:
             raise UsageError(f"the workload {workload.name!r} has no optimizer factory; training needs one")
-        self._setup(model, optimizer, workload.loss, plan, config, device, budget, max_retries,
-                    scheduler(optimizer) if callable(scheduler) else scheduler, clip_grad_norm, on_nonfinite)
+        check_options(max_retries, clip_grad_norm, None, on_nonfinite, budget, timeout)
+        comm = make_comm(config.strategy, timeout)
+        model = build_model(workload)
+        # Cast before the optimizer exists, so its state is created in the model's dtype; shard before
+        # it too: fully_shard replaces the parameters with sharded ones, which the optimizer must hold.
+        model = cast(model.to(device), config.precision)
+        sharding = Sharding(config, device, agree=self._block_agreement)
+        wrapped = sharding.apply(model)
+        optimizer = workload.optimizer(wrapped.parameters())
+        assemble(self, model, optimizer, workload.loss, plan, config, device, budget, max_retries,
+                    scheduler(optimizer) if callable(scheduler) else scheduler, clip_grad_norm, on_nonfinite,
+                    comm=comm, sharding=sharding, wrapped=wrapped)
         self._workload = workload
 
     @classmethod
@@ -123,6 +132,7 @@ class Trainer:
         scheduler: Any = None,
         clip_grad_norm: float | None = None,
         on_nonfinite: str = "skip",
+        timeout: float = 600.0,
     ) -> Trainer:
         """A Trainer over a model and optimizer you built. ``loss(model, batch)`` returns a mean or ``(loss_sum, n_items)``.
 
@@ -130,65 +140,25 @@ class Trainer:
         ``*-true`` precisions, cast in place: parameters keep their identity, so
         the optimizer stays valid (cast before the optimizer has state).
         """
-        _check_parts(model, optimizer, loss)
-        plan, config = _plan_and_config(plan_or_config)
-        _check_optimizer_owns(model, optimizer)
+        check_parts(model, optimizer, loss)
+        plan, config = plan_and_config(plan_or_config)
+        check_optimizer_owns(model, optimizer)
         if device is None:
             first = next(iter(model.parameters()), None)
             device = first.device if first is not None else None
         device = resolve_device(device)
-        _check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget)
+        check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget, timeout)
+        if config.strategy == "fsdp":
+            raise UsageError("Trainer.from_parts cannot shard with strategy 'fsdp': fully_shard replaces the "
+                             "parameters, and the optimizer you built holds the old ones; use "
+                             "Trainer(memfit.Workload(model=..., loss=..., optimizer=...), config)")
+        comm = make_comm(config.strategy, timeout)
         self = cls.__new__(cls)
-        self._setup(_cast(model.to(device), config.precision), optimizer, loss, plan, config, device, budget,
-                    max_retries, scheduler, clip_grad_norm, on_nonfinite)
+        model = cast(model.to(device), config.precision)
+        sharding = Sharding(config, device, agree=self._block_agreement)  # DDP keeps the parameters
+        assemble(self, model, optimizer, loss, plan, config, device, budget, max_retries, scheduler,
+                    clip_grad_norm, on_nonfinite, comm=comm, sharding=sharding, wrapped=sharding.apply(model))
         return self
-
-    def _setup(self, model, optimizer, loss, plan, config, device, budget, max_retries, scheduler, clip_grad_norm,
-               on_nonfinite) -> None:
-        # Every argument is checked before the model is touched (checkpoint wrappers below).
-        _check_options(max_retries, clip_grad_norm, scheduler, on_nonfinite, budget)
-        if config.optimizer_in_backward:
-            # An update inside backward cannot be undone if a later parameter's backward runs out of
-            # memory: the Trainer's promise (a failed step leaves the model as it was) would break.
-            raise UsageError("the Trainer does not run optimizer_in_backward: an out-of-memory error mid-backward "
-                             "would leave some parameters updated; estimate and plan with it, train with "
-                             "Config(optimizer_in_backward=False)")
-        if budget is not None and device.type == "cpu":
-            _check_host_holds(parse_bytes(budget))
-        self.model = model
-        self.optimizer = optimizer
-        self.plan = plan
-        self.device = device
-        self.max_retries = max_retries
-        self._workload: Workload | None = None  # set by __init__: lets an OOM report come from an estimate
-        self._recipe = Recipe(config, device.type)  # autocast, offload, GradScaler, the optimizer's implementation
-        self._recipe.tune_optimizer(optimizer)
-        self._checkpointed = Checkpointing(config.checkpoint).apply(model)
-        self._config = config
-        self._required = plan.required if plan is not None else None  # predicted bytes of the config in use
-        self.model.train()
-
-        if budget is None and plan is not None and device.type == "cuda":
-            budget = plan.budget
-        self.budget = parse_bytes(budget) if budget is not None else None
-        # On CPU a budget is simulated: one tracker for the whole run, so that it sees
-        # every storage a step leaves alive (the leak check reads it).
-        self._sim = SimulatedBudget(self.budget, model, optimizer, device=device) if (
-            self.budget is not None and device.type == "cpu") else None
-        self._probe = Probe(device, self._sim, model, optimizer)
-        self._leak = LeakCheck(self._probe)
-        self._attempt = TrainStep(model, optimizer, loss, self._recipe, device, self._probe, self._leak,
-                                  scheduler=scheduler, clip_grad_norm=clip_grad_norm, on_nonfinite=on_nonfinite)
-        self._guard = OOMGuard(self)
-        self._replay = LoaderReplay()
-
-        self.step_count = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.samples_seen = 0
-        self.retries = 0
-        self.skipped_steps = 0
-        self.nonfinite_steps = 0
 
     # ------------------------------------------------------------------ public
 
@@ -196,6 +166,16 @@ class Trainer:
     def config(self) -> Config:
         """The configuration in use (after any re-plan)."""
         return self._config
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in a distributed run (0 on one device)."""
+        return self._attempt.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks training together (1 on one device)."""
+        return self._attempt.comm.world_size
 
     # What each step reads: kept by the step itself, changeable between steps.
 
@@ -294,6 +274,11 @@ class Trainer:
         and (after :meth:`fit`) where the loader's epoch began."""
         return trainer_state(self)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state dict on the CPU: under FSDP its shards gathered from every rank
+        (call it on every rank), else the model's own. Keys as the model names them (no DDP ``module.``)."""
+        return full_state_dict(self._attempt.model)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path``: atomically (a run killed while saving keeps the previous
         file) and with a checksum of its content, which :meth:`load` verifies."""
@@ -325,69 +310,19 @@ class Trainer:
             self.skipped_steps += 1
             self.nonfinite_steps += result.skip_reason == NONFINITE
 
+    def _block_agreement(self, where: str) -> None:
+        """Before an FSDP block's forward (its all-gather) within a step: the ranks agree nothing failed."""
+        attempt = getattr(self, "_attempt", None)
+        if attempt is not None and attempt.running:
+            attempt.comm.agree(OK, where=where)
+
+    def _rebuild(self) -> None:
+        """After a failed attempt: the wrapper as a fresh step expects it (DDP's reducer, FSDP's resharded blocks)."""
+        self._attempt.model = self._sharding.rebuilt(self._attempt.model)
+
     def _use(self, config: Config) -> None:
         """Switch to ``config``: another micro-batch or checkpoint set (precision and offload stay as built)."""
         if config.checkpoint != self._config.checkpoint:
             Checkpointing.remove(self.model, self._checkpointed)
             self._checkpointed = Checkpointing(config.checkpoint).apply(self.model)
         self._config = config
-
-
-def _check_parts(model: Any, optimizer: Any, loss: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"Trainer.from_parts: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise UsageError(f"Trainer.from_parts: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if not callable(loss):
-        raise UsageError(f"Trainer.from_parts: loss must be a function (model, batch) -> loss, got {type(loss).__name__}")
-
-
-def _check_host_holds(budget: int) -> None:
-    # A simulated device is real host memory: it must not promise more than the machine has.
-    check_fits(budget, f"a Trainer on the CPU with a simulated budget of {format_budget(budget)}",
-               "give a budget this machine can hold")
-
-
-def _check_options(max_retries: Any, clip_grad_norm: Any, scheduler: Any, on_nonfinite: Any, budget: Any) -> None:
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise UsageError(f"max_retries must be a whole number >= 0, got {max_retries!r}")
-    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
-                                       or not clip_grad_norm > 0):
-        raise UsageError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-    if scheduler is not None and not (callable(getattr(scheduler, "step", None))
-                                      and callable(getattr(scheduler, "state_dict", None))):
-        raise UsageError(f"scheduler must be an LR scheduler (an object with step() and state_dict(), such as "
-                         f"torch.optim.lr_scheduler.StepLR(optimizer, 100)), got {scheduler!r}")
-    if on_nonfinite not in _ON_NONFINITE:
-        raise UsageError(f"on_nonfinite must be one of {', '.join(map(repr, _ON_NONFINITE))}, got {on_nonfinite!r}")
-    if budget is not None:
-        parse_bytes(budget)
-
-
-def _check_optimizer_owns(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every parameter the optimizer updates must be one of the model's (the same object)."""
-    own = {id(p) for p in model.parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    foreign = sum(id(p) not in own for p in params)
-    if foreign:
-        raise UsageError(f"Trainer.from_parts: {foreign} of the optimizer's {len(params)} parameters are not the "
-                         "model's; build the optimizer on this model's parameters, e.g. "
-                         "torch.optim.AdamW(model.parameters())")
-
-
-def _plan_and_config(plan_or_config: Any) -> tuple[Plan | None, Config]:
-    if isinstance(plan_or_config, Plan):
-        return plan_or_config, plan_or_config.config
-    if isinstance(plan_or_config, Config):
-        return None, plan_or_config
-    raise UsageError(f"plan_or_config must be a memfit.Plan (from memfit.plan) or a memfit.Config, "
-                     f"got {type(plan_or_config).__name__}; e.g. memfit.Config(micro_batch=32)")
-
-
-def _cast(model: nn.Module, precision: str) -> nn.Module:
-    """``*-true``: cast in place; ``Module.to`` keeps each Parameter object, so an optimizer built on them stays valid.
-
-    (``Precision.apply`` replaces the parameters instead, which fake tensors need and a built optimizer cannot follow.)
-    """
-    p = Precision(precision)
-    return model.to(dtype=p.dtype) if not p.mixed and p.dtype != torch.float32 else model

@@ -1,0 +1,180 @@
+"""Sharding: the model wrapped for the config's strategy, on PyTorch's own engines (DDP, FSDP2).
+
+``Sharding(config, device).apply(model)`` returns the module to train:
+
+* ``single``: the model itself.
+* ``ddp``: ``DistributedDataParallel(model, gradient_as_bucket_view=True)`` with its
+  reduction deferred (below).
+* ``fsdp``: FSDP2's ``fully_shard`` on each repeated block (:func:`memfit.checkpointing.blocks`)
+  and on the root, as torchtitan applies it; ``reshard_after_forward`` from the config; for
+  ``*-mixed`` precisions a ``MixedPrecisionPolicy`` that gathers parameters in the low
+  precision and reduces gradients in float32 (the step's autocast runs as on one device).
+
+Why DDP's reduction is deferred: DDP all-reduces gradient buckets while backward runs, so
+a rank that runs out of memory halfway through backward leaves its peers waiting in a
+bucket's all-reduce it will never join, and the reducer itself cannot start another
+iteration ("Expected to have finished reduction in the prior iteration",
+torch/csrc/distributed/c10d/reducer.cpp). The wrapper gets a communication hook (DDP's
+public ``register_comm_hook``) that leaves each bucket as it is and records it; once every
+rank has said it got through backward (:mod:`memfit.engine.comm`), :meth:`DeferredReduce.reduce`
+all-reduces the recorded buckets, which the gradients are views of, and divides them by the
+world size, as DDP's default hook does. DDP's bucketing, parameter broadcast and buffer
+broadcast are unchanged. The price is the overlap of the all-reduce with backward; after a
+failed attempt the wrapper is rebuilt (:meth:`Sharding.rebuilt`), which resets the reducer.
+
+Known limitations: FSDP needs repeated blocks to shard one at a time (a model without
+them is refused: the root alone would gather every parameter at once); FSDP with the
+16-mixed GradScaler is refused by :class:`memfit.Config` (each rank would check only its
+shard for inf).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from memfit.checkpointing import blocks
+from memfit.config import Config
+from memfit.errors import UsageError
+from memfit.strategies import Precision
+
+__all__ = ["Sharding", "DeferredReduce", "inner_module", "shard_units", "full_state_dict"]
+
+
+def inner_module(model: nn.Module) -> nn.Module:
+    """The user's model inside a DDP wrapper (FSDP2 wraps in place: the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict on the CPU, FSDP's shards gathered (every rank takes part; every rank gets it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return {k: v.detach().cpu() for k, v in inner_module(model).state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # cpu_offload=True would give the state to rank 0 only: gathered on the device, then copied.
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def shard_units(model: nn.Module) -> list[str]:
+    """The submodules FSDP shards one at a time (each gathered for its own forward and backward), in forward order.
+
+    Raises:
+        UsageError: the model has no repeated blocks.
+    """
+    units = [p for p in blocks(model) if "[" not in p]  # a Sequential's segment is not a module of its own
+    if not units:
+        params = sum(p.numel() for p in model.parameters())
+        raise UsageError(f"strategy 'fsdp' shards a model one repeated block at a time, and "
+                         f"{type(model).__name__} has none (no ModuleList or Sequential of blocks): only the root "
+                         f"would be sharded, all {params:,} parameters gathered at once for every forward and "
+                         "backward; use strategy 'ddp', or group the layers in an nn.ModuleList")
+    return units
+
+
+class DeferredReduce:
+    """DDP's communication hook that reduces nothing during backward and all-reduces the buckets on :meth:`reduce`."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.buckets: list[torch.Tensor] = []
+
+    def hook(self, state, bucket):  # no annotations: DDP checks them against its own types
+        buffer = bucket.buffer()  # with gradient_as_bucket_view the gradients are views of it
+        self.buckets.append(buffer)
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(buffer)
+        return future
+
+    def reduce(self) -> None:
+        """Average the recorded buckets over the ranks (in place: the gradients follow), then forget them."""
+        works = [dist.all_reduce(b, async_op=True) for b in self.buckets]
+        for work, bucket in zip(works, self.buckets):
+            work.wait()
+            bucket.div_(self.world_size)
+        self.buckets.clear()
+
+
+class Sharding:
+    """The strategy of ``config`` for a model on ``device``; see the module docstring.
+
+    Args:
+        agree: called before each FSDP block's forward while a step runs (the ranks' agreement
+            before the block's all-gather); None: no agreement (estimates on a fake process group).
+        mesh: the device mesh FSDP shards over (default: all ranks of the default group).
+    """
+
+    def __init__(self, config: Config, device: torch.device, *, agree: Callable[[str], None] | None = None,
+                 mesh: Any = None) -> None:
+        self.config = config
+        self.device = device
+        self.agree = agree
+        self.mesh = mesh
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        strategy = self.config.strategy
+        if strategy == "single":
+            return model
+        if strategy == "ddp":
+            return self._ddp(model)
+        return self._fsdp(model)
+
+    def rebuilt(self, model: nn.Module) -> nn.Module:
+        """After a failed attempt: DDP rebuilt around the same module (a fresh reducer); FSDP's state reset."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return self._ddp(model.module)
+        if self.config.strategy == "fsdp":
+            _reset_fsdp(model)
+        return model
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        deferred = DeferredReduce(dist.get_world_size())
+        wrapped.register_comm_hook(None, deferred.hook)
+        wrapped._memfit_deferred = deferred  # what DistComm.reduce calls after the agreement
+        return wrapped
+
+    def _fsdp(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        units = shard_units(model)
+        mesh = self.mesh if self.mesh is not None else init_device_mesh(self.device.type, (dist.get_world_size(),))
+        precision = Precision(self.config.precision)
+        policy = MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=torch.float32) \
+            if precision.mixed else MixedPrecisionPolicy()
+        reshard = self.config.reshard_after_forward
+        for path in units:
+            block = model.get_submodule(path)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+            if self.agree is not None:
+                block.register_forward_pre_hook(_agreement(self.agree, path), prepend=True)
+        # The root holds what no block does (embeddings, the head); it is gathered for the whole step anyway.
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        return model
+
+
+def _agreement(agree: Callable[[str], None], path: str) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any) -> None:
+        agree(f"the forward of {path}")
+    return hook
+
+
+def _reset_fsdp(model: nn.Module) -> None:
+    """Free what a failed attempt left gathered: every FSDP module resharded, gradient sync back on."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(True)

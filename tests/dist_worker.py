@@ -1,0 +1,147 @@
+"""What each rank of a distributed test runs (a module of its own: spawned processes import it by name).
+
+Every function here is ``fn(rank, world_size, port, case, out)``: it joins a gloo process group on
+``port``, trains or estimates as ``case`` says, and writes what the parent checks to ``out``
+(one file per rank).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import memfit
+
+VOCAB, DIM, SEQ = 11, 6, 5
+
+
+class TinyLM(nn.Module):
+    """An embedding, a ModuleList of blocks (what FSDP shards), a head: float64 so sums agree to 1e-12."""
+
+    def __init__(self, blocks: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh()) for _ in range(blocks))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyLM().double()
+
+
+def batches(sizes: tuple[int, ...]) -> list[dict[str, torch.Tensor]]:
+    """Logical batches of token sequences with padding (-100 labels) of varying length."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in sizes:
+        tokens = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        labels = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+        keep = torch.randint(1, SEQ + 1, (n, 1), generator=g)
+        labels[torch.arange(SEQ).expand(n, SEQ) >= keep] = -100
+        out.append({"tokens": tokens, "labels": labels})
+    return out
+
+
+def mean_loss(model: nn.Module, batch) -> torch.Tensor:
+    """A mean over the batch's samples (every token counts: the labels' padding is ignored by nothing)."""
+    logits = model(batch["tokens"])
+    return nn.functional.cross_entropy(logits.flatten(0, 1), batch["tokens"].flatten())
+
+
+def token_loss(model: nn.Module, batch):
+    """(loss_sum, n_items) over the labels that are not padding."""
+    logits = model(batch["tokens"])
+    labels = batch["labels"].flatten()
+    loss_sum = nn.functional.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100, reduction="sum")
+    return loss_sum, (labels != -100).sum()
+
+
+LOSSES = {"mean": mean_loss, "token": token_loss}
+
+
+def optimizer(params):
+    return torch.optim.AdamW(params, lr=0.05)
+
+
+def reference(case: dict) -> dict[str, torch.Tensor]:
+    """One process, each logical batch whole, the loss's own math: what every distributed run must equal."""
+    net = model()
+    opt = optimizer(net.parameters())
+    for batch in batches(case["sizes"]):
+        out = LOSSES[case["loss"]](net, batch)
+        loss = out if isinstance(out, torch.Tensor) else out[0] / out[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def rank_part(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's contiguous part of a logical batch (the first ranks get one more where it does not divide)."""
+    n = batch["tokens"].shape[0]
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (rank < extra)
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+class InjectOOM(TorchDispatchMode):
+    """CUDA's OOM once, at the ``at``-th op this rank runs in the step's ``phase`` (forward or backward)."""
+
+    def __init__(self, trainer, phase: str, at: int) -> None:
+        super().__init__()
+        self.trainer, self.phase, self.at, self.seen, self.fired = trainer, phase, at, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        attempt = self.trainer._attempt
+        if not self.fired and attempt.running and attempt.phase == self.phase and func.namespace == "aten":
+            self.seen += 1
+            if self.seen == self.at:
+                self.fired = True
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected on one rank)")
+        return func(*args, **(kwargs or {}))
+
+
+def join(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def train(rank: int, world: int, port: int, case: dict, out: str) -> None:
+    """Train ``case`` on this rank's part of each logical batch; save the full weights and what happened."""
+    join(rank, world, port)
+    try:
+        workload = memfit.Workload(model=model, batch=lambda n: batches((n,))[0], loss=LOSSES[case["loss"]],
+                                   optimizer=optimizer)
+        config = memfit.Config(micro_batch=case["micro_batch"], strategy=case["strategy"],
+                               reshard_after_forward=case.get("reshard", True))
+        trainer = memfit.Trainer(workload, config, device="cpu", timeout=case.get("timeout", 60))
+        inject = case.get("inject")
+        results = []
+        for i, batch in enumerate(batches(case["sizes"])):
+            part = rank_part(batch, rank, world)
+            if inject and rank == inject["rank"] and i == inject.get("step", 0):
+                with InjectOOM(trainer, inject["phase"], inject["at"]) as mode:
+                    results.append(trainer.step(part))
+                assert mode.fired, "the injected OOM never fired"
+            else:
+                results.append(trainer.step(part))
+        state = trainer.full_state_dict()
+        torch.save({"state": state, "retries": [r.retries for r in results],
+                    "micro_batches": [r.micro_batches for r in results],
+                    "loss": [float(r.loss_tensor) for r in results], "config": trainer.config.micro_batch},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

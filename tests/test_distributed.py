@@ -1,0 +1,67 @@
+"""DDP and FSDP2 training on real gloo processes (CPU): the large batch's math across ranks, and OOM on one rank.
+
+Each test spawns its ranks with ``torch.multiprocessing`` on a free port the parent picks, and
+ends them after a hard timeout: a hang fails the test instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world: int, case: dict, tmp_path, timeout: float = 120.0) -> list[dict]:
+    """Runs ``fn`` on ``world`` spawned ranks; returns what each saved. Fails after ``timeout`` seconds."""
+    ctx = mp.start_processes(fn, args=(world, _free_port(), case, str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {timeout:g} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def assert_close_weights(state: dict, ref: dict, rtol: float = 1e-6) -> None:
+    assert state.keys() == ref.keys()
+    for k in ref:
+        err = ((state[k] - ref[k]).abs().max() / ref[k].abs().max()).item()
+        assert err <= rtol, f"{k}: relative error {err:.2e}"
+
+
+# Logical batches of 10, 9 (ranks get 5 and 4: uneven shares) and 10, in micro-batches of 2 (2, 2, 1).
+SIZES = (10, 9, 10)
+
+
+@pytest.mark.parametrize("strategy,loss,reshard", [
+    ("ddp", "mean", True), ("ddp", "token", True), ("fsdp", "mean", True), ("fsdp", "token", True),
+    ("fsdp", "token", False),
+])
+def test_two_ranks_train_as_one_process_on_the_whole_batch(strategy, loss, reshard, tmp_path):
+    case = {"strategy": strategy, "loss": loss, "reshard": reshard, "micro_batch": 2, "sizes": SIZES}
+    ranks = run_ranks(dist_worker.train, 2, case, tmp_path)
+    ref = dist_worker.reference(case)
+    for saved in ranks:
+        assert_close_weights(saved["state"], ref)
+        assert saved["retries"] == [0, 0, 0]
+    assert ranks[0]["micro_batches"] == [(2, 2, 1), (2, 2, 1), (2, 2, 1)]
+    assert ranks[1]["micro_batches"] == [(2, 2, 1), (2, 1, 1), (2, 2, 1)]  # 4 samples over the 3 micro-steps of 5
+    assert ranks[0]["loss"] == ranks[1]["loss"]  # the whole batch's loss, on every rank

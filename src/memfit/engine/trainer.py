@@ -275,8 +275,7 @@ class Trainer:
         return trainer_state(self)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's whole state dict on the CPU: under FSDP its shards gathered from every rank
-        (call it on every rank), else the model's own. Keys as the model names them (no DDP ``module.``)."""
+        """The model's whole state dict on the CPU, FSDP's shards gathered (call it on every rank); no DDP ``module.``."""
         return full_state_dict(self._attempt.model)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -113,6 +113,10 @@ class InjectOOM(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _broken(model, batch):
+    raise ValueError("a bug in this rank's loss")
+
+
 def join(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -133,11 +137,22 @@ def train(rank: int, world: int, port: int, case: dict, out: str) -> None:
         for i, batch in enumerate(batches(case["sizes"])):
             part = rank_part(batch, rank, world)
             if inject and rank == inject["rank"] and i == inject.get("step", 0):
+                if inject["phase"] == "loss error":  # a bug on one rank: every rank must stop, none hang
+                    trainer._attempt.loss = _broken
+                    try:
+                        trainer.step(part)
+                    except Exception as exc:  # noqa: BLE001 - what the parent checks
+                        torch.save({"error": type(exc).__name__}, os.path.join(out, f"rank{rank}.pt"))
+                        return
                 with InjectOOM(trainer, inject["phase"], inject["at"]) as mode:
                     results.append(trainer.step(part))
                 assert mode.fired, "the injected OOM never fired"
             else:
-                results.append(trainer.step(part))
+                try:
+                    results.append(trainer.step(part))
+                except memfit.MemfitError as exc:
+                    torch.save({"error": type(exc).__name__, "message": str(exc)}, os.path.join(out, f"rank{rank}.pt"))
+                    return
         state = trainer.full_state_dict()
         torch.save({"state": state, "retries": [r.retries for r in results],
                     "micro_batches": [r.micro_batches for r in results],

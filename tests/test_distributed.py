@@ -65,3 +65,31 @@ def test_two_ranks_train_as_one_process_on_the_whole_batch(strategy, loss, resha
     assert ranks[0]["micro_batches"] == [(2, 2, 1), (2, 2, 1), (2, 2, 1)]
     assert ranks[1]["micro_batches"] == [(2, 2, 1), (2, 1, 1), (2, 2, 1)]  # 4 samples over the 3 micro-steps of 5
     assert ranks[0]["loss"] == ranks[1]["loss"]  # the whole batch's loss, on every rank
+
+
+@pytest.mark.parametrize("strategy,phase,at", [("ddp", "forward", 5), ("ddp", "backward", 5), ("fsdp", "forward", 20),
+                                               ("fsdp", "backward", 5),
+                                               ("fsdp", "backward", 25)])
+def test_an_oom_on_one_rank_is_every_ranks_retry_and_the_run_equals_the_fault_free_one(strategy, phase, at, tmp_path):
+    # Micro-batch 8 holds each rank's 5 samples in one micro-step: its backward is the one that reduces
+    # gradients (DDP) or reduce-scatters them (FSDP). Rank 1 runs out of memory at its 5th op there (in the
+    # loss's backward, before any block's), or deeper, inside the blocks between FSDP's collectives.
+    case = {"strategy": strategy, "loss": "token", "micro_batch": 8, "sizes": SIZES, "timeout": 30,
+            "inject": {"rank": 1, "phase": phase, "at": at}}
+    ranks = run_ranks(dist_worker.train, 2, case, tmp_path, timeout=150)
+    ref = dist_worker.reference(case)
+    for saved in ranks:
+        assert saved["retries"] == [1, 0, 0]  # every rank redid the first batch, once
+        assert_close_weights(saved["state"], ref)
+    # Both re-planned alike, from the 5 samples of the first batch: half of them, micro-batch 2, kept after.
+    assert ranks[0]["micro_batches"] == [(2, 2, 1), (2, 2, 1), (2, 2, 1)]
+    assert ranks[1]["micro_batches"] == [(2, 2, 1), (2, 1, 1), (2, 2, 1)]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_an_error_on_one_rank_stops_every_rank_without_a_hang(strategy, tmp_path):
+    case = {"strategy": strategy, "loss": "token", "micro_batch": 2, "sizes": SIZES, "timeout": 30,
+            "inject": {"rank": 1, "phase": "loss error"}}
+    ranks = run_ranks(dist_worker.train, 2, case, tmp_path, timeout=60)
+    assert ranks[1]["error"] == "ValueError"  # the bug, on the rank that has it
+    assert ranks[0]["error"] == "PeerFailed" and "another rank failed" in ranks[0]["message"]

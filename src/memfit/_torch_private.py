@@ -21,7 +21,7 @@ __all__ = ["FakeTensorMode", "TorchDispatchMode", "in_backward", "is_fake", "fak
            "grad_scaler_state", "reset_grad_scaler_step", "data_dependent_errors", "quiet_fake_tensor_errors",
            "cpu_flash_attention", "cpu_flash_attention_backward", "has_cpu_flash_attention",
            "autocast_cpu_excluded", "autocast_cpu_ops", "drop_library",
-           "softmax_half_to_float", "fake_item_values"]
+           "softmax_half_to_float", "fake_item_values", "reset_fsdp_iteration"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -192,3 +192,37 @@ def fake_item_values():
     """
     return _FakeItemValues()
 
+
+
+def reset_fsdp_iteration(model: torch.nn.Module) -> bool:
+    """FSDP2's per-iteration state as after a completed backward, after one that raised; False if it cannot.
+
+    A backward that raises never runs FSDP2's root post-backward callback, which resets every
+    state and parameter group (``_root_post_backward_final_callback``, torch/distributed/fsdp/
+    _fully_shard/_fsdp_state.py). Worse, the flag saying the callback is queued stays set, so the
+    next backward queues none and no later step is finalized. This does what the callback does,
+    minus the reduce-scatters (the failed step's gradients are discarded). Checked on torch 2.13.
+    """
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        root = model._get_fsdp_state()
+        ctx = root._state_ctx
+        ctx.post_backward_final_callback_queued = False
+        ctx.iter_forward_root = None
+        for state in ctx.all_states:
+            state._training_state = TrainingState.IDLE
+            state._modules_to_run_forward.clear()
+            for group in state._fsdp_param_groups:
+                group._training_state = TrainingState.IDLE
+                group.finalize_backward()  # waits for and drops an all-gather left in flight
+                group.reshard()
+                comm = group.comm_ctx  # made lazily: its lists exist once a step has run
+                if hasattr(comm, "post_forward_order"):
+                    comm.post_forward_order.clear()
+                    comm.reduce_scatter_states.clear()
+                    comm.all_gather_state = None
+    except (AttributeError, ImportError) as exc:  # a torch release that moved these: say so, do not guess
+        logging.getLogger("memfit").warning("memfit: cannot reset FSDP's state after a failed step on torch %s (%s)", torch.__version__, exc)
+        return False
+    return True

@@ -37,9 +37,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memfit import _torch_private
 from memfit.checkpointing import blocks
 from memfit.config import Config
-from memfit.errors import UsageError
+from memfit.errors import MemfitError, UsageError
 from memfit.strategies import Precision
 
 __all__ = ["Sharding", "DeferredReduce", "inner_module", "shard_units", "full_state_dict"]
@@ -157,24 +158,57 @@ class Sharding:
             block = model.get_submodule(path)
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
             if self.agree is not None:
-                block.register_forward_pre_hook(_agreement(self.agree, path), prepend=True)
-        # The root holds what no block does (embeddings, the head); it is gathered for the whole step anyway.
+                _agree_around_collectives(block, path, self.agree)
+        # The root holds what no block does (embeddings, the head).
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        if self.agree is not None:
+            _agree_around_collectives(model, "the model", self.agree)
         return model
 
 
-def _agreement(agree: Callable[[str], None], path: str) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any) -> None:
-        agree(f"the forward of {path}")
-    return hook
+def _agree_around_collectives(block: nn.Module, path: str, agree: Callable[[str], None]) -> None:
+    """The ranks agree before each collective FSDP issues for ``block``: so an OOM in the block's forward or
+    backward computation on one rank is every rank's, before any of them issues a collective the other skips.
+
+    Hooks registered after ``fully_shard``'s own, in the orders that put the agreements first: before its
+    forward pre-hook (the all-gather), after it on the inputs (whose backward comes before FSDP's
+    post-backward: reshard, reduce-scatter), after its forward hook on the outputs (whose backward comes
+    before FSDP's pre-backward: the all-gather again).
+    """
+    block.register_forward_pre_hook(lambda m, args: agree(f"the forward of {path}"), prepend=True)
+    block.register_forward_pre_hook(lambda m, args: _agreeing(args, agree, f"the end of {path}'s backward"))
+    block.register_forward_hook(lambda m, args, out: _agreeing(out, agree, f"the backward of {path}"))
+
+
+def _agreeing(tensors: Any, agree: Callable[[str], None], where: str) -> Any:
+    """``tensors`` (a tensor or a tuple) passed through :class:`_AgreeInBackward` where they need a gradient."""
+    if isinstance(tensors, torch.Tensor):
+        return _AgreeInBackward.apply(tensors, agree, where) if tensors.requires_grad else tensors
+    if isinstance(tensors, tuple):
+        return tuple(_agreeing(t, agree, where) if isinstance(t, torch.Tensor) else t for t in tensors)
+    return None  # anything else is left as it is (a hook returning None changes nothing)
+
+
+class _AgreeInBackward(torch.autograd.Function):
+    """The identity; its backward runs the ranks' agreement before the gradient flows on."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, agree: Callable[[str], None], where: str) -> torch.Tensor:
+        ctx.agree, ctx.where = agree, where
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.agree(ctx.where)
+        return grad, None, None
 
 
 def _reset_fsdp(model: nn.Module) -> None:
-    """Free what a failed attempt left gathered: every FSDP module resharded, gradient sync back on."""
+    """Free what a failed attempt left gathered and reset FSDP's iteration state; gradient sync back on."""
     from torch.distributed.fsdp import FSDPModule
 
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    if not _torch_private.reset_fsdp_iteration(model):
+        raise MemfitError("a step failed under FSDP and this torch release's FSDP state cannot be reset; "
+                          "the run cannot retry it safely: restart from the last checkpoint")
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(True)

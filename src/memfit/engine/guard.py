@@ -118,15 +118,17 @@ class OOMGuard:
                 log.warning("memfit: out of memory in optimizer.step() at step %d (%s); retrying the batch with the "
                             "per-tensor optimizer implementation, which needs fewer temporaries", step, message)
                 continue
-            if min(failed.micro_batch, n) == 1 or retries > t.max_retries:
-                why = "micro-batch 1 does not fit" if min(failed.micro_batch, n) == 1 else \
+            # Every rank decides alike: from the most samples any rank had (each rank's own where unknown).
+            most = max(n, attempt.most_samples or n)
+            if min(failed.micro_batch, most) == 1 or retries > t.max_retries:
+                why = "micro-batch 1 does not fit" if min(failed.micro_batch, most) == 1 else \
                     f"{t.max_retries} re-plans did not fit"
                 raise OutOfMemory(
                     f"out of memory at step {step}: {why} ({message})",
                     micro_batch=min(failed.micro_batch, n), retries=retries, report=self.report(failed),
                     fixes=self.fixes(failed), events=event("raised"),
                 ) from None
-            self.replan(failed, n)
+            self.replan(failed, most)
             event("re-planned", t.config)
             log.warning(
                 "memfit: out of memory at step %d with micro-batch %d (%s); retrying the same batch of %d "

@@ -80,6 +80,7 @@ class TrainStep:
         self.comm = comm if comm is not None else LocalComm()
         self.agreed = False  # this attempt has passed the ranks' agreement (no OOM anywhere before the update)
         self.running = False  # an attempt is under way (FSDP's per-block agreements run only then)
+        self.most_samples: int | None = None  # the most samples any rank has in this attempt (agreed)
         self.phase = "forward"  # where the current attempt is: forward, backward, optimizer, committed
         # Buffers forward updates (BatchNorm statistics): learned from the first step's snapshot.
         self.mutable_buffers: list[torch.Tensor] | None = None
@@ -94,6 +95,7 @@ class TrainStep:
         """
         self.phase = "forward"
         self.agreed = False
+        self.most_samples = None
         self.leak.begin_attempt(step)  # the first micro-batch's graph is marked
         self.running = True
         try:
@@ -105,6 +107,7 @@ class TrainStep:
                  restore: dict[str, Any]) -> StepResult:
         comm = self.comm
         ranks = _Ranks(comm, n, config.micro_batch) if comm.world_size > 1 else None
+        self.most_samples = ranks.most if ranks is not None else n  # a re-plan is the same on every rank
         sizes = ranks.sizes if ranks is not None else accumulation_steps(n, config.micro_batch)
         recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
         simulated = self.probe.sim is not None
@@ -277,6 +280,7 @@ class _Ranks:
     def __init__(self, comm: Comm, n: int, micro_batch: int) -> None:
         counts = comm.counts(float(n), where="the start of the step")
         self.total = int(sum(counts))
+        self.most = int(max(counts))
         steps = max(-(-int(c) // micro_batch) for c in counts)
         self.sizes = rank_micro_batches(n, micro_batch, steps)
         self.agreed_before_backward = False

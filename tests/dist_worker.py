@@ -160,3 +160,20 @@ def train(rank: int, world: int, port: int, case: dict, out: str) -> None:
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def fit(rank: int, world: int, port: int, case: dict, out: str) -> None:
+    """``Trainer.fit`` over a DataLoader with a DistributedSampler; rank 0 alone writes the save."""
+    join(rank, world, port)
+    try:
+        data = batches(case["sizes"])
+        dataset = torch.utils.data.StackDataset(**{k: torch.cat([b[k] for b in data]) for k in data[0]})
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=case["sizes"][0] // world, sampler=sampler)
+        workload = memfit.Workload(model=model, batch=lambda n: batches((n,))[0], loss=LOSSES[case["loss"]],
+                                   optimizer=optimizer)
+        trainer = memfit.Trainer(workload, memfit.Config(micro_batch=2, strategy=case["strategy"]), device="cpu")
+        result = trainer.fit(loader, progress=False, save_to=os.path.join(out, "run.pt"))
+        torch.save({"state": trainer.full_state_dict(), "steps": result.steps}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from memfit import Config
+from memfit.errors import UsageError
 
 
 def test_a_config_is_frozen_and_hashable():
@@ -34,3 +35,30 @@ def test_one_precision_check_for_configs_plans_and_strategies(name):
     with pytest.raises(UsageError) as info:
         plan(presets.load("cifar-cnn"), "1GiB", 4, precisions=[name], device="cpu")
     assert str(info.value) == expected
+
+
+def test_a_strategy_outside_the_list_and_its_misplaced_options_are_refused_naming_the_valid_ones():
+    with pytest.raises(UsageError, match=r"Config.strategy 'zero3' is not one of single, ddp, fsdp"):
+        Config(micro_batch=1, strategy="zero3")
+    with pytest.raises(UsageError, match=r"reshard_after_forward=False applies to strategy='fsdp' only"):
+        Config(micro_batch=1, strategy="ddp", reshard_after_forward=False)
+    with pytest.raises(UsageError, match=r"GradScaler's inf check sees only this rank's shard"):
+        Config(micro_batch=1, strategy="fsdp", precision="16-mixed")
+    assert Config(micro_batch=2, strategy="fsdp", reshard_after_forward=False).describe() == \
+        "micro-batch 2, 32-true, fsdp (no reshard after forward)"
+
+
+def test_estimate_refuses_a_distributed_config_instead_of_estimating_one_process():
+    import memfit
+
+    with pytest.raises(UsageError, match=r"Config\(strategy='ddp'\) needs per-rank estimates"):
+        memfit.estimate(memfit.presets.load("cifar-cnn"), Config(micro_batch=2, strategy="ddp"))
+
+
+def test_rank_micro_batches_spread_a_short_rank_over_the_micro_steps_every_rank_runs():
+    from memfit.config import rank_micro_batches
+
+    assert rank_micro_batches(10, 4, 3) == (4, 4, 2)  # its own split has as many steps
+    assert rank_micro_batches(10, 4, 4) == (3, 3, 2, 2)
+    with pytest.raises(UsageError, match="this rank has 2 samples but every rank runs 3 micro-steps"):
+        rank_micro_batches(2, 4, 3)

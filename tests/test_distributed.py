@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_worker
+import memfit.statefile
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
@@ -93,3 +94,14 @@ def test_an_error_on_one_rank_stops_every_rank_without_a_hang(strategy, tmp_path
     ranks = run_ranks(dist_worker.train, 2, case, tmp_path, timeout=60)
     assert ranks[1]["error"] == "ValueError"  # the bug, on the rank that has it
     assert ranks[0]["error"] == "PeerFailed" and "another rank failed" in ranks[0]["message"]
+
+
+def test_fit_over_a_distributed_sampler_trains_as_one_process_and_rank_0_writes_the_save(tmp_path):
+    # The sampler gives rank r samples r, r + 2, ...: each step's two parts make the whole batch of 10.
+    case = {"strategy": "ddp", "loss": "mean", "sizes": (10, 10)}
+    ranks = run_ranks(dist_worker.fit, 2, case, tmp_path)
+    ref = dist_worker.reference(case)
+    for saved in ranks:
+        assert saved["steps"] == 2
+        assert_close_weights(saved["state"], ref)
+    assert_close_weights(memfit.statefile.read(tmp_path / "run.pt", weights_only=False)["model"], ref)

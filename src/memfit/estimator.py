@@ -39,7 +39,7 @@ from memfit import _torch_private
 from memfit.allocator import AllocatorEstimate, simulate_caching_allocator
 from memfit.categories import PHASES
 from memfit.checks import positive_int
-from memfit.config import MAX_STEPS, Config
+from memfit.config import MAX_STEPS, Config, check_single
 from memfit.devices import DeviceProfile, default_profile, load_profile
 from memfit.errors import MemfitError, UsageError, user_frame
 from memfit.checkpointing import Checkpointing
@@ -202,6 +202,7 @@ def estimate(
         raise UsageError(f"estimate() takes a memfit.Workload, got {type(workload).__name__}")
     if not isinstance(config, Config):
         raise UsageError(f"estimate() takes a memfit.Config, got {type(config).__name__}")
+    check_single(config, "estimate()")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"steps must be a whole number from 1 to {MAX_STEPS} (the second step shows the steady "
                          f"state, later ones repeat it), got {steps!r}")

@@ -35,7 +35,7 @@ from memfit.device import resolve_device
 from memfit.engine.comm import OK, make_comm
 from memfit.engine.loop import run_fit
 from memfit.engine.results import FitResult, StepResult
-from memfit.engine.setup import assemble, cast, check_optimizer_owns, check_options, check_parts, plan_and_config
+from memfit.engine.setup import assemble, cast, check_saveable, check_optimizer_owns, check_options, check_parts, plan_and_config
 from memfit.engine.state import load_trainer_state, trainer_state
 from memfit.engine.step import NONFINITE
 from memfit.errors import UsageError
@@ -68,12 +68,9 @@ class Trainer:
             at an agreement (before each micro-step, each backward, the update) before it ends
             the run with an error instead of hanging.
 
-    Distributed training (``Config(strategy="ddp")`` or ``"fsdp"``): run one process per device
-    under ``torchrun``; the process group is the one already initialised, or one made from
-    torchrun's environment. The model is wrapped per :mod:`memfit.sharding`; ``step(batch)``
-    takes this rank's part of the logical batch, and the math is the whole batch's across
-    ranks (:mod:`memfit.engine.step`). An OOM on any rank is every rank's retry with the same
-    new config (:mod:`memfit.engine.comm`).
+    ``Config(strategy="ddp")`` or ``"fsdp"``: one process per device under torchrun, the model wrapped
+    per :mod:`memfit.sharding`; ``step(batch)`` takes this rank's part of the logical batch, the math is
+    the whole batch's, and an OOM on any rank is every rank's retry (:mod:`memfit.engine.comm`).
 
     Example:
         >>> trainer = Trainer(memfit.presets.load("cifar-cnn"), Config(micro_batch=32))
@@ -280,8 +277,11 @@ class Trainer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path``: atomically (a run killed while saving keeps the previous
-        file) and with a checksum of its content, which :meth:`load` verifies."""
-        statefile.write(self.state_dict(), path)
+        file) and with a checksum of its content, which :meth:`load` verifies. Under DDP, rank 0 writes
+        (every rank holds the same state); FSDP's sharded state is refused (not built yet)."""
+        check_saveable(self.config)
+        if self.rank == 0:
+            statefile.write(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike, *, weights_only: bool = True) -> None:
         """Resume from a file :meth:`save` wrote: verified (a truncated or damaged file is refused,

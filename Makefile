@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/batch_size_search.py
 	$(PY) benchmarks/checkpoint_plan.py
 	$(PY) benchmarks/plan_speed.py
+	$(PY) benchmarks/distributed_overhead.py
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/empty_cache.py
 

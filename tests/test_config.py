@@ -44,6 +44,10 @@ def test_a_strategy_outside_the_list_and_its_misplaced_options_are_refused_namin
         Config(micro_batch=1, strategy="ddp", reshard_after_forward=False)
     with pytest.raises(UsageError, match=r"GradScaler's inf check sees only this rank's shard"):
         Config(micro_batch=1, strategy="fsdp", precision="16-mixed")
+    with pytest.raises(UsageError, match=r"optimizer_in_backward runs on one process only; strategy='ddp'"):
+        Config(micro_batch=1, strategy="ddp", optimizer_in_backward=True)
+    with pytest.raises(UsageError, match=r"Config.reshard_after_forward must be True or False, got 'no'"):
+        Config(micro_batch=1, strategy="fsdp", reshard_after_forward="no")
     assert Config(micro_batch=2, strategy="fsdp", reshard_after_forward=False).describe() == \
         "micro-batch 2, 32-true, fsdp (no reshard after forward)"
 

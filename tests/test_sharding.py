@@ -42,3 +42,23 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(timeout):
     with pytest.raises(UsageError, match=r"timeout must be a positive number of seconds"):
         Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), dist_worker.mean_loss,
                            Config(micro_batch=2), timeout=timeout)
+
+
+def test_saving_a_sharded_fsdp_state_to_one_file_is_refused_naming_what_to_use():
+    from memfit.engine.setup import check_saveable
+
+    check_saveable(Config(micro_batch=2, strategy="ddp"))  # rank 0 holds the whole state: it writes it
+    with pytest.raises(UsageError, match=r"trainer.save\(\) under FSDP .* trainer.full_state_dict\(\)"):
+        check_saveable(Config(micro_batch=2, strategy="fsdp"))
+
+
+def test_strategy_single_on_one_rank_of_several_is_refused():
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", rank=1, world_size=4, store=FakeStore())
+    try:
+        with pytest.raises(UsageError, match=r"rank 1 of 4 but the config's strategy is 'single'"):
+            make_comm("single", 60.0)
+    finally:
+        dist.destroy_process_group()

@@ -129,6 +129,11 @@ class TrainStep:
                     if simulated:
                         micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
                     out = forward(self.loss, self.model, micro, recipe)
+                    if ranks is not None:  # before the backward's collectives (FSDP's gathers and reduce-scatters)
+                        # The first token loss's items, summed over the ranks: its provisional scale.
+                        token = i == 0 and isinstance(out, (tuple, list)) and len(out) == 2
+                        first = comm.agree(OK, float(out[1]) if token else 0.0,
+                                           where=f"micro-step {i + 1}'s backward")[0]
                     if isinstance(out, torch.Tensor):
                         if token_scale is not None or out.dim() != 0:
                             raise _loss_error(out, mixed=token_scale is not None)
@@ -155,8 +160,6 @@ class TrainStep:
                             if ranks is None:
                                 token_scale = 1.0 / (n_items.clamp(min=1.0) * len(sizes))
                             else:
-                                first = comm.agree(OK, float(n_items), where="the first backward")[0]
-                                ranks.agreed_before_backward = True
                                 token_scale = torch.tensor(comm.world_size / (max(first, 1.0) * len(sizes)),
                                                            device=device, dtype=dtype)
                             total = torch.zeros((), device=device, dtype=dtype)
@@ -169,10 +172,6 @@ class TrainStep:
                     else:
                         raise _loss_error(out, mixed=False)
                     self.leak.watch_loss(out if isinstance(out, torch.Tensor) else out[0])
-                    if ranks is not None:  # before the backward's collectives (FSDP's gathers and reduce-scatters)
-                        if not ranks.agreed_before_backward:
-                            comm.agree(OK, where=f"micro-step {i + 1}'s backward")
-                        ranks.agreed_before_backward = False
                     if i == 0:
                         release_before_backward(self.model, self.optimizer, recipe.config.zero_grad)
                     self.phase = "backward"
@@ -186,7 +185,7 @@ class TrainStep:
                 # then the gradients DDP left unreduced are averaged.
                 loss_all, items_all = comm.agree(OK, float(total), float(items) if items is not None else 0.0,
                                                  where="the update")
-                self.agreed = True
+                self.agreed = True  # from here on a failure is this rank's alone: its peers are past the agreement
                 comm.reduce(self.model)
                 total = torch.tensor(loss_all, device=device, dtype=total.dtype)
                 if items is not None:
@@ -283,7 +282,6 @@ class _Ranks:
         self.most = int(max(counts))
         steps = max(-(-int(c) // micro_batch) for c in counts)
         self.sizes = rank_micro_batches(n, micro_batch, steps)
-        self.agreed_before_backward = False
 
 
 def _accumulator(loss: torch.Tensor) -> torch.dtype:

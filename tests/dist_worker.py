@@ -177,3 +177,46 @@ def fit(rank: int, world: int, port: int, case: dict, out: str) -> None:
         torch.save({"state": trainer.full_state_dict(), "steps": result.steps}, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def workload(loss: str = "token") -> memfit.Workload:
+    return memfit.Workload(model=model, batch=lambda n: batches((n,))[0], loss=LOSSES[loss], optimizer=optimizer)
+
+
+def measure(rank: int, world: int, port: int, case: dict, out: str) -> None:
+    """Each of ``case["cases"]``: two plain steps of a DDP or FSDP2 model under memfit's tracker; this rank's report.
+
+    The tracker sees what the step's ops allocate; DDP's buckets are allocated by its constructor, before
+    the tracker starts: gradients set before wrapping become views of them (DDP's gradient_as_bucket_view),
+    so the tracker counts them from the start, then they are dropped and the buckets stay.
+    """
+    from memfit.sharding import Sharding, no_sync
+    from memfit.step import run_steps
+    from memfit.strategies import Recipe
+
+    join(rank, world, port)
+    results = []
+    try:
+        for spec in case["cases"]:
+            config = memfit.Config(micro_batch=spec["micro_batch"], strategy=spec["strategy"],
+                                   reshard_after_forward=spec.get("reshard", True))
+            net = model()
+            if config.strategy == "ddp":
+                for p in net.parameters():
+                    p.grad = torch.zeros_like(p)
+                wrapped = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True)
+            else:
+                wrapped = Sharding(config, torch.device("cpu")).apply(net)
+            opt = optimizer(wrapped.parameters())
+            with memfit.track(wrapped, opt, device="cpu") as tracker:
+                if config.strategy == "ddp":
+                    tracker.add_category("ddp_buckets", strength=35)
+                    tracker.mark([p.grad for p in net.parameters()], "ddp_buckets")
+                    net.zero_grad(set_to_none=True)
+                run_steps(workload(), wrapped, opt, config.micro_batch, 2, tracker=tracker, recipe=Recipe(config, "cpu"),
+                          accumulation=spec["accumulation"], no_sync=lambda: no_sync(wrapped))
+            report = tracker.report()
+            results.append({"peak": report.peak, "at_peak": dict(report.at_peak)})
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -52,13 +52,6 @@ def test_a_strategy_outside_the_list_and_its_misplaced_options_are_refused_namin
         "micro-batch 2, 32-true, fsdp (no reshard after forward)"
 
 
-def test_estimate_refuses_a_distributed_config_instead_of_estimating_one_process():
-    import memfit
-
-    with pytest.raises(UsageError, match=r"Config\(strategy='ddp'\) needs per-rank estimates"):
-        memfit.estimate(memfit.presets.load("cifar-cnn"), Config(micro_batch=2, strategy="ddp"))
-
-
 def test_rank_micro_batches_spread_a_short_rank_over_the_micro_steps_every_rank_runs():
     from memfit.config import rank_micro_batches
 

@@ -105,3 +105,22 @@ def test_fit_over_a_distributed_sampler_trains_as_one_process_and_rank_0_writes_
         assert saved["steps"] == 2
         assert_close_weights(saved["state"], ref)
     assert_close_weights(memfit.statefile.read(tmp_path / "run.pt", weights_only=False)["model"], ref)
+
+
+MEASURED = [{"strategy": s, "reshard": r, "micro_batch": 4, "accumulation": a}
+            for s, r, a in [("ddp", True, 1), ("ddp", True, 2), ("fsdp", True, 1), ("fsdp", True, 2), ("fsdp", False, 2)]]
+
+
+def test_the_per_rank_estimate_equals_the_peak_each_rank_measures(tmp_path):
+    # Two real gloo ranks run two steps of each case under memfit's tracker; one process estimates them
+    # on the fake process group. Rank 0 holds the largest shards (torch.chunk gives the first ranks the
+    # larger parts), so its peak is the job's, and the estimate's.
+    ranks = run_ranks(dist_worker.measure, 2, {"cases": MEASURED}, tmp_path)
+    for i, case in enumerate(MEASURED):
+        config = memfit.Config(micro_batch=case["micro_batch"], strategy=case["strategy"],
+                               reshard_after_forward=case["reshard"])
+        est = memfit.estimate(dist_worker.workload(), config, world_size=2, accumulation=case["accumulation"])
+        measured = [r[i] for r in ranks]
+        assert est.peak == measured[0]["peak"] == max(m["peak"] for m in measured), case
+        if case["strategy"] == "fsdp":  # DDP's rebuilt buckets are temporaries to the tracker of a real run
+            assert est.at_peak == measured[0]["at_peak"], case

@@ -226,3 +226,75 @@ def reset_fsdp_iteration(model: torch.nn.Module) -> bool:
         logging.getLogger("memfit").warning("memfit: cannot reset FSDP's state after a failed step on torch %s (%s)", torch.__version__, exc)
         return False
     return True
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return None
+    return DTensor
+
+
+_DTENSOR = _dtensor_type()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds ``t``'s memory on this rank: a DTensor's local shard, else ``t``.
+
+    A DTensor (FSDP2's sharded parameters, their gradients and optimizer state) is a wrapper
+    with the global shape and no storage of its own; ``_local_tensor`` is the rank's part
+    (``to_local()`` would be an autograd op, seen as one by a dispatch mode).
+    """
+    if _DTENSOR is not None and type(t) is _DTENSOR:
+        return t._local_tensor
+    return t
+
+
+def is_fsdp_module(module: torch.nn.Module) -> bool:
+    """True for a module ``fully_shard`` was applied to (FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def fake_store():
+    """The store of PyTorch's fake process group (importing it registers the ``"fake"`` backend).
+
+    ``torch.testing._internal.distributed.fake_pg`` (torch 2.6-2.13): collectives that return at
+    once and move nothing, on one process standing for any rank; what ``FSDPMemTracker``'s tests use.
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
+def ddp_bucket_assignment(params: list[torch.Tensor], limits: list[int]) -> list[list[int]]:
+    """The indices of ``params`` in each of DDP's gradient buckets, by DDP's own C++ assignment.
+
+    ``torch.distributed._compute_bucket_assignment_by_size`` (torch/csrc/distributed/c10d/reducer.cpp,
+    ``compute_bucket_assignment_by_size``): parameters fill a bucket until it reaches its limit, one
+    bucket per dtype; the limits are DDP's (``first_bucket_bytes``, then ``bucket_bytes`` for the rest).
+    It reads shapes and dtypes only, so fake tensors serve.
+    """
+    import torch.distributed as dist
+
+    indices, _ = dist._compute_bucket_assignment_by_size(params, limits, [False] * len(params))
+    return [list(bucket) for bucket in indices]
+
+
+def ddp_first_bucket_bytes() -> int:
+    """DDP's cap on the first bucket it rebuilds after the first iteration (1 MiB on torch 2.6-2.13)."""
+    import torch.distributed as dist
+
+    return getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1024 * 1024)
+
+
+def fsdp_all_gather_copy_in():
+    """FSDP2's op that copies a group's shards into the all-gather buffer (``torch.ops.fsdp``, torch 2.6-2.13), or None."""
+    try:
+        return torch.ops.fsdp.all_gather_copy_in.default
+    except (AttributeError, RuntimeError):  # not registered until torch.distributed.fsdp is imported
+        return None

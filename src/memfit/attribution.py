@@ -66,7 +66,7 @@ class ModuleAttribution:
                 mid = self.ids.get(id(module))
                 if mid is None:  # a submodule added after the tracker was made
                     continue
-                handles.append(module.register_forward_pre_hook(self._pre_forward_hook(mid), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(self._pre_forward_hook(mid), with_kwargs=True, prepend=True))
                 handles.append(
                     module.register_forward_hook(self._post_forward_hook(mid), with_kwargs=True, always_call=True)
                 )

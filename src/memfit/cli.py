@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from memfit.config import MAX_STEPS, OPTIMIZER_IMPLS, PRECISIONS, ZERO_GRADS
+from memfit.config import MAX_STEPS, OPTIMIZER_IMPLS, PRECISIONS, STRATEGIES, ZERO_GRADS
 from memfit import commands
 from memfit.errors import MemfitError, UsageError
 
@@ -84,6 +84,16 @@ def _add_loop_args(parser: argparse.ArgumentParser) -> None:
                         "post-accumulate-grad hook and free its gradient at once (one micro-batch per step)")
 
 
+def _add_gpu_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus", type=_positive_int("--gpus"), default=1, metavar="N",
+                        help="GPUs (ranks) trained on; the figures are one rank's (default 1)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None,
+                        help="how the ranks share the model: ddp replicates it, fsdp shards it (FSDP2) "
+                        "(default: single on one GPU, fsdp on several)")
+    parser.add_argument("--no-reshard", action="store_true", help="with fsdp, keep each block's gathered "
+                        "parameters from forward to backward (FSDP2's reshard_after_forward=False)")
+
+
 def _add_workload_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
     parser.add_argument(
         "spec",
@@ -146,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces: a file "
                           "`memfit calibrate` wrote, or a card (h100, a100-80gb, rtx4090, ...); default: this "
                           "machine's calibrated profile, else memfit's defaults")
+    _add_gpu_args(estimate)
     _add_loop_args(estimate)
 
     plan = commands.add_parser(

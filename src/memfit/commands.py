@@ -30,6 +30,16 @@ def _loop(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in ("optimizer_impl", "zero_grad", "optimizer_in_backward")}
 
 
+def _sharding(args: argparse.Namespace) -> dict:
+    """The Config's strategy fields from --gpus, --strategy and --no-reshard."""
+    strategy = args.strategy or ("single" if args.gpus == 1 else "fsdp")
+    if strategy == "single" and args.gpus > 1:
+        raise UsageError(f"--strategy single runs on one GPU, and --gpus is {args.gpus}; give --strategy ddp or fsdp")
+    if args.no_reshard and strategy != "fsdp":
+        raise UsageError(f"--no-reshard is an FSDP setting, and the strategy is {strategy}; give --strategy fsdp")
+    return {"strategy": strategy, "reshard_after_forward": not args.no_reshard}
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
     """The workload function's keyword arguments: --seq-len and each --arg KEY=VALUE."""
     overrides: dict[str, object] = {}
@@ -105,10 +115,12 @@ def _estimate(args: argparse.Namespace) -> int:
         checkpoint=checkpoint,
         offload_activations=args.offload_activations,
         **_loop(args),
+        **_sharding(args),
     )
     workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Estimating {workload.name} on fake tensors"):
-        est = estimate(workload, config, steps=args.steps, device=args.device, profile=args.profile)
+        est = estimate(workload, config, steps=args.steps, device=args.device, profile=args.profile,
+                       world_size=args.gpus)
     fits = None if budget is None else est.required <= budget
     if args.json:
         data = est.to_dict()

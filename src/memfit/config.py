@@ -8,7 +8,7 @@ from memfit.checks import positive_int
 from memfit.errors import UsageError
 
 __all__ = ["Config", "PRECISIONS", "OPTIMIZER_IMPLS", "ZERO_GRADS", "STRATEGIES", "MAX_STEPS", "check_precision",
-           "check_strategy", "check_single", "accumulation_steps", "balanced_micro_batch", "rank_micro_batches"]
+           "check_strategy", "accumulation_steps", "balanced_micro_batch", "rank_micro_batches"]
 
 MAX_STEPS = 1000
 """The most training steps measure() and estimate() run: the second shows the steady state, later ones repeat it."""
@@ -37,14 +37,6 @@ def check_strategy(name: object, what: str = "strategy") -> str:
         raise UsageError(f"{what} {name!r} is not one of {', '.join(STRATEGIES)} (single: one process; ddp: "
                          "DistributedDataParallel; fsdp: FSDP2 fully_shard per block)")
     return name
-
-
-def check_single(config: Config, what: str) -> None:
-    """Per-rank estimates and plans over N ranks are not built yet: a distributed config is refused, not misread."""
-    if config.strategy != "single":
-        raise UsageError(f"{what} estimates one process; Config(strategy={config.strategy!r}) needs per-rank "
-                         "estimates, which memfit does not make yet: estimate strategy='single' (what one rank holds "
-                         "under DDP, without its gradient buckets) and train with the strategy")
 
 
 def check_precision(name: object, what: str = "precision") -> str:

@@ -85,8 +85,9 @@ def render_estimate(est: Any, *, top: int = 10, width: int = 100) -> str:
     buffer = io.StringIO()
     console = Console(file=buffer, width=width, force_terminal=False, color_system=None, highlight=False)
     report = est.report
+    ranks = f", one rank of {est.extra['world_size']}" if est.config.strategy != "single" else ""
     console.print(
-        f"Estimate for {est.extra.get('workload', 'workload')} ({est.parameters:,} parameters) on {est.device}: "
+        f"Estimate for {est.extra.get('workload', 'workload')} ({est.parameters:,} parameters) on {est.device}{ranks}: "
         f"{est.config.describe()}."
     )
     if est.allocator is not None:

@@ -39,13 +39,14 @@ from memfit import _torch_private
 from memfit.allocator import AllocatorEstimate, simulate_caching_allocator
 from memfit.categories import PHASES
 from memfit.checks import positive_int
-from memfit.config import MAX_STEPS, Config, check_single
+from memfit.config import MAX_STEPS, Config
 from memfit.devices import DeviceProfile, default_profile, load_profile
 from memfit.errors import MemfitError, UsageError, user_frame
 from memfit.checkpointing import Checkpointing
 from memfit import depth as _depth
 from memfit import traces as _traces
 from memfit.extrapolation import canonical
+from memfit.fakedist import as_rank, rank_world
 from memfit.report import History, MemoryReport, build_report
 from memfit.step import run_steps
 from memfit.strategies import Recipe
@@ -161,6 +162,7 @@ def estimate(
     accumulation: int = 1,
     profile: DeviceProfile | str | None = None,
     extrapolate: bool | None = None,
+    world_size: int = 1,
 ) -> Estimate:
     """Estimate the memory of ``steps`` training steps under ``config`` on fake tensors.
 
@@ -193,6 +195,11 @@ def estimate(
             the first's allocations, its optimizer state existing from the
             start), which halves the time of the default two steps; the tests
             check that both give identical timelines.
+        world_size: the ranks the model is trained on, for ``Config.strategy`` ``"ddp"`` or
+            ``"fsdp"``: the estimate is one rank's (``config.micro_batch`` is per rank), traced on
+            PyTorch's fake process group (:mod:`memfit.fakedist`): FSDP2's own ``fully_shard``,
+            DDP's gradient buckets from its reducer's rules. Under accumulation the micro-steps
+            before the last run without gradient sync, as the Trainer runs them.
 
     Raises:
         UsageError: a bad config, a checkpoint glob that matches no module, a
@@ -202,7 +209,10 @@ def estimate(
         raise UsageError(f"estimate() takes a memfit.Workload, got {type(workload).__name__}")
     if not isinstance(config, Config):
         raise UsageError(f"estimate() takes a memfit.Config, got {type(config).__name__}")
-    check_single(config, "estimate()")
+    positive_int(world_size, "world_size", hint="the ranks (GPUs) the model is trained on")
+    if config.strategy == "single" and world_size > 1:
+        raise UsageError(f"world_size={world_size} needs a strategy that runs on several ranks: "
+                         "Config(strategy='ddp') or Config(strategy='fsdp'); 'single' is one process")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"steps must be a whole number from 1 to {MAX_STEPS} (the second step shows the steady "
                          f"state, later ones repeat it), got {steps!r}")
@@ -232,14 +242,14 @@ def estimate(
         notes = ()
         if extrapolate is not False:
             history, note = _depth.extrapolated(
-                source, config, (workload, target, capability, steps, accumulation, run_all_steps),
+                source, config, (workload, target, capability, steps, accumulation, run_all_steps, world_size),
                 lambda cut, cut_config: _trace(workload, cut, cut_config, target, capability, steps, accumulation,
-                                               run_all_steps)[0],
+                                               run_all_steps, world_size)[0],
                 always=extrapolate is True)
             notes = (note,) if note else ()
         if history is None:
             history, checkpointed = _trace(workload, source, config, target, capability, steps, accumulation,
-                                           run_all_steps)
+                                           run_all_steps, world_size)
         else:
             checkpointed = Checkpointing(config.checkpoint).select(source)
         return history, tuple(checkpointed), notes
@@ -248,7 +258,7 @@ def estimate(
     shapes = tuple((name, tuple(t.shape), t.dtype, type(m).__name__) for name, m in source.named_modules()
                    for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None) \
         if isinstance(workload.model, nn.Module) else None
-    key = (workload, shapes, target, capability, steps, accumulation, run_all_steps, extrapolate)
+    key = (workload, shapes, target, capability, steps, accumulation, run_all_steps, extrapolate, world_size)
     history, checkpointed, notes = _traces.history(key, config, trace, reuse=extrapolate is not False)
     if target == "cuda":
         history = _traces.rounded(history, 512)  # the caching allocator's blocks, as max_memory_allocated counts
@@ -275,27 +285,31 @@ def estimate(
         context=device.context if device is not None else 0,
         profile=device,
         notes=notes,
-        extra={"workload": workload.name, "steps": steps, "accumulation": accumulation},
+        extra={"workload": workload.name, "steps": steps, "accumulation": accumulation,
+               "strategy": config.strategy, "world_size": world_size},
     )
 
 
 def _trace(workload: Workload, source: nn.Module, config: Config, target: str, capability: tuple[int, int],
-           steps: int, accumulation: int, run_all_steps: bool) -> tuple[History, list[str]]:
+           steps: int, accumulation: int, run_all_steps: bool, world_size: int) -> tuple[History, list[str]]:
     """Run the step on a fake copy of ``source`` under the tracker: its history and the checkpointed paths."""
     recipe = Recipe(config, target, fake=True, capability=capability)
     fake_mode = _torch_private.FakeTensorMode()
-    with fake_mode:
+    with rank_world(config, world_size) as mesh, fake_mode:
         model = fake_copy(source, fake_mode)
         model.train()
         recipe.apply(model)
+        model, buckets, sync_off = as_rank(model, config, mesh)
         optimizer = recipe.build_optimizer(workload.optimizer, model)
         shape_error, value_errors = _torch_private.data_dependent_errors()
         try:
             with recipe.emulation(), _torch_private.quiet_fake_tensor_errors(), \
                     track(model, optimizer, device="cpu", round_to=1) as tracker:
+                if buckets is not None:
+                    buckets.mark(tracker)
                 start = tracker.position()
                 run_steps(workload, model, optimizer, config.micro_batch, 1, tracker=tracker, recipe=recipe,
-                          accumulation=accumulation)
+                          accumulation=accumulation, no_sync=sync_off)
                 # Later steps repeat the first minus what it created and kept (optimizer
                 # state): derive them from its trace, unless asked to run them all or the
                 # trace cannot be repeated (then they run).
@@ -303,10 +317,12 @@ def _trace(workload: Workload, source: nn.Module, config: Config, target: str, c
                 # Unless gradients are set to None after each step, a later step differs from the
                 # first: it frees the last step's gradients mid-step (after-forward) or adds into
                 # them through a temporary (zeros, AccumulateGrad's grad += new); so it runs.
-                repeatable = not run_all_steps and config.zero_grad == "set-to-none"
+                # Under FSDP the gathered parameters come and go by storage resizes, which the
+                # derivation does not replay: every step runs.
+                repeatable = not run_all_steps and config.zero_grad == "set-to-none" and config.strategy != "fsdp"
                 if remaining and not (repeatable and tracker.repeat_since(start, remaining)):
                     run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker,
-                              recipe=recipe, accumulation=accumulation)
+                              recipe=recipe, accumulation=accumulation, no_sync=sync_off)
         except shape_error as exc:
             raise DataDependentStep(
                 f"the step calls {exc.func}{user_frame(exc)}, whose output's shape depends on tensor values "

@@ -77,6 +77,7 @@ def encode(history: History, run: Run) -> list[tuple]:
     kind: dict[int, tuple] = {}
     last_event = {sid: i for i, (_, sid, _) in enumerate(history.events)}
     size: dict[int, int] = {}
+    home: dict[int, int | None] = {}  # the block a storage was allocated in
     block = -1
 
     def step(b: int | None) -> int | None:
@@ -102,6 +103,7 @@ def encode(history: History, run: Run) -> list[tuple]:
             kind[sid] = sig = (sid_cat[sid], mtok, delta)
             live.setdefault(sig, []).append(sid)
             size[sid] = delta
+            home[sid] = b
             tokens.append(("a", sig, step(b)))
             i += 1
             continue
@@ -122,7 +124,12 @@ def encode(history: History, run: Run) -> list[tuple]:
             at = same.index(sid)
             newest = len(same) - 1 - at
             size[sid] += delta
-            tokens.append(("f" if freed else "r", delta, sig, ("new", newest) if newest <= at else ("old", at)))
+            ref = ("new", newest) if newest <= at else ("old", at)
+            if not freed and home[sid] is not None:
+                # A block's storage kept and resized (FSDP's gathered parameters): named by its block's
+                # step from the current one, and its rank among that block's storages of its kind.
+                ref = ("blk", home[sid] - block, [x for x in same if home[x] == home[sid]].index(sid))
+            tokens.append(("f" if freed else "r", delta, sig, ref))
             if freed:
                 del same[at]
         i = max(j, i + 1)
@@ -142,6 +149,7 @@ def _decode(tokens: list[tuple], run: Run, paths: list[str], like: History) -> H
     sid_cat: list[int] = []
     sid_module: list[int] = []
     live: dict[tuple, list[int]] = {}
+    home: list[int | None] = []  # the block each storage was allocated in
     block = -1
 
     def module(mtok: tuple, d: int | None) -> int | None:
@@ -170,14 +178,22 @@ def _decode(tokens: list[tuple], run: Run, paths: list[str], like: History) -> H
             sid = len(sid_cat)
             sid_cat.append(sig[0])
             sid_module.append(m)
+            home.append(block if sig[1][0] == "B" else None)
             live.setdefault(sig, []).append(sid)
             events.append((len(ops), sid, sig[2]))
         else:
-            _, delta, sig, (end, rank) = tok
-            same = live.get(sig, ())
-            if rank >= len(same):
-                return None
-            at = len(same) - 1 - rank if end == "new" else rank
+            _, delta, sig, ref = tok
+            same = live.get(sig, [])
+            if ref[0] == "blk":
+                ranked = [x for x in same if home[x] == block + ref[1]]
+                if ref[2] >= len(ranked):
+                    return None
+                at = same.index(ranked[ref[2]])
+            else:
+                end, rank = ref
+                if rank >= len(same):
+                    return None
+                at = len(same) - 1 - rank if end == "new" else rank
             sid = same[at]
             if kind == "f":
                 del same[at]
@@ -214,25 +230,42 @@ def _insertions(short: list[tuple], longer: list[tuple]) -> list[tuple[int, list
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             continue
-        if tag == "delete" or j2 - j1 < i2 - i1:
+        if tag == "delete":
             return None
         if tag == "insert":
             chunks.append((offset[i1], [t for unit in longer_units[j1:j2] for t in unit]))
             continue
         # Units that changed: each is matched with a unit of the same op (the last ones, else the
         # first), gains events, and the longer side's other units are inserted whole.
-        changed = _changed_units(units[i1:i2], longer_units[j1:j2])
-        if changed is None:
-            return None
-        extra_at, extra, pairs = changed
-        if extra:
-            chunks.append((offset[i1 + extra_at], [t for unit in extra for t in unit]))
-        for k, (unit, longer_unit) in enumerate(pairs):
-            inner = _token_insertions(list(unit), list(longer_unit))
-            if inner is None:
+        found = _unit_insertions(units[i1:i2], longer_units[j1:j2])
+        if found is None:
+            # The inserted records begin inside a unit (FSDP's all-gather prefetched in the previous
+            # block's backward, before that unit's op): token by token over the region; the check
+            # at one more block verifies the prediction.
+            found = _token_insertions([t for unit in units[i1:i2] for t in unit],
+                                      [t for unit in longer_units[j1:j2] for t in unit])
+            if found is None:
                 return None
-            chunks += [(offset[i1 + k] + at, chunk) for at, chunk in inner]
+        chunks += [(offset[i1] + at, chunk) for at, chunk in found]
     chunks.sort(key=lambda c: c[0])
+    return chunks
+
+
+def _unit_insertions(short: list[tuple], longer: list[tuple]) -> list[tuple[int, list[tuple]]] | None:
+    """Insertions into a region of changed units, unit by unit (offsets from the region's start), or None."""
+    changed = _changed_units(short, longer) if len(longer) >= len(short) else None
+    if changed is None:
+        return None
+    extra_at, extra, pairs = changed
+    starts = [0]
+    for unit in short:
+        starts.append(starts[-1] + len(unit))
+    chunks = [(starts[extra_at], [t for unit in extra for t in unit])] if extra else []
+    for k, (unit, longer_unit) in enumerate(pairs):
+        inner = _token_insertions(list(unit), list(longer_unit))
+        if inner is None:
+            return None
+        chunks += [(starts[k] + at, chunk) for at, chunk in inner]
     return chunks
 
 

@@ -15,6 +15,9 @@ Four sources, each the one PyTorch offers for its event:
 * parameter hooks (``register_post_accumulate_grad_hook``) and the optimizer's
   step hooks see gradients and the optimizer's (lazily created) state.
 
+Under FSDP2 a tensor is counted by its local shard (a DTensor's storage is its rank's part),
+and :mod:`memfit.shard_roles` adds the gathered parameters and communication buffers.
+
 Storages are keyed by their ``UntypedStorage`` Python object, which torch keeps
 alive exactly as long as the storage (PyObject preservation), as torch's own
 MemTracker does.
@@ -36,12 +39,14 @@ from memfit._tree import tensors as _tensors
 from memfit.attribution import ModuleAttribution
 from memfit.categories import CATEGORIES, PHASES
 from memfit.ledger import StorageLedger
+from memfit.shard_roles import COMM_NAMESPACES, ShardRoles
 
 __all__ = ["StepObserver"]
 
 PARAMETERS, BUFFERS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, INPUTS, TEMPORARIES = range(7)
 assert CATEGORIES[ACTIVATIONS] == "activations" and CATEGORIES[TEMPORARIES] == "temporaries"
 _FORWARD, _BACKWARD, _OPTIMIZER = range(3)
+
 assert PHASES == ("forward", "backward", "optimizer")
 
 
@@ -81,6 +86,7 @@ class StepObserver:
         self._handles: list[Any] = []
         self._hooked_params: set[int] = set()
         self._stack: contextlib.ExitStack | None = None  # what enter() started, for exit() to stop
+        self._shards: ShardRoles | None = None  # under FSDP
 
     def enter(self) -> None:
         """Start observing: hooks, the model's and optimizer's tensors, storage resizes, saved tensors, ops."""
@@ -117,6 +123,7 @@ class StepObserver:
         # (prim.device): keep memfit's own queries out of the op timeline.
         self._quiet += 1
         try:
+            t = _torch_private.local_tensor(t)
             if t.device != self.device:
                 return None
             return t.untyped_storage()
@@ -213,6 +220,8 @@ class StepObserver:
                 ledger.add(st, nbytes, TEMPORARIES, module)
                 if recompute:
                     self._recompute[key] = None
+        if self._shards is not None and getattr(func, "namespace", None) in COMM_NAMESPACES:
+            self._shards.on_collective(func, out, args, kwargs)
         ledger.note_peak()
         phase = _OPTIMIZER if self._in_optimizer else (_BACKWARD if in_bw else _FORWARD)
         ledger.ops.append((func, module, phase, ledger.steps))
@@ -294,6 +303,7 @@ class StepObserver:
 
     def _install_hooks(self) -> None:
         self._handles.extend(self.modules.install())
+        self._shards = ShardRoles.install(self, self._handles)
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step))
             self._handles.append(self.optimizer.register_step_post_hook(self._post_step))

@@ -30,7 +30,8 @@ shard for inf).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
 from memfit.strategies import Precision
 
-__all__ = ["Sharding", "DeferredReduce", "inner_module", "shard_units", "full_state_dict"]
+__all__ = ["Sharding", "DeferredReduce", "inner_module", "shard_units", "full_state_dict", "no_sync"]
 
 
 def inner_module(model: nn.Module) -> nn.Module:
@@ -62,6 +63,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # cpu_offload=True would give the state to rank 0 only: gathered on the device, then copied.
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Backward passes accumulate gradients without reducing them: DDP's ``no_sync``, FSDP2's gradient sync off."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
 
 
 def shard_units(model: nn.Module) -> list[str]:

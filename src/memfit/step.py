@@ -108,6 +108,7 @@ def run_steps(
     device: torch.device | str | None = None,
     recipe: Recipe | None = None,
     accumulation: int = 1,
+    no_sync: Callable[[], Any] | None = None,
 ) -> None:
     """Run ``steps`` plain training steps: batch, forward and loss, backward, step, zero_grad.
 
@@ -116,7 +117,9 @@ def run_steps(
     next ones, as under gradient accumulation. The same loop serves real runs and
     fake-tensor runs (enter ``FakeTensorMode`` before building the model), so both
     count the same storages. ``recipe`` adds autocast, activation offload and a
-    GradScaler as its Config asks. (Memory only: losses are not rescaled here;
+    GradScaler as its Config asks. ``no_sync()``, where given, is the context the
+    micro-steps before the last run in (a wrapper's gradient sync off, as the Trainer
+    accumulates across ranks). (Memory only: losses are not rescaled here;
     the Trainer's TrainStep does the exact accumulation.)
     """
     scaler = recipe.scaler() if recipe is not None and optimizer is not None else None
@@ -126,15 +129,16 @@ def run_steps(
         optimizer.before_step = lambda p: tracker.mark(p.grad, "gradients")
     for _ in range(steps):
         for i in range(accumulation):
-            batch = prepare(workload.batch(micro_batch), device, recipe)
-            if tracker is not None:
-                tracker.mark_inputs(batch)
-            loss = step_loss(forward(workload.loss, model, batch, recipe))
-            if i == 0:
-                release_before_backward(model, optimizer, zero_grad)
-            backward(loss, scaler)
-            # Drop the micro-step's references now: only the gradients carry over.
-            del batch, loss
+            with no_sync() if no_sync is not None and i < accumulation - 1 else contextlib.nullcontext():
+                batch = prepare(workload.batch(micro_batch), device, recipe)
+                if tracker is not None:
+                    tracker.mark_inputs(batch)
+                loss = step_loss(forward(workload.loss, model, batch, recipe))
+                if i == 0:
+                    release_before_backward(model, optimizer, zero_grad)
+                backward(loss, scaler)
+                # Drop the micro-step's references now: only the gradients carry over.
+                del batch, loss
         if optimizer is None:
             model.zero_grad(set_to_none=zero_grad != "zeros")
             continue

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from memfit.errors import MemfitError, UsageError
+from memfit.sharding import no_sync
 
 __all__ = ["Comm", "LocalComm", "DistComm", "PeerOutOfMemory", "PeerFailed", "CommTimeout", "OK", "OOM", "FAILED", "make_comm"]
 
@@ -155,23 +156,12 @@ class DistComm:
         self._exchange(status, (), None, "a failure")
 
     def no_sync(self, model: Any) -> contextlib.AbstractContextManager:
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            return _fsdp_no_sync(model)
-        return model.no_sync()
+        return no_sync(model)
 
     def reduce(self, model: Any) -> None:
         deferred = getattr(model, "_memfit_deferred", None)
         if deferred is not None:
             deferred.reduce()
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: Any):
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 def make_comm(strategy: str, timeout: float) -> Comm:

@@ -95,3 +95,61 @@ def test_cli_estimates_one_rank_of_several_gpus(capsys):
     assert data["config"]["strategy"] == "fsdp" and data["extra"]["world_size"] == 4  # fsdp by default on several
     assert main(["estimate", "gpt2-tiny", "-b", "2", "--seq-len", "16", "--gpus", "4", "--strategy", "ddp"]) == 0
     assert "on cuda, one rank of 4: micro-batch 2, 32-true, ddp." in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_communication_bytes_follow_ring_collectives_per_strategy():
+    from memfit.cost import communication_bytes
+
+    ring = 3 / 4
+    assert communication_bytes(_config("single"), 1000, 4, 2) == 0
+    assert communication_bytes(_config("ddp"), 1000, 4, 2) == 2 * ring * 1000 * 4  # one all-reduce per step
+    assert communication_bytes(_config("ddp", precision="bf16-true"), 1000, 4, 2) == 2 * ring * 1000 * 2
+    # FSDP: per micro-step an all-gather for forward and one for backward, one reduce-scatter per step.
+    assert communication_bytes(_config("fsdp"), 1000, 4, 2) == ring * 1000 * (2 * 2 * 4 + 4)
+    assert communication_bytes(_config("fsdp", reshard_after_forward=False), 1000, 4, 2) == ring * 1000 * (2 * 4 + 4)
+    # bf16-mixed gathers bf16 parameters and reduces float32 gradients.
+    assert communication_bytes(_config("fsdp", precision="bf16-mixed"), 1000, 4, 1) == ring * 1000 * (2 * 2 + 4)
+
+
+class Wide(torch.nn.Module):
+    """Model states outweigh activations: replicating them (DDP) costs what sharding (FSDP) saves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(256, 256) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_a_plan_over_ranks_splits_the_global_batch_and_picks_the_strategy_that_fits():
+    workload = memfit.Workload(model=Wide, batch=lambda n: torch.randn(n, 256), loss=lambda m, b: m(b).pow(2).mean(),
+                               optimizer=torch.optim.AdamW, name="wide")
+    ddp = memfit.estimate(workload, _config("ddp"), world_size=4, device="cpu")
+    fsdp = memfit.estimate(workload, memfit.Config(micro_batch=4, strategy="fsdp", reshard_after_forward=True),
+                           world_size=4, device="cpu")
+    assert fsdp.required < ddp.required
+    plan = memfit.plan(workload, fsdp.required, 14, world_size=4, device="cpu", allow_checkpoint=False)
+    assert plan.extra["rank_batches"] == [4, 4, 3, 3]
+    assert plan.config.strategy == "fsdp" and plan.config.micro_batch == 4 and plan.accumulation == (4,)
+    assert plan.required <= fsdp.required
+    assert plan.reasons[0].startswith("the global batch of 14 over 4 ranks: 4 samples on ranks 0-1 and 3 on the others")
+    again = memfit.estimate(workload, plan.config, world_size=4, device="cpu")
+    assert again.required == plan.required
+    roomy = memfit.plan(workload, "1GiB", 14, world_size=4, device="cpu", allow_checkpoint=False, strategies=("ddp",))
+    assert roomy.config.strategy == "ddp" and "DDP (each rank holds the whole model" in roomy.reasons[0]
+
+
+def test_plans_over_ranks_refuse_what_cannot_run():
+    workload = dist_worker.workload()
+    with pytest.raises(UsageError, match=r"a global batch of 3 cannot give each of 4 ranks a sample; give a batch "
+                                         r"of at least 4, or fewer GPUs"):
+        memfit.plan(workload, "1GiB", 3, world_size=4, device="cpu")
+    with pytest.raises(UsageError, match=r"strategy 'single' runs one process, and world_size is 2"):
+        memfit.plan(workload, "1GiB", 8, world_size=2, strategies=("single",), device="cpu")
+    with pytest.raises(UsageError, match=r"a strategy 'zero' is not one of single, ddp, fsdp"):
+        memfit.plan(workload, "1GiB", 8, world_size=2, strategies=("zero",), device="cpu")
+    code = main(["plan", "gpt2-tiny", "-b", "3", "--gpus", "4", "--budget", "1GiB"])
+    assert code == 2

@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "(free CUDA memory)")
     plan.add_argument("--precision", nargs="+", default=None, metavar="P",
                       help=f"precisions the plan may use (default: 32-true only), among {', '.join(PRECISIONS)}")
+    plan.add_argument("--gpus", type=_positive_int("--gpus"), default=1, metavar="N",
+                      help="GPUs (ranks) trained on: the batch is the global one, the figures one rank's (default 1)")
+    plan.add_argument("--strategy", nargs="+", choices=STRATEGIES, default=None, metavar="S",
+                      help="with --gpus N, the strategies the plan may use: ddp, fsdp (default both)")
     plan.add_argument("--no-checkpoint", action="store_true", help="never checkpoint activations")
     plan.add_argument("--checkpoint-candidates", nargs="+", default=None, metavar="GLOB",
                       help="the modules the plan may checkpoint (globs, or 'seq[2:5]' for a Sequential's segment); "

@@ -158,6 +158,8 @@ def _plan(args: argparse.Namespace) -> int:
             device=args.device,
             calibrate=args.calibrate,
             profile=args.profile,
+            world_size=args.gpus,
+            strategies=args.strategy,
             **_loop(args),
         )
     if args.json:

@@ -11,6 +11,9 @@
 * ``speed(precision)``: relative time of a step's arithmetic; 1.0 for 32-true and
   about 0.5 for 16-bit on CUDA (tensor cores), 1.0 everywhere on CPU.
 
+* Across ranks, the strategy's collectives (:func:`communication_bytes`) at
+  :data:`FLOPS_PER_COMM_BYTE`, and no overlap with compute assumed.
+
 Known limitations: a model (FLOPs, not a profile); offload's PCIe traffic is not costed.
 """
 
@@ -31,10 +34,14 @@ from memfit.step import backward, forward, prepare
 from memfit.strategies import Recipe
 from memfit.workload import Workload, build_model, step_loss
 
-__all__ = ["CostModel", "calibrate_efficiency", "DEFAULT_M_HALF"]
+__all__ = ["CostModel", "calibrate_efficiency", "communication_bytes", "DEFAULT_M_HALF", "FLOPS_PER_COMM_BYTE"]
 
 DEFAULT_M_HALF = 2.0
 """The efficiency curve's half point, in samples, when it is not calibrated: a guess, stated as such."""
+FLOPS_PER_COMM_BYTE = 1000.0
+"""How many FLOPs (at 32-true speed) a byte of communication costs: the stated assumption of an interconnect
+moving ~100 GB/s per GPU (NVLink-class, within a node; across nodes it is several times slower) beside
+~100 TFLOP/s of useful compute. Used to weigh collectives against arithmetic, nothing else."""
 _CUDA_SPEED = {"32-true": 1.0, "16-mixed": 0.55, "bf16-mixed": 0.55, "16-true": 0.5, "bf16-true": 0.5}
 
 
@@ -46,6 +53,7 @@ class CostModel:
         self.device = device
         self.m_half = m_half
         self._flops: dict[str, tuple[int, dict[str, int]]] = {}
+        self._parameters: int | None = None
 
     def flops(self, precision: str) -> tuple[int, dict[str, int]]:
         """Forward+backward FLOPs per sample, and forward FLOPs per module per sample."""
@@ -53,13 +61,46 @@ class CostModel:
             self._flops[precision] = _flops(self.workload, precision, 1)
         return self._flops[precision]
 
-    def step_cost(self, config: Config, batch_size: int) -> float:
+    def step_cost(self, config: Config, batch_size: int, world_size: int = 1) -> float:
+        """The step's cost in FLOP-equivalents: its micro-steps on ``batch_size`` samples (one rank's), plus
+        the collectives of ``config.strategy`` over ``world_size`` ranks (:func:`communication_bytes`)."""
+        micro_steps = len(accumulation_steps(batch_size, config.micro_batch))
+        comm = communication_bytes(config, self.parameters(), world_size, micro_steps)
+        return self._compute_cost(config, batch_size) + comm * FLOPS_PER_COMM_BYTE
+
+    def parameters(self) -> int:
+        """The model's parameter count (tied weights once)."""
+        if self._parameters is None:
+            self._parameters = sum(p.numel() for p in source_model(self.workload).parameters())
+        return self._parameters
+
+    def _compute_cost(self, config: Config, batch_size: int) -> float:
         total, per_module = self.flops(config.precision)
         recompute = sum(per_module.get(path, 0) for name in config.checkpoint for path in _module_paths(name))
         speed = _CUDA_SPEED[config.precision] if self.device == "cuda" else 1.0
         per_sample = (total + recompute) * speed
         # time(mb) = flops(mb) / efficiency(mb) = per_sample * mb * (mb + m_half) / mb
         return sum(per_sample * (mb + self.m_half) for mb in accumulation_steps(batch_size, config.micro_batch))
+
+
+def communication_bytes(config: Config, parameters: int, world_size: int, micro_steps: int) -> float:
+    """Bytes one rank sends per optimizer step for ``config.strategy``, by ring collectives over ``world_size``.
+
+    A ring all-gather or reduce-scatter of ``B`` bytes sends ``(N-1)/N * B`` per rank, an all-reduce twice that.
+    DDP all-reduces the gradients once per step (in the parameters' dtype). FSDP2 all-gathers each block's
+    parameters for every micro-step's forward, and again for its backward where it reshards after forward (in
+    ``param_dtype``: the low precision under ``*-mixed``), and reduce-scatters the gradients once per step
+    (float32 under ``*-mixed``, the parameters' dtype under ``*-true``).
+    """
+    if config.strategy == "single" or world_size == 1:
+        return 0.0
+    ring = (world_size - 1) / world_size
+    true_size = 2 if config.precision in ("16-true", "bf16-true") else 4
+    low_size = 2 if config.precision != "32-true" else 4
+    if config.strategy == "ddp":
+        return 2 * ring * parameters * true_size
+    gathers = micro_steps * (2 if config.reshard_after_forward else 1)
+    return ring * parameters * (gathers * low_size + true_size)
 
 
 def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tuple[int, ...] = (1, 2, 4), repeats: int = 3) -> float:

@@ -154,13 +154,17 @@ def render_plan(plan: Any, *, width: int = 100) -> str:
     for reason in plan.reasons:
         console.print(f"  - {reason}")
     table = Table(title="Alternatives considered (fastest first)", title_justify="left", min_width=64)
-    for column in ("precision", "checkpoint", "micro-batch", "micro-steps", "needs", "cost"):
-        table.add_column(column, justify="right" if column not in ("precision", "checkpoint") else "left")
+    ranks = plan.extra.get("world_size", 1) > 1
+    columns = ("strategy",) * ranks + ("precision", "checkpoint", "micro-batch", "micro-steps", "needs", "cost")
+    for column in columns:
+        table.add_column(column, justify="right" if column not in ("strategy", "precision", "checkpoint") else "left")
     for a in plan.alternatives[:12]:
         n = len(a.config.checkpoint)
         ckpt = f"{n} block{'s' if n > 1 else ''}" if n else "none"
-        table.add_row(a.config.precision + (" +offload" if a.config.offload_activations else ""), ckpt,
-                      str(a.config.micro_batch), str(len(a.accumulation)), format_bytes(a.required), f"{a.step_cost:.2f}")
+        strategy = a.config.strategy + ("" if a.config.reshard_after_forward else " no-reshard")
+        table.add_row(*(strategy,) * ranks, a.config.precision + (" +offload" if a.config.offload_activations else ""),
+                      ckpt, str(a.config.micro_batch), str(len(a.accumulation)), format_bytes(a.required),
+                      f"{a.step_cost:.2f}")
     console.print(table)
     return buffer.getvalue()
 

@@ -20,6 +20,7 @@ not DDP's reducer, so it would model a different engine from the one the Trainer
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,12 +53,14 @@ def fake_world(world_size: int) -> Iterator[Any]:
                          "or estimate strategy='single'")
     from torch.distributed.device_mesh import init_device_mesh
 
+    hook = sys.excepthook  # init_process_group wraps it to prefix "[rank0]" and destroy does not undo it
     dist.init_process_group("fake", store=_torch_private.fake_store(), rank=0, world_size=world_size)
     try:
         # Made outside FakeTensorMode: the mesh's own tensors are real (and tiny).
         yield init_device_mesh("cpu", (world_size,))
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 def rank_world(config: Config, world_size: int) -> contextlib.AbstractContextManager:

@@ -38,6 +38,7 @@ from memfit.devices import DeviceProfile
 from memfit.errors import MemfitError, UsageError
 from memfit.estimator import Estimate
 from memfit.fixes import Fix
+from memfit.ranks import ranks_reason, strategy_variants
 from memfit.searcher import Searcher
 from memfit.units import format_budget, format_bytes, parse_bytes
 from memfit.workload import Workload
@@ -181,6 +182,8 @@ def plan(
     optimizer_in_backward: bool = False,
     profile: DeviceProfile | str | None = None,
     exhaustive: bool = False,
+    world_size: int = 1,
+    strategies: tuple[str, ...] | list[str] | None = None,
 ) -> Plan:
     """The configuration that fits ``budget`` at the lowest predicted step cost, keeping ``batch_size``.
 
@@ -208,6 +211,13 @@ def plan(
             instead of choosing the set from the search without checkpointing and confirming the
             winner (:mod:`memfit.candidates`) on extrapolated traces (:mod:`memfit.traces`,
             :mod:`memfit.depth`); slower, kept to compare against.
+        world_size: the GPUs (ranks) trained on. ``batch_size`` is then the global batch: each rank
+            gets its share (the first ranks one sample more where it does not divide), every rank runs
+            the same micro-steps, and the figures are one rank's (the largest share's).
+        strategies: with ``world_size`` > 1, the strategies the plan may use (default ``("ddp",
+            "fsdp")``; FSDP with and without resharding after forward); their collectives are costed
+            by :func:`memfit.cost.communication_bytes`. Gradients are synced on the last micro-step
+            only, as the Trainer runs them.
 
     Raises:
         PlanError: nothing fits, with the floor and the levers that would move it.
@@ -215,6 +225,8 @@ def plan(
     if not isinstance(workload, Workload):
         raise UsageError(f"plan() takes a memfit.Workload, got {type(workload).__name__}")
     positive_int(batch_size, "batch_size", hint="the effective batch")
+    variants = strategy_variants(world_size, strategies, batch_size)
+    rank_batch = -(-batch_size // world_size)  # the largest rank's share
     if device not in ("cpu", "cuda"):
         raise UsageError(f"device must be 'cpu' or 'cuda', got {device!r}")
     budget = resolve_budget(budget, device)
@@ -236,26 +248,30 @@ def plan(
     m_half = DEFAULT_M_HALF if m_half is None else float(m_half)
 
     # The exhaustive search is kept as it was before issue 12, full traces included, to compare against.
-    searcher = Searcher(workload, device, batch_size=batch_size, profile=profile,
-                        extrapolate=False if exhaustive else None)
+    searcher = Searcher(workload, device, batch_size=rank_batch, profile=profile,
+                        extrapolate=False if exhaustive else None, world_size=world_size)
     blocks = _candidates(workload, checkpoint_candidates) if allow_checkpoint else []
     offloads = (False, True) if allow_offload and device == "cuda" else (False,)
     model = CostModel(workload, device=device, m_half=m_half)
-    cost_of = lambda config: model.step_cost(config, batch_size)  # noqa: E731
+    cost_of = lambda config: model.step_cost(config, rank_batch, world_size)  # noqa: E731
 
     candidates: list[Alternative] = []
     for precision in precisions:
         for offload in offloads:
-            base = Config(micro_batch=1, precision=precision, offload_activations=offload,
-                          optimizer_impl=optimizer_impl, zero_grad=zero_grad,
-                          optimizer_in_backward=optimizer_in_backward)
-            if exhaustive:
-                candidates += _exhaustive(searcher, base, budget, batch_size, blocks, cost_of)
-                continue
-            for c in fast_candidates(searcher, model, base, budget, batch_size, blocks):
-                candidates.append(Alternative(c.config, accumulation_steps(batch_size, c.config.micro_batch),
-                                              c.required, c.step_cost, True, largest=c.largest,
-                                              predicted=c.predicted))
+            for variant in variants:
+                try:
+                    base = Config(micro_batch=1, precision=precision, offload_activations=offload,
+                                  optimizer_impl=optimizer_impl, zero_grad=zero_grad,
+                                  optimizer_in_backward=optimizer_in_backward, **variant)
+                except UsageError:  # a combination Config refuses (FSDP with 16-mixed's GradScaler)
+                    continue
+                if exhaustive:
+                    candidates += _exhaustive(searcher, base, budget, rank_batch, blocks, cost_of)
+                    continue
+                for c in fast_candidates(searcher, model, base, budget, rank_batch, blocks):
+                    candidates.append(Alternative(c.config, accumulation_steps(rank_batch, c.config.micro_batch),
+                                                  c.required, cost_of(c.config), True, largest=c.largest,
+                                                  predicted=c.predicted))
 
     if not candidates and optimizer_in_backward:
         one = Config(micro_batch=batch_size, precision=precisions[0], optimizer_impl=optimizer_impl,
@@ -265,16 +281,18 @@ def plan(
                         f"{precisions[0]} against a budget of {format_bytes(budget)}; plan without "
                         "optimizer_in_backward to split the batch", floor=0, budget=budget)
     if not candidates:
-        raise _nothing_fits(searcher, precisions, budget, blocks)
+        raise _nothing_fits(searcher, precisions, budget, blocks, variants[-1])
 
     # 1.0 = the whole batch in one micro-step at the fastest allowed precision, no recomputation.
-    ideal = min(cost_of(Config(micro_batch=batch_size, precision=p)) for p in precisions)
+    ideal = min(model.step_cost(Config(micro_batch=rank_batch, precision=p), rank_batch) for p in precisions)
     candidates.sort(key=lambda a: (a.step_cost, a.predicted, a.required))
     best = candidates[0]
     alternatives = tuple(dataclasses.replace(a, step_cost=a.step_cost / ideal) for a in candidates)
     chosen = alternatives[0]
     est = searcher.estimate(best.config)
-    reasons = _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher)
+    reasons = _reasons(chosen, alternatives, rank_batch, budget, est, blocks, searcher)
+    if world_size > 1:
+        reasons.insert(0, ranks_reason(chosen.config, batch_size, world_size, variants))
     return Plan(
         config=chosen.config,
         accumulation=chosen.accumulation,
@@ -286,7 +304,8 @@ def plan(
         alternatives=alternatives,
         estimate=est,
         extra={"estimates": searcher.calls, "m_half": m_half, "device": device, "workload": workload.name,
-               "search": "exhaustive" if exhaustive else "confirmed"},
+               "search": "exhaustive" if exhaustive else "confirmed", "world_size": world_size,
+               "rank_batches": [len(range(r, batch_size, world_size)) for r in range(world_size)]},
     )
 
 
@@ -342,18 +361,21 @@ def _reasons(chosen, alternatives, batch_size, budget, est, blocks, searcher) ->
     return reasons
 
 
-def _nothing_fits(searcher: Searcher, precisions, budget: int, blocks) -> PlanError:
+def _nothing_fits(searcher: Searcher, precisions, budget: int, blocks, variant: dict[str, Any]) -> PlanError:
     cheapest = min(precisions, key=lambda p: (0 if p.endswith("-true") and not p.startswith("32") else 1, p))
-    est = searcher.estimate(Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks)))
+    if variant.get("strategy") == "fsdp" and cheapest == "16-mixed":
+        variant = {}  # Config refuses FSDP with 16-mixed: the floor of one process
+    est = searcher.estimate(Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks), **variant))
     own = est.report.peak_by_category
     floor = own["parameters"] + own["gradients"] + own["optimizer_state"]
     fixes = []
     if cheapest != "bf16-true":
-        low = searcher.estimate(Config(micro_batch=1, precision="bf16-true", checkpoint=tuple(blocks))).report.peak_by_category
+        low = searcher.estimate(Config(micro_batch=1, precision="bf16-true", checkpoint=tuple(blocks),
+                                       **variant)).report.peak_by_category
         fixes.append(Fix("precision bf16-true", change=(("precision", "bf16-true"),), verified=True,
                          saves=floor - (low["parameters"] + low["gradients"] + low["optimizer_state"])))
     # How the loop runs the optimizer: estimated, as the plan would run them.
-    base = Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks))
+    base = Config(micro_batch=1, precision=cheapest, checkpoint=tuple(blocks), **variant)
     for lever, change in (("optimizer_impl='fused'", (("optimizer_impl", "fused"),)),
                           ("optimizer_in_backward=True", (("optimizer_in_backward", True),))):
         try:

@@ -20,7 +20,8 @@ class Searcher:
     """Estimates with a cache, and the FLOP counts of the cost model."""
 
     def __init__(self, workload: Workload, device: str, steps: int = 2, batch_size: int | None = None,
-                 profile: DeviceProfile | str | None = None, extrapolate: bool | None = None) -> None:
+                 profile: DeviceProfile | str | None = None, extrapolate: bool | None = None,
+                 world_size: int = 1) -> None:
         self.workload = workload
         self.device = device
         self.profile = load_profile(profile) if profile is not None and device == "cuda" else None
@@ -29,6 +30,8 @@ class Searcher:
         self.cache: dict[tuple, Estimate] = {}
         self.calls = 0
         self.extrapolate = extrapolate
+        self.world_size = world_size
+        """The ranks of a distributed Config's estimates (``batch_size`` is then one rank's share)."""
         """Passed to :func:`memfit.estimate`: False traces every estimate in full (the search before issue 12)."""
 
     def estimate(self, config: Config) -> Estimate:
@@ -42,7 +45,8 @@ class Searcher:
             self.calls += 1
             self.cache[key] = estimate(self.workload, config, steps=self.steps, device=self.device,
                                        accumulation=accumulation, profile=self.profile,
-                                       extrapolate=self.extrapolate)
+                                       extrapolate=self.extrapolate,
+                                       world_size=self.world_size if config.strategy != "single" else 1)
         return self.cache[key]
 
     def fits(self, config: Config, budget: int) -> bool:
@@ -62,6 +66,11 @@ class Searcher:
         def required(m: int) -> int:
             return self.estimate(at(m)).required
 
+        if base.strategy != "single" and required(limit) <= budget:
+            # Across ranks, accumulating costs memory of its own (gradients kept unsharded, or beside
+            # DDP's buckets, while sync is off): the whole batch in one micro-step may fit where a
+            # smaller micro-batch that accumulates does not, so "fits" is monotone below the limit only.
+            return limit
         lo = max(1, min(start, limit))
         if lo > 1 and required(lo) > budget:
             lo = 1

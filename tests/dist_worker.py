@@ -220,3 +220,36 @@ def measure(rank: int, world: int, port: int, case: dict, out: str) -> None:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def resume_run(rank: int, world: int, port: int, case: dict, out: str) -> None:
+    """``fit`` over 2 shuffled epochs saving every step to ``out/run``: ``case["phase"]`` is ``"kill"`` (this
+    process kills itself with SIGKILL right after the save at step ``kill_at``, as a pre-empted job dies),
+    ``"resume"`` (load that save, fit to the end) or ``"full"`` (no interruption); the final weights to ``out``."""
+    import signal
+
+    join(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        data = batches((24,))[0]
+        dataset = torch.utils.data.StackDataset(**data)
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=5)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler)
+        config = memfit.Config(micro_batch=2, strategy=case["strategy"])
+        trainer = memfit.Trainer(workload(), config, device="cpu", timeout=60)
+        path = os.path.join(out, "run")
+        if case["phase"] == "resume":
+            trainer.load(path)
+        save = trainer.save
+
+        def save_then_die(p):
+            save(p)
+            if case["phase"] == "kill" and trainer.step_count == case["kill_at"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer.save = save_then_die
+        result = trainer.fit(loader, 2, progress=False, save_to=path, save_every=1)
+        torch.save({"state": trainer.full_state_dict(), "steps": result.steps, "step_count": trainer.step_count},
+                   os.path.join(out, f"{case['phase']}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -6,6 +6,7 @@ ends them after a hard timeout: a hang fails the test instead of blocking the su
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -25,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(fn, world: int, case: dict, tmp_path, timeout: float = 120.0) -> list[dict]:
+def run_ranks(fn, world: int, case: dict, tmp_path, timeout: float = 120.0, saved: bool = True) -> list[dict]:
     """Runs ``fn`` on ``world`` spawned ranks; returns what each saved. Fails after ``timeout`` seconds."""
     ctx = mp.start_processes(fn, args=(world, _free_port(), case, str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")
@@ -38,7 +39,7 @@ def run_ranks(fn, world: int, case: dict, tmp_path, timeout: float = 120.0) -> l
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)] if saved else []
 
 
 def assert_close_weights(state: dict, ref: dict, rtol: float = 1e-6) -> None:
@@ -96,7 +97,7 @@ def test_an_error_on_one_rank_stops_every_rank_without_a_hang(strategy, tmp_path
     assert ranks[0]["error"] == "PeerFailed" and "another rank failed" in ranks[0]["message"]
 
 
-def test_fit_over_a_distributed_sampler_trains_as_one_process_and_rank_0_writes_the_save(tmp_path):
+def test_fit_over_a_distributed_sampler_trains_as_one_process_and_saves_each_ranks_part(tmp_path):
     # The sampler gives rank r samples r, r + 2, ...: each step's two parts make the whole batch of 10.
     case = {"strategy": "ddp", "loss": "mean", "sizes": (10, 10)}
     ranks = run_ranks(dist_worker.fit, 2, case, tmp_path)
@@ -104,7 +105,33 @@ def test_fit_over_a_distributed_sampler_trains_as_one_process_and_rank_0_writes_
     for saved in ranks:
         assert saved["steps"] == 2
         assert_close_weights(saved["state"], ref)
-    assert_close_weights(memfit.statefile.read(tmp_path / "run.pt", weights_only=False)["model"], ref)
+    # The save is a directory each rank wrote its part of; DCP's own tool makes it one file.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(tmp_path / "run.pt", tmp_path / "one.pt")
+    assert_close_weights(torch.load(tmp_path / "one.pt", weights_only=False)["model"], ref)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_run_killed_on_every_rank_resumes_from_its_sharded_save_to_the_uninterrupted_result(strategy, tmp_path):
+    # 24 samples, 4 per rank a step: 3 steps an epoch, 6 in all; both ranks die by SIGKILL after the save at step 4.
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    run_ranks(dist_worker.resume_run, 2, {"strategy": strategy, "phase": "full"}, full, saved=False)
+    ctx = mp.start_processes(dist_worker.resume_run, args=(2, _free_port(), {"strategy": strategy, "phase": "kill",
+                             "kill_at": 4}, str(cut)), nprocs=2, join=False, start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=120)
+        assert p.exitcode == -9, "each rank kills itself after the save at step 4"
+    assert sorted(os.listdir(cut / "run")) == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer-rank0.pt",
+                                               "trainer-rank1.pt"]
+    run_ranks(dist_worker.resume_run, 2, {"strategy": strategy, "phase": "resume"}, cut, saved=False)
+    for rank in range(2):
+        done = torch.load(full / f"full-rank{rank}.pt", weights_only=False)
+        resumed = torch.load(cut / f"resume-rank{rank}.pt", weights_only=False)
+        assert done["step_count"] == resumed["step_count"] == 6 and resumed["steps"] == 2
+        for key, value in done["state"].items():
+            assert torch.equal(resumed["state"][key], value), key  # bit for bit on CPU
 
 
 MEASURED = [{"strategy": s, "reshard": r, "micro_batch": 4, "accumulation": a}

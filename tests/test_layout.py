@@ -152,7 +152,7 @@ def test_torch_distributed_is_imported_by_its_seams_only():
         return False
 
     # The collectives (comm), the model's wrapping (sharding), FSDP's private state (_torch_private).
-    seams = {"memfit.engine.comm", "memfit.sharding", "memfit.fakedist", "memfit._torch_private"}
+    seams = {"memfit.engine.comm", "memfit.engine.sharded", "memfit.sharding", "memfit.fakedist", "memfit._torch_private"}
     assert {_module_name(p, ROOT) for p in ROOT.rglob("*.py") if imports_distributed(p)} <= seams
 
 

@@ -44,14 +44,6 @@ def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(timeout):
                            Config(micro_batch=2), timeout=timeout)
 
 
-def test_saving_a_sharded_fsdp_state_to_one_file_is_refused_naming_what_to_use():
-    from memfit.engine.setup import check_saveable
-
-    check_saveable(Config(micro_batch=2, strategy="ddp"))  # rank 0 holds the whole state: it writes it
-    with pytest.raises(UsageError, match=r"trainer.save\(\) under FSDP .* trainer.full_state_dict\(\)"):
-        check_saveable(Config(micro_batch=2, strategy="fsdp"))
-
-
 def test_strategy_single_on_one_rank_of_several_is_refused():
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore

@@ -13,7 +13,6 @@ from typing import Any
 
 from memfit.engine.progress import LossWindow, ProgressBar
 from memfit.engine.results import FitResult
-from memfit.engine.setup import check_saveable
 from memfit.engine.step import NONFINITE
 
 __all__ = ["run_fit"]
@@ -24,8 +23,6 @@ def run_fit(trainer: Any, loader: Iterable[Any], epochs: int, *, log_every: int,
             save_every: int) -> FitResult:
     """:meth:`memfit.Trainer.fit` with its arguments checked; ``trainer`` is typed ``Any``, as it imports this."""
     replay, leak = trainer._replay, trainer._leak
-    if save_to is not None:
-        check_saveable(trainer.config)
     progress = progress and trainer.rank == 0  # one bar for the run, not one per rank
     replay.start(loader, save_to is not None)
     output_hook = leak.start(trainer.model, leak_check)

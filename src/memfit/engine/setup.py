@@ -27,7 +27,7 @@ from memfit.strategies import Precision, Recipe
 from memfit.units import format_budget, parse_bytes
 from memfit.workload import Workload
 
-__all__ = ["assemble", "check_saveable", "check_parts", "check_options", "check_optimizer_owns", "plan_and_config", "cast"]
+__all__ = ["assemble", "check_parts", "check_options", "check_optimizer_owns", "plan_and_config", "cast"]
 
 _ON_NONFINITE = ("skip", "raise")
 
@@ -144,10 +144,3 @@ def cast(model: nn.Module, precision: str) -> nn.Module:
     """
     p = Precision(precision)
     return model.to(dtype=p.dtype) if not p.mixed and p.dtype != torch.float32 else model
-
-
-def check_saveable(config: Config) -> None:
-    """A trainer's state can be written to one file: not under FSDP (each rank holds a shard)."""
-    if config.strategy == "fsdp":
-        raise UsageError("trainer.save() under FSDP would need each rank's shard (torch.distributed.checkpoint), "
-                         "which memfit does not write yet; save the weights with trainer.full_state_dict()")

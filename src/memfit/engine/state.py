@@ -26,12 +26,12 @@ COUNTERS = ("step", "epoch", "batch_in_epoch", "samples", "retries", "skipped")
 """The counters every saved state has (``nonfinite`` came later: states without it load as 0)."""
 
 
-def trainer_state(trainer: Any) -> dict[str, Any]:
-    """:meth:`memfit.Trainer.state_dict` (``trainer`` is typed ``Any``: the trainer imports this module)."""
+def trainer_state(trainer: Any, *, weights: bool = True) -> dict[str, Any]:
+    """:meth:`memfit.Trainer.state_dict` (``trainer`` is typed ``Any``: the trainer imports this module);
+    ``weights=False`` leaves out the model's and optimizer's state (a sharded save writes them apart)."""
     scaler = trainer._recipe.scaler()
     return {
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
+        **({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()} if weights else {}),
         "optimizer_type": qualname(trainer.optimizer),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
@@ -47,15 +47,23 @@ def trainer_state(trainer: Any) -> dict[str, Any]:
     }
 
 
-def load_trainer_state(trainer: Any, state: Any) -> None:
-    """:meth:`memfit.Trainer.load_state_dict`: everything checked first, then everything loaded."""
+def load_trainer_state(trainer: Any, state: Any, *, weights: bool = True,
+                       load_weights: Any = None) -> None:
+    """:meth:`memfit.Trainer.load_state_dict`: everything checked first, then everything loaded.
+
+    ``weights=False``: ``state`` lacks the model's and optimizer's state, and ``load_weights()`` loads
+    them once the rest is checked (a sharded save, :mod:`memfit.engine.sharded`).
+    """
     if isinstance(state, dict) and "format" in state:
         state = statefile.verify(state)
     scaler = trainer._recipe.scaler()
     config = check_state(state, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler,
-                         scaler=scaler, config=trainer.config)
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
+                         scaler=scaler, config=trainer.config, weights=weights)
+    if weights:
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    else:
+        load_weights()
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
     if trainer.scheduler is not None:
@@ -71,7 +79,7 @@ def load_trainer_state(trainer: Any, state: Any) -> None:
 
 
 def check_state(state: Any, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-                config: Config) -> Config:
+                config: Config, weights: bool = True) -> Config:
     """Checks ``state`` (a Trainer's state_dict) against the trainer's parts; returns the saved Config.
 
     Raises:
@@ -79,15 +87,16 @@ def check_state(state: Any, *, model: nn.Module, optimizer: torch.optim.Optimize
     """
     if not isinstance(state, dict):
         raise UsageError(f"load_state_dict takes a dict from trainer.state_dict(), got {type(state).__name__}")
-    missing = {"model", "optimizer", "config", "counters", "rng"} - set(state)
+    missing = ({"model", "optimizer"} if weights else set()) | {"config", "counters", "rng"}
+    missing -= set(state)
     if missing:
         raise UsageError(f"not a memfit Trainer state_dict: it lacks {sorted(missing)}; "
                          "save one with trainer.save(path) or torch.save(trainer.state_dict(), path)")
-    problems = _model_differences(state["model"], model.state_dict())
+    problems = _model_differences(state["model"], model.state_dict()) if weights else []
     saved_type = state.get("optimizer_type")
     if saved_type is not None and saved_type != qualname(optimizer):
         problems.append(f"the saved optimizer is {saved_type}, this one {qualname(optimizer)}")
-    else:
+    elif weights:
         problems += _optimizer_differences(state["optimizer"], optimizer)
     if (state.get("scheduler") is None) != (scheduler is None):
         problems.append("the saved run had " + ("no LR scheduler, this trainer has one" if scheduler is not None

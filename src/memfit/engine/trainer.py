@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit import statefile
 from memfit.checkpointing import Checkpointing
 from memfit.checks import positive_int
 from memfit.config import Config
@@ -35,7 +34,8 @@ from memfit.device import resolve_device
 from memfit.engine.comm import OK, make_comm
 from memfit.engine.loop import run_fit
 from memfit.engine.results import FitResult, StepResult
-from memfit.engine.setup import assemble, cast, check_saveable, check_optimizer_owns, check_options, check_parts, plan_and_config
+from memfit.engine import sharded
+from memfit.engine.setup import assemble, cast, check_optimizer_owns, check_options, check_parts, plan_and_config
 from memfit.engine.state import load_trainer_state, trainer_state
 from memfit.engine.step import NONFINITE
 from memfit.errors import UsageError
@@ -277,16 +277,14 @@ class Trainer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path``: atomically (a run killed while saving keeps the previous
-        file) and with a checksum of its content, which :meth:`load` verifies. Under DDP, rank 0 writes
-        (every rank holds the same state); FSDP's sharded state is refused (not built yet)."""
-        check_saveable(self.config)
-        if self.rank == 0:
-            statefile.write(self.state_dict(), path)
+        file) and with a checksum of its content, which :meth:`load` verifies. Across ranks (DDP, FSDP)
+        ``path`` is a directory each rank writes its part to (:mod:`memfit.engine.sharded`)."""
+        sharded.save_state(self, path)
 
     def load(self, path: str | os.PathLike, *, weights_only: bool = True) -> None:
         """Resume from a file :meth:`save` wrote: verified (a truncated or damaged file is refused,
         naming it), then :meth:`load_state_dict`. ``weights_only=True`` runs no pickled code."""
-        self.load_state_dict(statefile.read(path, weights_only=weights_only))
+        sharded.load_state(self, path, weights_only=weights_only)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (after building the Trainer the same way).

@@ -50,3 +50,22 @@ def test_demo_command_runs_and_rejects_bad_flags(capsys):
     assert err.count("\n") == 1 and "--epochs takes a positive whole number" in err
     assert main(["demo", "--budget", "lots"]) == 2
     assert "bad byte quantity 'lots'" in capsys.readouterr().err
+
+
+def test_demo_on_two_processes_under_torchrun_splits_the_batch_and_trains(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "memfit", "demo", "--nproc", "2", "--batch-size", "64",
+                             "--epochs", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = " ".join(result.stdout.split())
+    assert "effective batch 64 over 2 processes (DDP, gloo; 32 samples each)" in out
+    assert "the global batch of 64 over 2 ranks: 32 samples each; DDP" in out
+    assert out.count("Test accuracy") == 1  # rank 0 speaks for the run
+
+
+def test_demo_refuses_more_processes_than_samples(capsys):
+    assert main(["demo", "--nproc", "3", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a batch of 2 cannot give each of 3 processes a sample" in err

@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", metavar="BYTES",
                       help="the simulated device's memory, e.g. 40MiB (default: about what a quarter of the batch needs)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split, shuffling and weights (default 0)")
+    demo.add_argument("--nproc", type=_positive_int("--nproc"), default=1, metavar="N",
+                      help="train on N CPU processes under torchrun (gloo, DDP): the batch is split over them (default 1)")
 
     commands.add_parser("presets", help="list the built-in workloads", description="List the built-in workloads.")
     return parser

@@ -176,6 +176,12 @@ def _demo(args: argparse.Namespace) -> int:
     from memfit.units import parse_bytes
 
     budget = parse_bytes(args.budget) if args.budget is not None else None
+    if args.nproc > 1:
+        if args.batch_size < args.nproc:
+            raise UsageError(f"a batch of {args.batch_size} cannot give each of {args.nproc} processes a sample; "
+                             f"give --batch-size {args.nproc} or more")
+        forwarded = ["--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--seed", str(args.seed)]
+        return demo.launch(args.nproc, forwarded + (["--budget", args.budget] if args.budget is not None else []))
     demo.run(Console(highlight=False), batch_size=args.batch_size, epochs=args.epochs, budget=budget, seed=args.seed)
     return 0
 

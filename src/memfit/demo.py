@@ -7,14 +7,24 @@ CUDA's out-of-memory error, the plan memfit makes (micro-batch, accumulation,
 precision, checkpointing), the training run under that plan with a progress
 bar, and the test accuracy and peak memory against the budget.
 
+``memfit demo --nproc N`` runs the same job on N CPU processes under torchrun
+(gloo): the effective batch is the global one, each rank trains on its share of
+it through a ``DistributedSampler`` under DDP, the plan is one rank's
+(:func:`memfit.plan` with ``world_size``), and rank 0 prints.
+
 Known limitations: the device is simulated on CPU (:func:`memfit.simulate_budget`
-counts exactly what a tracker counts, not a CUDA allocator's fragmentation).
+counts exactly what a tracker counts, not a CUDA allocator's fragmentation); the
+CNN has no repeated blocks, so the distributed demo runs DDP, not FSDP.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +42,7 @@ from memfit.step import run_steps
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload
 
-__all__ = ["DemoResult", "digits", "digits_workload", "run"]
+__all__ = ["DemoResult", "digits", "digits_workload", "run", "launch"]
 
 _IMAGE = 32
 _TEST_SHARE = 0.2
@@ -89,30 +99,47 @@ def default_budget(workload: Workload, batch_size: int) -> int:
 
 def run(console, *, batch_size: int = 256, epochs: int = 8, budget: int | str | None = None, seed: int = 0) -> DemoResult:
     """Run the demo, printing to the rich ``console``; returns the figures it printed."""
+    from rich.console import Console
     from rich.logging import RichHandler
     from rich.rule import Rule
 
     from memfit.display import render_plan
 
     positive_int(batch_size, "batch size", noun="whole number")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if batch_size < world:
+        raise UsageError(f"a batch of {batch_size} cannot give each of {world} processes a sample; give --batch-size "
+                         f"{world} or more")
+    if rank != 0:
+        console = Console(file=io.StringIO())  # one process speaks for the run
+    share = -(-batch_size // world)
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = digits(seed)
     workload = digits_workload()
-    budget = parse_bytes(budget) if budget is not None else default_budget(workload, batch_size)
+    budget = parse_bytes(budget) if budget is not None else default_budget(workload, share)
     console.print(Rule("memfit demo"))
     console.print(f"The seed article's CNN on scikit-learn's digits ({len(train_y)} training, {len(test_y)} test images, "
-                  f"3x32x32), effective batch {batch_size}, on a simulated device of {format_bytes(budget)}.")
+                  f"3x32x32), effective batch {batch_size}"
+                  + (f" over {world} processes (DDP, gloo; {share} samples each)" if world > 1 else "")
+                  + f", on a simulated device of {format_bytes(budget)}" + (" each." if world > 1 else "."))
 
-    console.print(Rule("1. The naive step: the whole batch at once"))
-    naive_fits = _naive_step(workload, batch_size, budget, console)
+    console.print(Rule("1. The naive step: " + ("the whole batch at once" if world == 1 else "a rank's whole share at once")))
+    naive_fits = _naive_step(workload, share, budget, console)
 
     console.print(Rule("2. The plan"))
-    chosen = plan(workload, budget, batch_size, device="cpu")
+    chosen = plan(workload, budget, batch_size, device="cpu", world_size=world,
+                  strategies=("ddp",) if world > 1 else None)
     console.print(render_plan(chosen, width=min(console.width, 100)), end="", markup=False, highlight=False)
 
     console.print(Rule("3. Training under the plan"))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, train_y), batch_size=batch_size,
-                                         shuffle=True, generator=torch.Generator().manual_seed(seed))
+    dataset = torch.utils.data.TensorDataset(train_x, train_y)
+    if world > 1:  # each rank its share of every batch, reshuffled each epoch (fit calls set_epoch)
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                                      drop_last=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=share, sampler=sampler)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed))
     trainer = Trainer(workload, chosen, device="cpu", budget=budget)
     logger = logging.getLogger("memfit")
     handler = RichHandler(console=console, show_time=False, show_path=False)
@@ -131,6 +158,15 @@ def run(console, *, batch_size: int = 256, epochs: int = 8, budget: int | str | 
                   f"{fit.retries} out-of-memory retries.")
     return DemoResult(budget=budget, naive_fits=naive_fits, config=trainer.config, accumulation=chosen.accumulation,
                       peak=fit.peak, accuracy=accuracy, steps=fit.steps, retries=fit.retries)
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """``memfit demo --nproc N``: the demo on ``nproc`` CPU processes under torchrun; its exit status."""
+    positive_int(nproc, "--nproc", hint="CPU processes to train on")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "memfit", "demo", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _naive_step(workload: Workload, batch_size: int, budget: int, console) -> bool:

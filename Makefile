@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/checkpoint_plan.py
 	$(PY) benchmarks/plan_speed.py
 	$(PY) benchmarks/distributed_overhead.py
+	$(PY) benchmarks/distributed_estimate.py
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/empty_cache.py
 

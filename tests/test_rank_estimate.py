@@ -153,3 +153,15 @@ def test_plans_over_ranks_refuse_what_cannot_run():
         memfit.plan(workload, "1GiB", 8, world_size=2, strategies=("zero",), device="cpu")
     code = main(["plan", "gpt2-tiny", "-b", "3", "--gpus", "4", "--budget", "1GiB"])
     assert code == 2
+
+
+@pytest.mark.parametrize("strategy,reshard,accumulation", [("fsdp", True, 1), ("fsdp", False, 2), ("ddp", True, 2)])
+def test_later_steps_derived_from_the_first_equal_steps_that_run(strategy, reshard, accumulation):
+    # FSDP2's gathered parameters are made in the first step and regrown by resizes in later ones: the
+    # derivation repeats those resizes on the same storages. Every figure must equal running the steps.
+    config = _config(strategy, reshard_after_forward=reshard)
+    for device in ("cpu", "cuda"):
+        derived, run = (memfit.estimate(dist_worker.workload(), config, steps=3, world_size=4, device=device,
+                                        accumulation=accumulation, run_all_steps=flag) for flag in (False, True))
+        assert (derived.peak, derived.at_peak, derived.phases, derived.by_module, derived.required) == \
+            (run.peak, run.at_peak, run.phases, run.by_module, run.required)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -228,15 +229,7 @@ def reset_fsdp_iteration(model: torch.nn.Module) -> bool:
     return True
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without torch.distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_type()
+_DTENSOR: type | None = None  # DTensor's class, once torch.distributed.tensor is imported (it takes 1 s to)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -246,9 +239,13 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     with the global shape and no storage of its own; ``_local_tensor`` is the rank's part
     (``to_local()`` would be an autograd op, seen as one by a dispatch mode).
     """
-    if _DTENSOR is not None and type(t) is _DTENSOR:
-        return t._local_tensor
-    return t
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        if module is None:  # never imported: no tensor can be a DTensor
+            return t
+        _DTENSOR = module.DTensor
+    return t._local_tensor if type(t) is _DTENSOR else t
 
 
 def is_fsdp_module(module: torch.nn.Module) -> bool:
@@ -298,3 +295,52 @@ def fsdp_all_gather_copy_in():
         return torch.ops.fsdp.all_gather_copy_in.default
     except (AttributeError, RuntimeError):  # not registered until torch.distributed.fsdp is imported
         return None
+
+
+class _LazyChunks:
+    """``torch.chunk(tensor, n, dim)`` padded with empty tensors to ``n`` (FSDP2's ``_chunk_with_empty``), each
+    chunk made when it is asked for: the same views (``narrow`` at the same offsets), without the n - 1 others."""
+
+    def __init__(self, tensor: torch.Tensor, n: int, dim: int) -> None:
+        self.tensor, self.n, self.dim = tensor, n, dim
+        size = tensor.size(dim)
+        self.step = -(-size // n)  # torch.chunk's chunk size: the ceiling
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        size = self.tensor.size(self.dim)
+        start = i * self.step
+        if i == 0 or start < size:
+            return self.tensor.narrow(self.dim, start, min(self.step, size - start))
+        return self[0].new_empty(0)  # past the last chunk torch.chunk makes
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+
+@contextlib.contextmanager
+def lazy_fsdp_chunks():
+    """While ``fully_shard`` runs, FSDP2 cuts each parameter in ``world_size`` chunks to keep one
+    (``_chunk_with_empty`` in torch/distributed/fsdp/_fully_shard/_fsdp_common.py, used by ``FSDPParam``,
+    which reads ``chunks[rank]`` and ``chunks[0]``). On fake tensors each chunk costs a FakeTensor: 1024
+    ranks x 700 parameters is most of a 70B estimate. This hands ``FSDPParam`` :class:`_LazyChunks`
+    instead. Checked on torch 2.13; where the name moved, FSDP's own runs unchanged."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+        original = _fsdp_param._chunk_with_empty
+    except (ImportError, AttributeError):
+        yield
+        return
+    _fsdp_param._chunk_with_empty = _LazyChunks
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original

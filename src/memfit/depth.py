@@ -139,7 +139,9 @@ def extrapolated(source: nn.Module, config: Config, key: tuple, trace: Callable[
     paths = [p for p, _ in source.named_modules()]
     checked = _CHECKED.get(key)
     why = "the model has too few blocks for the cuts"
-    for size in (checked,) if checked is not None else (1, 2):
+    # Under FSDP the first block differs from the others (none prefetches its all-gather in backward):
+    # a cut to 1 block never predicts, so the cuts start at 2.
+    for size in (checked,) if checked is not None else (2,) if config.strategy == "fsdp" else (1, 2):
         base = [min(n, size) for n in lengths]
         grow = [s for s, n in enumerate(lengths) if n > base[s]]
         more = lambda extra: [b + extra * (s in grow) for s, b in enumerate(base)]  # noqa: E731

@@ -317,9 +317,7 @@ def _trace(workload: Workload, source: nn.Module, config: Config, target: str, c
                 # Unless gradients are set to None after each step, a later step differs from the
                 # first: it frees the last step's gradients mid-step (after-forward) or adds into
                 # them through a temporary (zeros, AccumulateGrad's grad += new); so it runs.
-                # Under FSDP the gathered parameters come and go by storage resizes, which the
-                # derivation does not replay: every step runs.
-                repeatable = not run_all_steps and config.zero_grad == "set-to-none" and config.strategy != "fsdp"
+                repeatable = not run_all_steps and config.zero_grad == "set-to-none"
                 if remaining and not (repeatable and tracker.repeat_since(start, remaining)):
                     run_steps(workload, model, optimizer, config.micro_batch, remaining, tracker=tracker,
                               recipe=recipe, accumulation=accumulation, no_sync=sync_off)

@@ -73,7 +73,8 @@ def as_rank(model: nn.Module, config: Config, mesh: Any
     """A fake model as one rank of ``config``'s strategy holds it: the module to run, DDP's buckets (to count
     in the tracker), and the context that turns gradient sync off for accumulation (None: one process)."""
     if config.strategy == "fsdp":
-        model = Sharding(config, torch.device("cpu"), mesh=mesh).apply(model)
+        with _torch_private.lazy_fsdp_chunks():  # FSDP's chunks of rank 0 only: the same views, made at once
+            model = Sharding(config, torch.device("cpu"), mesh=mesh).apply(model)
         return model, None, lambda: no_sync(model)
     if config.strategy == "ddp":
         buckets = BucketViews(model)

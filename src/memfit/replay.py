@@ -20,15 +20,22 @@ def repeat_since(ledger: StorageLedger, position: tuple[int, int, int, int], tim
 
     The copies are appended to the history (ops, events, peak, steps) as if run.
     Returns False, appending nothing, when the recorded window cannot be
-    repeated that way: it freed or resized a storage created before it. Op
-    names may differ from a run where an optimizer's first step differs from
-    later ones (SGD's clone vs mul_/add_).
+    repeated that way: it freed or resized a storage created before it, or one
+    it keeps at a size it was resized to. Op names may differ from a run where
+    an optimizer's first step differs from later ones (SGD's clone vs mul_/add_;
+    FSDP2's first all-gather allocates what later ones regrow by a resize).
     """
     e0, o0, sid0, steps0 = position
     window = ledger.events[e0:]
     if any(sid < sid0 for _, sid, _ in window):
         return False
-    kept = {rec.sid for rec in ledger.recs.values() if rec.sid >= sid0}
+    kept = {rec.sid for rec in ledger.recs.values() if rec.sid >= sid0 and rec.nbytes}
+    # Storages kept at no size (FSDP2's gathered parameters, resized to nothing after each use) come back in a
+    # later step by the same resizes: their events repeat on the same storage, the first as a resize from 0.
+    regrown = {rec.sid for rec in ledger.recs.values() if rec.sid >= sid0 and not rec.nbytes}
+    events_of_kept = [sid for _, sid, _ in window if sid in kept]
+    if len(events_of_kept) != len(set(events_of_kept)):
+        return False  # a storage kept at a size it was resized to: its later steps are not this one's
     ops = ledger.ops[o0:]
     # Ops whose only effect was creating kept storages (AdamW's lazy zeros_like)
     # do not run again in a later step: leave them out of the copies.
@@ -53,7 +60,7 @@ def repeat_since(ledger: StorageLedger, position: tuple[int, int, int, int], tim
         for op, sid, delta in window:
             if sid in kept:
                 continue
-            copy = new_sid.get(sid)
+            copy = sid if sid in regrown else new_sid.get(sid)
             if copy is None:
                 copy = new_sid[sid] = len(sid_cat)
                 sid_cat.append(sid_cat[sid])

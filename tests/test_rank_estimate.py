@@ -165,3 +165,19 @@ def test_later_steps_derived_from_the_first_equal_steps_that_run(strategy, resha
                                         accumulation=accumulation, run_all_steps=flag) for flag in (False, True))
         assert (derived.peak, derived.at_peak, derived.phases, derived.by_module, derived.required) == \
             (run.peak, run.at_peak, run.phases, run.by_module, run.required)
+
+
+def test_fsdp_chunks_made_on_demand_are_the_views_torch_chunk_makes():
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _chunk_with_empty
+
+    from memfit._torch_private import _LazyChunks
+
+    for shape in [(11, 6), (6,), (3, 4), (8, 2), (0, 5)]:
+        t = torch.randn(shape)
+        for n in (1, 2, 4, 7):
+            real, lazy = _chunk_with_empty(t, n, 0), _LazyChunks(t, n, 0)
+            assert len(lazy) == len(real) == n
+            for i in (*range(n), -1):
+                a, b = real[i], lazy[i]
+                assert (a.shape, a.stride(), a.storage_offset(), a.numel() and a.untyped_storage().data_ptr()) == \
+                    (b.shape, b.stride(), b.storage_offset(), b.numel() and b.untyped_storage().data_ptr()), (shape, n, i)

@@ -318,7 +318,9 @@ class _LazyChunks:
             raise IndexError(i)
         size = self.tensor.size(self.dim)
         start = i * self.step
-        if i == 0 or start < size:
+        if size == 0:  # torch.chunk gives n empty chunks of an empty dimension
+            return self.tensor.narrow(self.dim, 0, 0)
+        if start < size:
             return self.tensor.narrow(self.dim, start, min(self.step, size - start))
         return self[0].new_empty(0)  # past the last chunk torch.chunk makes
 

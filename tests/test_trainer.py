@@ -2022,7 +2022,33 @@ _TWO_MICRO_STEPS = ["the start of the step", "micro-step 1's backward", "micro-s
                     "micro-step 2's backward", "the update"]
 
 
-def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alike():
+@pytest.fixture
+def collectives(monkeypatch):
+    """The scripted ranks' model issues collectives in forward and backward, as FSDP's does."""
+    monkeypatch.setattr("memfit.engine.step.issues_collectives", lambda model, phase: True)
+
+
+def test_without_collectives_in_a_micro_step_the_ranks_agree_at_the_start_and_the_update_only():
+    # DDP with its all-reduce deferred issues none (and no buffers to broadcast): an OOM on one rank reaches
+    # the others at the update's agreement. A token loss's first items are still agreed before its backward.
+    model = mlp()
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                                 Config(micro_batch=4))
+    comm = trainer._attempt.comm = _ScriptedComm()
+    trainer.step(classification_batches(1, 8)[0])
+    assert comm.calls == [(OK, "the start of the step"), (OK, "the update")]
+
+    def token_loss(m, batch):
+        x, y = batch
+        return F.cross_entropy(m(x), y, reduction="sum"), torch.tensor(len(y))
+
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), token_loss, Config(micro_batch=4))
+    comm = trainer._attempt.comm = _ScriptedComm()
+    trainer.step(classification_batches(1, 8)[0])
+    assert comm.calls == [(OK, "the start of the step"), (OK, "micro-step 1's backward"), (OK, "the update")]
+
+
+def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alike(collectives):
     batches = classification_batches(2, 8)
     ref = mlp()
     model = copy.deepcopy(ref)
@@ -2044,7 +2070,7 @@ def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alik
     assert_same_weights(model, ref, 0.0)
 
 
-def test_a_rank_that_runs_out_of_memory_tells_the_others_before_re_planning():
+def test_a_rank_that_runs_out_of_memory_tells_the_others_before_re_planning(collectives):
     model = mlp()
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
                                  Config(micro_batch=8))
@@ -2056,7 +2082,7 @@ def test_a_rank_that_runs_out_of_memory_tells_the_others_before_re_planning():
         (OK, where) for where in _TWO_MICRO_STEPS]
 
 
-def test_a_rank_that_fails_otherwise_tells_the_others_to_stop():
+def test_a_rank_that_fails_otherwise_tells_the_others_to_stop(collectives):
     model = mlp()
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
                                  Config(micro_batch=4))

@@ -44,7 +44,8 @@ from memfit.config import Config
 from memfit.errors import MemfitError, UsageError
 from memfit.strategies import Precision
 
-__all__ = ["Sharding", "DeferredReduce", "inner_module", "shard_units", "full_state_dict", "no_sync"]
+__all__ = ["Sharding", "DeferredReduce", "inner_module", "shard_units", "full_state_dict", "no_sync",
+           "issues_collectives"]
 
 
 def inner_module(model: nn.Module) -> nn.Module:
@@ -77,6 +78,17 @@ def no_sync(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_requires_gradient_sync(True)
+
+
+def issues_collectives(model: nn.Module, phase: str) -> bool:
+    """Whether ``model`` (as :meth:`Sharding.apply` returned it) issues collectives in a micro-step's ``phase``
+    (``"forward"`` or ``"backward"``): FSDP gathers and reduce-scatters in both; DDP with its reduction
+    deferred (:class:`DeferredReduce`) none in backward, and in forward only the broadcast of its buffers."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        if phase == "backward":
+            return getattr(model, "_memfit_deferred", None) is None
+        return bool(model.broadcast_buffers) and any(True for _ in model.module.buffers())
+    return _torch_private.is_fsdp_module(model)
 
 
 def shard_units(model: nn.Module) -> list[str]:

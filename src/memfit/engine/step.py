@@ -42,6 +42,7 @@ from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
 from memfit.engine.results import StepResult
 from memfit.errors import MemfitError, NonFiniteLoss, NonFiniteLossWarning, UsageError, warn
+from memfit.sharding import issues_collectives
 from memfit.step import backward, forward, prepare, release_before_backward, update
 from memfit.strategies import Recipe
 
@@ -106,7 +107,7 @@ class TrainStep:
     def _attempt(self, batch: Any, n: int, config: Config, step: int, retries: int,
                  restore: dict[str, Any]) -> StepResult:
         comm = self.comm
-        ranks = _Ranks(comm, n, config.micro_batch) if comm.world_size > 1 else None
+        ranks = _Ranks(comm, n, config.micro_batch, self.model) if comm.world_size > 1 else None
         self.most_samples = ranks.most if ranks is not None else n  # a re-plan is the same on every rank
         sizes = ranks.sizes if ranks is not None else accumulation_steps(n, config.micro_batch)
         recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
@@ -117,8 +118,8 @@ class TrainStep:
             start = 0
             last = len(sizes) - 1
             for i, size in enumerate(sizes):
-                if ranks is not None and i > 0:  # before the forward's collectives (DDP's buffer broadcast, FSDP's gathers)
-                    comm.agree(OK, where=f"micro-step {i + 1}'s forward")
+                if ranks is not None and i > 0 and ranks.forward_collectives:
+                    comm.agree(OK, where=f"micro-step {i + 1}'s forward")  # DDP's buffer broadcast, FSDP's gathers
                 # Gradients are reduced across ranks once, after the last micro-batch (DDP decides in the
                 # forward whether its backward reduces: the whole micro-step runs in the context).
                 with comm.no_sync(self.model) if i < last else _NO_CONTEXT:
@@ -129,9 +130,10 @@ class TrainStep:
                     if simulated:
                         micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
                     out = forward(self.loss, self.model, micro, recipe)
-                    if ranks is not None:  # before the backward's collectives (FSDP's gathers and reduce-scatters)
-                        # The first token loss's items, summed over the ranks: its provisional scale.
-                        token = i == 0 and isinstance(out, (tuple, list)) and len(out) == 2
+                    token = ranks is not None and i == 0 and isinstance(out, (tuple, list)) and len(out) == 2
+                    if ranks is not None and (ranks.backward_collectives or token):
+                        # Before the backward's collectives (FSDP's gathers and reduce-scatters; DDP's are
+                        # deferred to the update), and the first token loss's items summed over the ranks.
                         first = comm.agree(OK, float(out[1]) if token else 0.0,
                                            where=f"micro-step {i + 1}'s backward")[0]
                     if isinstance(out, torch.Tensor):
@@ -276,7 +278,11 @@ class _Ranks:
     of the samples of all ranks; gradients are averaged over the ranks by DDP and FSDP.
     """
 
-    def __init__(self, comm: Comm, n: int, micro_batch: int) -> None:
+    def __init__(self, comm: Comm, n: int, micro_batch: int, model: nn.Module) -> None:
+        # The agreements a micro-step needs: before the collectives its wrapper issues (an OOM on one rank
+        # must reach the others before they wait in one); where none, the update's agreement says it.
+        self.forward_collectives = issues_collectives(model, "forward")
+        self.backward_collectives = issues_collectives(model, "backward")
         counts = comm.counts(float(n), where="the start of the step")
         self.total = int(sum(counts))
         self.most = int(max(counts))

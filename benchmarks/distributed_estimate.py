@@ -114,7 +114,8 @@ def rank_main(rank: int, world: int, port: int, out: str) -> None:
             if strategy == "ddp":
                 net.zero_grad(set_to_none=True)
             run_steps(workload(), model, opt, MICRO_BATCH, 2, tracker=tracker, recipe=Recipe(cfg, "cpu"),
-                      accumulation=accumulation, no_sync=lambda: no_sync(model))
+                      accumulation=accumulation,
+                      no_sync=None if strategy == "ddp" else lambda: no_sync(model))
         peaks.append(tracker.peak)
     torch.save(peaks, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

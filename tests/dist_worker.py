@@ -214,7 +214,8 @@ def measure(rank: int, world: int, port: int, case: dict, out: str) -> None:
                     tracker.mark([p.grad for p in net.parameters()], "ddp_buckets")
                     net.zero_grad(set_to_none=True)
                 run_steps(workload(), wrapped, opt, config.micro_batch, 2, tracker=tracker, recipe=Recipe(config, "cpu"),
-                          accumulation=spec["accumulation"], no_sync=lambda: no_sync(wrapped))
+                          accumulation=spec["accumulation"],
+                          no_sync=None if config.strategy == "ddp" else lambda: no_sync(wrapped))
             report = tracker.report()
             results.append({"peak": report.peak, "at_peak": dict(report.at_peak)})
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))

@@ -51,14 +51,16 @@ def test_fsdp_shards_shrink_with_the_world_and_keeping_blocks_gathered_costs_mem
     assert kept.peak > peaks[4]
 
 
-def test_ddp_holds_its_buckets_all_run_and_accumulation_without_sync_holds_gradients_beside_them():
-    params = sum(p.numel() * p.element_size() for p in dist_worker.model().parameters())
+def test_ddp_holds_its_buckets_all_run_and_accumulates_in_them():
+    sizes = [p.numel() * p.element_size() for p in dist_worker.model().parameters()]
     plain = memfit.estimate(dist_worker.workload(), _config("ddp"), world_size=2)
-    assert plain.report.peak_by_category["ddp_buckets"] == params
-    assert plain.report.timeline[0].live["ddp_buckets"] == params  # from before the first op
+    assert plain.report.peak_by_category["ddp_buckets"] == sum(sizes)
+    assert plain.report.timeline[0].live["ddp_buckets"] == sum(sizes)  # from before the first op
+    # The Trainer defers DDP's reduction and accumulates in the buckets: a gradient exists apart from its
+    # bucket only from autograd's making it to its copy into the bucket, one parameter at a time.
     accumulating = memfit.estimate(dist_worker.workload(), _config("ddp"), world_size=2, accumulation=2)
-    assert accumulating.report.peak_by_category["gradients"] == params
-    assert accumulating.peak > plain.peak
+    assert accumulating.report.peak_by_category["ddp_buckets"] == sum(sizes)
+    assert accumulating.report.peak_by_category["gradients"] <= max(sizes)
     single = memfit.estimate(dist_worker.workload(), _config("single"))
     assert plain.report.peak_by_category["parameters"] == single.report.peak_by_category["parameters"]
 

@@ -76,9 +76,8 @@ def as_rank(model: nn.Module, config: Config, mesh: Any
         with _torch_private.lazy_fsdp_chunks():  # FSDP's chunks of rank 0 only: the same views, made at once
             model = Sharding(config, torch.device("cpu"), mesh=mesh).apply(model)
         return model, None, lambda: no_sync(model)
-    if config.strategy == "ddp":
-        buckets = BucketViews(model)
-        return model, buckets, buckets.no_sync
+    if config.strategy == "ddp":  # memfit's DDP accumulates in its buckets (sharding.no_sync): no sync to turn off
+        return model, BucketViews(model), None
     return model, None, None
 
 
@@ -95,8 +94,9 @@ class BucketViews:
     * when a parameter's gradient is ready in a synced backward, it is copied into its view of the
       bucket and ``p.grad`` becomes that view (``mark_variable_ready_dense``): the gradient autograd
       made is freed, and with ``zero_grad(set_to_none=True)`` the next backward makes one again;
-    * under ``no_sync`` nothing happens: gradients accumulate in ``p.grad`` beside the buckets,
-      until the synced micro-step copies them in;
+    * under accumulation the gradients keep adding into their views of the buckets, as in memfit's
+      Trainer, which defers DDP's reduction rather than using ``no_sync`` (a loop under ``no_sync``
+      keeps gradients beside the buckets until its last micro-step: twice the gradients' memory);
     * with buffers, each forward broadcasts them from rank 0 through one flat copy per dtype
       (``_sync_buffers``, ``broadcast_buffers=True``).
 
@@ -121,7 +121,6 @@ class BucketViews:
                 self._views[id(p)] = flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
             self.buckets.append(flat)
-        self.syncing = True
         self._buffers = [b for b in model.buffers()]
         self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
         self._handles.append(model.register_forward_pre_hook(self._broadcast_buffers))
@@ -132,18 +131,9 @@ class BucketViews:
             tracker.add_category(self.CATEGORY, strength=self.STRENGTH)
         tracker.mark(self.buckets, self.CATEGORY)
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Gradients accumulate outside the buckets, as under ``DistributedDataParallel.no_sync()``."""
-        self.syncing = False
-        try:
-            yield
-        finally:
-            self.syncing = True
-
     def _ready(self, p: torch.Tensor) -> None:
         view = self._views[id(p)]
-        if self.syncing and p.grad is not view:
+        if p.grad is not view:
             view.copy_(p.grad)
             p.grad = view
 

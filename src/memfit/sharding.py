@@ -68,8 +68,16 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @contextlib.contextmanager
 def no_sync(model: nn.Module) -> Iterator[None]:
-    """Backward passes accumulate gradients without reducing them: DDP's ``no_sync``, FSDP2's gradient sync off."""
+    """Backward passes accumulate gradients without reducing them: DDP's ``no_sync``, FSDP2's gradient sync off.
+
+    Under DDP with its reduction deferred (:class:`DeferredReduce`) nothing is needed: backward reduces
+    nothing, and the gradients accumulate in the buckets they are views of, reduced once after the
+    agreement; ``no_sync`` would keep them apart from the buckets instead (twice the gradients' memory).
+    """
     if isinstance(model, nn.parallel.DistributedDataParallel):
+        if getattr(model, "_memfit_deferred", None) is not None:
+            yield
+            return
         with model.no_sync():
             yield
         return
@@ -112,19 +120,20 @@ class DeferredReduce:
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self.buckets: list[torch.Tensor] = []
+        self.buckets: dict[int, torch.Tensor] = {}  # by address: each micro-step's backward hands the same ones
 
     def hook(self, state, bucket):  # no annotations: DDP checks them against its own types
         buffer = bucket.buffer()  # with gradient_as_bucket_view the gradients are views of it
-        self.buckets.append(buffer)
+        self.buckets[buffer.data_ptr()] = buffer
         future: torch.futures.Future = torch.futures.Future()
         future.set_result(buffer)
         return future
 
     def reduce(self) -> None:
         """Average the recorded buckets over the ranks (in place: the gradients follow), then forget them."""
-        works = [dist.all_reduce(b, async_op=True) for b in self.buckets]
-        for work, bucket in zip(works, self.buckets):
+        buckets = list(self.buckets.values())
+        works = [dist.all_reduce(b, async_op=True) for b in buckets]
+        for work, bucket in zip(works, buckets):
             work.wait()
             bucket.div_(self.world_size)
         self.buckets.clear()

@@ -130,7 +130,8 @@ def train(rank: int, world: int, port: int, case: dict, out: str) -> None:
         workload = memfit.Workload(model=model, batch=lambda n: batches((n,))[0], loss=LOSSES[case["loss"]],
                                    optimizer=optimizer)
         config = memfit.Config(micro_batch=case["micro_batch"], strategy=case["strategy"],
-                               reshard_after_forward=case.get("reshard", True))
+                               reshard_after_forward=case.get("reshard", True),
+                               sync_every_micro_step=case.get("sync", False))
         trainer = memfit.Trainer(workload, config, device="cpu", timeout=case.get("timeout", 60))
         inject = case.get("inject")
         results = []
@@ -199,7 +200,8 @@ def measure(rank: int, world: int, port: int, case: dict, out: str) -> None:
     try:
         for spec in case["cases"]:
             config = memfit.Config(micro_batch=spec["micro_batch"], strategy=spec["strategy"],
-                                   reshard_after_forward=spec.get("reshard", True))
+                                   reshard_after_forward=spec.get("reshard", True),
+                                   sync_every_micro_step=spec.get("sync", False))
             net = model()
             if config.strategy == "ddp":
                 for p in net.parameters():
@@ -215,7 +217,8 @@ def measure(rank: int, world: int, port: int, case: dict, out: str) -> None:
                     net.zero_grad(set_to_none=True)
                 run_steps(workload(), wrapped, opt, config.micro_batch, 2, tracker=tracker, recipe=Recipe(config, "cpu"),
                           accumulation=spec["accumulation"],
-                          no_sync=None if config.strategy == "ddp" else lambda: no_sync(wrapped))
+                          no_sync=None if config.strategy == "ddp" or config.sync_every_micro_step
+                          else lambda: no_sync(wrapped))
             report = tracker.report()
             results.append({"peak": report.peak, "at_peak": dict(report.at_peak)})
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))

@@ -53,12 +53,12 @@ def assert_close_weights(state: dict, ref: dict, rtol: float = 1e-6) -> None:
 SIZES = (10, 9, 10)
 
 
-@pytest.mark.parametrize("strategy,loss,reshard", [
-    ("ddp", "mean", True), ("ddp", "token", True), ("fsdp", "mean", True), ("fsdp", "token", True),
-    ("fsdp", "token", False),
+@pytest.mark.parametrize("strategy,loss,reshard,sync", [
+    ("ddp", "mean", True, False), ("ddp", "token", True, False), ("fsdp", "mean", True, False),
+    ("fsdp", "token", True, False), ("fsdp", "token", False, False), ("fsdp", "mean", True, True),
 ])
-def test_two_ranks_train_as_one_process_on_the_whole_batch(strategy, loss, reshard, tmp_path):
-    case = {"strategy": strategy, "loss": loss, "reshard": reshard, "micro_batch": 2, "sizes": SIZES}
+def test_two_ranks_train_as_one_process_on_the_whole_batch(strategy, loss, reshard, sync, tmp_path):
+    case = {"strategy": strategy, "loss": loss, "reshard": reshard, "micro_batch": 2, "sizes": SIZES, "sync": sync}
     ranks = run_ranks(dist_worker.train, 2, case, tmp_path)
     ref = dist_worker.reference(case)
     for saved in ranks:
@@ -134,8 +134,9 @@ def test_a_run_killed_on_every_rank_resumes_from_its_sharded_save_to_the_uninter
             assert torch.equal(resumed["state"][key], value), key  # bit for bit on CPU
 
 
-MEASURED = [{"strategy": s, "reshard": r, "micro_batch": 4, "accumulation": a}
-            for s, r, a in [("ddp", True, 1), ("ddp", True, 2), ("fsdp", True, 1), ("fsdp", True, 2), ("fsdp", False, 2)]]
+MEASURED = [{"strategy": s, "reshard": r, "micro_batch": 4, "accumulation": a, "sync": y}
+            for s, r, a, y in [("ddp", True, 1, False), ("ddp", True, 2, False), ("fsdp", True, 1, False),
+                               ("fsdp", True, 2, False), ("fsdp", False, 2, False), ("fsdp", True, 2, True)]]
 
 
 def test_the_per_rank_estimate_equals_the_peak_each_rank_measures(tmp_path):
@@ -145,7 +146,7 @@ def test_the_per_rank_estimate_equals_the_peak_each_rank_measures(tmp_path):
     ranks = run_ranks(dist_worker.measure, 2, {"cases": MEASURED}, tmp_path)
     for i, case in enumerate(MEASURED):
         config = memfit.Config(micro_batch=case["micro_batch"], strategy=case["strategy"],
-                               reshard_after_forward=case["reshard"])
+                               reshard_after_forward=case["reshard"], sync_every_micro_step=case["sync"])
         est = memfit.estimate(dist_worker.workload(), config, world_size=2, accumulation=case["accumulation"])
         measured = [r[i] for r in ranks]
         assert est.peak == measured[0]["peak"] == max(m["peak"] for m in measured), case

@@ -84,6 +84,7 @@ def test_bad_world_sizes_and_strategies_are_refused_with_the_fix():
     (["--gpus", "2", "--strategy", "single"], "--strategy single runs on one GPU, and --gpus is 2"),
     (["--gpus", "2", "--strategy", "ddp", "--no-reshard"], "--no-reshard is an FSDP setting"),
     (["--gpus", "2", "--strategy", "zero"], "invalid choice: 'zero'"),
+    (["--gpus", "2", "--strategy", "ddp", "--sync-every-micro-step"], "--sync-every-micro-step is an FSDP setting"),
 ])
 def test_cli_refuses_bad_gpu_flags_in_one_line(capsys, argv, message):
     code = main(["estimate", "gpt2-tiny", "-b", "2", "--seq-len", "16", *argv])
@@ -183,3 +184,24 @@ def test_fsdp_chunks_made_on_demand_are_the_views_torch_chunk_makes():
                 a, b = real[i], lazy[i]
                 assert (a.shape, a.stride(), a.storage_offset(), a.numel() and a.untyped_storage().data_ptr()) == \
                     (b.shape, b.stride(), b.storage_offset(), b.numel() and b.untyped_storage().data_ptr()), (shape, n, i)
+
+
+def test_fsdp_syncing_every_micro_step_keeps_only_sharded_gradients_and_reduces_each_time():
+    from memfit.cost import communication_bytes
+
+    last = memfit.estimate(dist_worker.workload(), _config("fsdp"), world_size=4, accumulation=2)
+    every = memfit.estimate(dist_worker.workload(), _config("fsdp", sync_every_micro_step=True), world_size=4,
+                            accumulation=2)
+    # Without sync every unsharded gradient stays between micro-steps; with it they go as they are reduced.
+    assert last.report.peak_by_category["gradients"] == sum(
+        p.numel() * p.element_size() for p in dist_worker.model().parameters())
+    assert every.report.peak_by_category["gradients"] < last.report.peak_by_category["gradients"]
+    assert every.peak < last.peak
+    assert communication_bytes(_config("fsdp", sync_every_micro_step=True), 1000, 4, 3) == 0.75 * 1000 * (6 * 4 + 3 * 4)
+    assert "fsdp (sync every micro-step)" in _config("fsdp", sync_every_micro_step=True).describe()
+    for strategy in ("single", "ddp"):
+        with pytest.raises(UsageError, match=rf"sync_every_micro_step applies to strategy='fsdp' only .* "
+                                             rf"not to strategy='{strategy}'"):
+            _config(strategy, sync_every_micro_step=True)
+    with pytest.raises(UsageError, match=r"sync_every_micro_step must be True or False, got 1"):
+        _config("fsdp", sync_every_micro_step=1)

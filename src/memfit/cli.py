@@ -92,6 +92,8 @@ def _add_gpu_args(parser: argparse.ArgumentParser) -> None:
                         "(default: single on one GPU, fsdp on several)")
     parser.add_argument("--no-reshard", action="store_true", help="with fsdp, keep each block's gathered "
                         "parameters from forward to backward (FSDP2's reshard_after_forward=False)")
+    parser.add_argument("--sync-every-micro-step", action="store_true", help="with fsdp, reduce-scatter the "
+                        "gradients every micro-step: only shards kept between them")
 
 
 def _add_workload_args(parser: argparse.ArgumentParser, batch_help: str) -> None:

@@ -37,7 +37,11 @@ def _sharding(args: argparse.Namespace) -> dict:
         raise UsageError(f"--strategy single runs on one GPU, and --gpus is {args.gpus}; give --strategy ddp or fsdp")
     if args.no_reshard and strategy != "fsdp":
         raise UsageError(f"--no-reshard is an FSDP setting, and the strategy is {strategy}; give --strategy fsdp")
-    return {"strategy": strategy, "reshard_after_forward": not args.no_reshard}
+    if args.sync_every_micro_step and strategy != "fsdp":
+        raise UsageError(f"--sync-every-micro-step is an FSDP setting, and the strategy is {strategy}; "
+                         "give --strategy fsdp")
+    return {"strategy": strategy, "reshard_after_forward": not args.no_reshard,
+            "sync_every_micro_step": args.sync_every_micro_step}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:

@@ -94,6 +94,11 @@ class Config:
     """FSDP only: free each block's gathered parameters after its forward and gather them again
     for its backward (FSDP2's default; less memory, one more all-gather per block), or keep them
     gathered from the forward to the backward."""
+    sync_every_micro_step: bool = False
+    """FSDP only, under accumulation: reduce-scatter each micro-step's gradients (only the sharded
+    gradients are kept: less memory, one reduce-scatter per micro-step), or only the last one's
+    (FSDP2 then keeps unsharded gradients between micro-steps). DDP needs no choice: memfit defers
+    its all-reduce and accumulates in its buckets (:mod:`memfit.sharding`)."""
 
     def __post_init__(self) -> None:
         positive_int(self.micro_batch, "Config.micro_batch")
@@ -127,6 +132,12 @@ class Config:
         if not self.reshard_after_forward and self.strategy != "fsdp":
             raise UsageError(f"Config.reshard_after_forward=False applies to strategy='fsdp' only (FSDP2 gathers "
                              f"parameters per block), not to strategy={self.strategy!r}")
+        if not isinstance(self.sync_every_micro_step, bool):
+            raise UsageError(f"Config.sync_every_micro_step must be True or False, got {self.sync_every_micro_step!r}")
+        if self.sync_every_micro_step and self.strategy != "fsdp":
+            raise UsageError(f"Config.sync_every_micro_step applies to strategy='fsdp' only (its reduce-scatter "
+                             f"per micro-step), not to strategy={self.strategy!r}: DDP accumulates in its buckets "
+                             "and reduces once, one process has nothing to sync")
         if self.strategy != "single" and self.optimizer_in_backward:
             raise UsageError(f"Config.optimizer_in_backward runs on one process only; strategy={self.strategy!r} "
                              "reduces gradients across ranks before the update: use optimizer_in_backward=False")
@@ -157,7 +168,8 @@ class Config:
         if self.optimizer_in_backward:
             parts.append("optimizer step in backward")
         if self.strategy != "single":
-            parts.append(self.strategy + ("" if self.reshard_after_forward else " (no reshard after forward)"))
+            parts.append(self.strategy + ("" if self.reshard_after_forward else " (no reshard after forward)")
+                         + (" (sync every micro-step)" if self.sync_every_micro_step else ""))
         return ", ".join(parts)
 
 

@@ -90,7 +90,8 @@ def communication_bytes(config: Config, parameters: int, world_size: int, micro_
     DDP all-reduces the gradients once per step (in the parameters' dtype). FSDP2 all-gathers each block's
     parameters for every micro-step's forward, and again for its backward where it reshards after forward (in
     ``param_dtype``: the low precision under ``*-mixed``), and reduce-scatters the gradients once per step
-    (float32 under ``*-mixed``, the parameters' dtype under ``*-true``).
+    (float32 under ``*-mixed``, the parameters' dtype under ``*-true``), or every micro-step with
+    ``sync_every_micro_step``.
     """
     if config.strategy == "single" or world_size == 1:
         return 0.0
@@ -100,7 +101,8 @@ def communication_bytes(config: Config, parameters: int, world_size: int, micro_
     if config.strategy == "ddp":
         return 2 * ring * parameters * true_size
     gathers = micro_steps * (2 if config.reshard_after_forward else 1)
-    return ring * parameters * (gathers * low_size + true_size)
+    reduces = micro_steps if config.sync_every_micro_step else 1
+    return ring * parameters * (gathers * low_size + reduces * true_size)
 
 
 def calibrate_efficiency(workload: Workload, *, device: str = "cpu", sizes: tuple[int, ...] = (1, 2, 4), repeats: int = 3) -> float:

@@ -161,7 +161,8 @@ def render_plan(plan: Any, *, width: int = 100) -> str:
     for a in plan.alternatives[:12]:
         n = len(a.config.checkpoint)
         ckpt = f"{n} block{'s' if n > 1 else ''}" if n else "none"
-        strategy = a.config.strategy + ("" if a.config.reshard_after_forward else " no-reshard")
+        strategy = a.config.strategy + ("" if a.config.reshard_after_forward else " no-reshard") + (
+            " sync-each" if a.config.sync_every_micro_step else "")
         table.add_row(*(strategy,) * ranks, a.config.precision + (" +offload" if a.config.offload_activations else ""),
                       ckpt, str(a.config.micro_batch), str(len(a.accumulation)), format_bytes(a.required),
                       f"{a.step_cost:.2f}")

@@ -75,7 +75,7 @@ def as_rank(model: nn.Module, config: Config, mesh: Any
     if config.strategy == "fsdp":
         with _torch_private.lazy_fsdp_chunks():  # FSDP's chunks of rank 0 only: the same views, made at once
             model = Sharding(config, torch.device("cpu"), mesh=mesh).apply(model)
-        return model, None, lambda: no_sync(model)
+        return model, None, None if config.sync_every_micro_step else (lambda: no_sync(model))
     if config.strategy == "ddp":  # memfit's DDP accumulates in its buckets (sharding.no_sync): no sync to turn off
         return model, BucketViews(model), None
     return model, None, None

@@ -273,6 +273,8 @@ def plan(
                                                   c.required, cost_of(c.config), True, largest=c.largest,
                                                   predicted=c.predicted))
 
+    # Syncing every micro-step changes nothing where there is one: the same candidate twice.
+    candidates = [c for c in candidates if not (c.config.sync_every_micro_step and len(c.accumulation) == 1)]
     if not candidates and optimizer_in_backward:
         one = Config(micro_batch=batch_size, precision=precisions[0], optimizer_impl=optimizer_impl,
                      optimizer_in_backward=True)

@@ -35,7 +35,8 @@ def strategy_variants(world_size: int, strategies, batch_size: int) -> list[dict
     for name in dict.fromkeys(strategies):
         check_strategy(name, "a strategy")
         variants += [{"strategy": name}] if name != "fsdp" else [
-            {"strategy": name, "reshard_after_forward": False}, {"strategy": name, "reshard_after_forward": True}]
+            {"strategy": name, "reshard_after_forward": reshard, "sync_every_micro_step": sync}
+            for reshard in (False, True) for sync in (False, True)]
     return variants
 
 
@@ -46,7 +47,9 @@ def ranks_reason(config: Config, batch_size: int, world_size: int, variants) -> 
               "micro-steps; the figures are the larger share's)")
     how = {"ddp": "DDP (each rank holds the whole model; gradients all-reduced once per step)",
            "fsdp": "FSDP2 (parameters, gradients and optimizer state sharded over the ranks"
-                   + ("; blocks regathered for backward)" if config.reshard_after_forward
-                      else "; blocks kept gathered from forward to backward)")}[config.strategy]
+                   + ("; blocks regathered for backward" if config.reshard_after_forward
+                      else "; blocks kept gathered from forward to backward")
+                   + ("; gradients reduce-scattered every micro-step, only shards kept)"
+                      if config.sync_every_micro_step else ")")}[config.strategy]
     chosen = f"{how}" + ("" if len(variants) == 1 else " predicted fastest of the strategies allowed that fit")
     return f"the global batch of {batch_size} over {world_size} ranks: {shares}; {chosen}"

@@ -9,6 +9,9 @@ a tensor by :func:`memfit._torch_private.local_tensor`). Two categories are adde
 * ``communication``: the tensors FSDP's and c10d's ops read and write (all-gather and reduce-scatter
   buffers), where no stronger role holds them (a reduce-scatter's output becomes the gradients).
 
+The gathered parameters' gradients (kept unsharded between micro-steps while gradient sync is off)
+are ``gradients``, by a hook on each gathered parameter.
+
 An all-gather's buffer is attributed to the block it gathers, not to the module running when FSDP
 issues it (in backward FSDP prefetches the next block's parameters from the current block's hook), so
 a block's records stay its own: the depth extrapolation (:mod:`memfit.extrapolation`) relies on it.
@@ -35,8 +38,10 @@ COMM_NAMESPACES = frozenset({"fsdp", "c10d", "_c10d_functional"})
 class ShardRoles:
     """The roles of an FSDP model's storages, for a :class:`memfit.observer.StepObserver`."""
 
-    def __init__(self, observer: Any, sharded: list[nn.Module]) -> None:
+    def __init__(self, observer: Any, sharded: list[nn.Module], handles: list[Any]) -> None:
         self.observer = observer
+        self.handles = handles  # the observer's: removed when it stops
+        self.hooked: set[int] = set()
         ledger = observer.ledger
         for name, strength in CATEGORIES:
             if name not in ledger.names:
@@ -56,7 +61,7 @@ class ShardRoles:
         sharded = [m for m in model.modules() if _torch_private.is_fsdp_module(m)] if model is not None else []
         if not sharded:
             return None
-        roles = cls(observer, sharded)
+        roles = cls(observer, sharded, handles)
         for module in sharded:  # after fully_shard's own pre-forward hook, which all-gathers
             handles.append(module.register_forward_pre_hook(roles._mark_unsharded))
         return roles
@@ -84,3 +89,10 @@ class ShardRoles:
             for p in module.parameters():
                 if _torch_private.local_tensor(p) is p:  # gathered: a plain tensor, not the DTensor shard
                     observer.mark(p, self.unsharded)
+                    if p.requires_grad and id(p) not in self.hooked:  # its gradients are gradients, unsharded
+                        self.hooked.add(id(p))
+                        self.handles.append(p.register_post_accumulate_grad_hook(self._mark_gradient))
+
+    def _mark_gradient(self, p: Any) -> None:
+        if self.observer.active:
+            self.observer.mark(p.grad, self.observer.ledger.index("gradients"))

@@ -122,7 +122,7 @@ class TrainStep:
                     comm.agree(OK, where=f"micro-step {i + 1}'s forward")  # DDP's buffer broadcast, FSDP's gathers
                 # Gradients are reduced across ranks once, after the last micro-batch (DDP decides in the
                 # forward whether its backward reduces: the whole micro-step runs in the context).
-                with comm.no_sync(self.model) if i < last else _NO_CONTEXT:
+                with comm.no_sync(self.model) if i < last and not config.sync_every_micro_step else _NO_CONTEXT:
                     micro = _slice(batch, start, start + size)
                     start += size
                     # Copies to CUDA may be asynchronous (stream-ordered); a copy to the host may not: it would be read early.

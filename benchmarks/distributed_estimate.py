@@ -176,9 +176,11 @@ def main() -> None:
 
     print(f"{'case':<38} {'measured':>10} {'memfit':>14} {'ZeRO-3 formula':>16} {'FSDPMemTracker':>18}")
     worst = 0.0
-    # A real run's peak can vary between launches: gloo runs collectives on threads of its own, and a
-    # buffer a collective still holds may outlive FSDP's reference to it. Each world is launched
-    # REPEATS times; the largest peak is the job's (what a device must hold), the spread is printed.
+    # A real run's peak can vary between launches: gloo runs collectives on a thread of its own, whose
+    # work object holds an all-gather's output until that thread lets go of it, sometimes after FSDP
+    # dropped its reference and allocated the next one (seen: the root's 1,028,000-byte buffer alive
+    # one all-gather longer in FSDP's backward under accumulation). Each world is launched REPEATS
+    # times; the largest peak is the job's (what a device must hold), the spread is printed.
     runs = {world: list(zip(*(measured(world) for _ in range(REPEATS)))) for world in (2, 4)}
     truth = {world: iter(runs[world]) for world in runs}
     for world, strategy, reshard, accumulation in CASES:

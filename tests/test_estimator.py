@@ -270,7 +270,8 @@ def test_estimate_to_dict_is_json():
     assert data["peak"] == est.peak and data["required"] == est.required
     assert data["config"] == {"micro_batch": 2, "precision": "32-true", "checkpoint": [], "offload_activations": False,
                               "optimizer_impl": "default", "zero_grad": "set-to-none", "optimizer_in_backward": False,
-                              "strategy": "single", "reshard_after_forward": True}
+                              "strategy": "single", "reshard_after_forward": True,
+                              "sync_every_micro_step": False}
     assert set(data["phases"]) == {"first", "steady"}
     assert "Memory at the peak" in est.table()
 

@@ -198,7 +198,7 @@ def measure(rank: int, world: int, port: int, case: dict, out: str) -> None:
     join(rank, world, port)
     results = []
     try:
-        for spec in case["cases"]:
+        for spec in [spec for spec in case["cases"] for _ in range(case.get("repeats", 1))]:
             config = memfit.Config(micro_batch=spec["micro_batch"], strategy=spec["strategy"],
                                    reshard_after_forward=spec.get("reshard", True),
                                    sync_every_micro_step=spec.get("sync", False))

@@ -83,3 +83,62 @@ def test_kept_by_module_is_what_each_forward_left_for_backward():
         for _ in range(2):  # the second step's gradients from the first are not the forward's
             model(torch.randn(5, 4)).sum().backward()
     assert tracker.report().kept_by_module == {"": 160, "1": 160}
+
+
+def test_a_report_exports_pytorchs_memory_snapshot_whose_trace_peaks_at_the_reports_peak(tmp_path):
+    import pickle
+
+    from torch.cuda import _memory_viz
+
+    from memfit import memory_viz
+
+    report = memfit.measure(memfit.presets.load("gpt2-tiny", seq_len=16), config=memfit.Config(micro_batch=2))
+    path = report.to_memory_viz(tmp_path / "step.pickle")
+    with open(path, "rb") as f:
+        data = pickle.load(f)
+    assert memory_viz.trace_peak(data) == report.peak
+    alive = sum(b["size"] for s in data["segments"] for b in s["blocks"] if b["state"] == "active_allocated")
+    assert alive == sum(report.at_end.values())
+    assert {e["category"] for e in data["device_traces"][0] if e["action"] == "alloc"} <= set(report.at_peak)
+    # PyTorch's own readers take it: the text trace, the segment summary, the HTML page memory_viz draws.
+    assert "TOTAL MEM" in _memory_viz.trace(data)
+    assert "segments: 1" in _memory_viz.segsum(data)
+    assert "MemoryViz.js" in _memory_viz.trace_plot(data)
+    with pytest.raises(memfit.MemfitError, match=r"read back from a dict \(MemoryReport.from_dict\)"):
+        memfit.MemoryReport.from_dict(report.to_dict()).to_memory_viz(tmp_path / "x.pickle")
+
+
+def test_an_estimate_exports_its_fake_step_with_fsdps_resized_storages_and_the_same_peak(tmp_path):
+    import pickle
+    import sys
+    from pathlib import Path
+
+    from memfit import memory_viz
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dist_worker
+
+    est = memfit.estimate(dist_worker.workload(), memfit.Config(micro_batch=4, strategy="fsdp"), device="cuda",
+                          world_size=2)
+    with open(est.report.to_memory_viz(tmp_path / "rank.pickle"), "rb") as f:
+        data = pickle.load(f)
+    assert memory_viz.trace_peak(data) == est.peak
+    assert any(e.get("category") == "unsharded_parameters" for e in data["device_traces"][0])
+
+
+def test_the_cli_writes_memory_viz_snapshots_and_refuses_a_missing_folder_in_one_line(capsys, tmp_path):
+    import pickle
+
+    from memfit import memory_viz
+    from memfit.cli import main
+
+    path = tmp_path / "est.pickle"
+    assert main(["estimate", "gpt2-tiny", "-b", "2", "--seq-len", "16", "--memory-viz", str(path), "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)  # --json prints only JSON
+    with open(path, "rb") as f:
+        assert memory_viz.trace_peak(pickle.load(f)) == est["peak"]
+    assert main(["profile", "cifar-cnn", "-b", "2", "--steps", "1", "--memory-viz", str(tmp_path / "p.pickle")]) == 0
+    assert "Memory snapshot written to" in capsys.readouterr().out and (tmp_path / "p.pickle").stat().st_size
+    assert main(["profile", "cifar-cnn", "-b", "2", "--memory-viz", str(tmp_path / "no" / "p.pickle")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the folder" in err and "does not exist" in err

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=_steps, default=2, help=f"training steps to run, 1 to {MAX_STEPS} (default 2)")
     profile.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to run on (default cpu)")
     profile.add_argument("--plot", metavar="PATH", help="also plot the timeline to PATH (.png, .svg or .pdf)")
+    profile.add_argument("--memory-viz", metavar="PATH", help="also write the step in PyTorch's memory snapshot "
+                         "format (a pickle for https://pytorch.org/memory_viz)")
     profile.add_argument("--json", action="store_true", help="print only JSON")
     profile.add_argument("--timeline", action="store_true", help="with --json, include the per-op timeline")
     _add_loop_args(profile)
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--budget", metavar="BYTES",
                           help="say whether the step fits in this much memory: 24GiB, or a card such as rtx4090, h100")
     estimate.add_argument("--json", action="store_true", help="print only JSON")
+    estimate.add_argument("--memory-viz", metavar="PATH", help="also write the fake step in PyTorch's memory "
+                          "snapshot format (a pickle for https://pytorch.org/memory_viz)")
     estimate.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces: a file "
                           "`memfit calibrate` wrote, or a card (h100, a100-80gb, rtx4090, ...); default: this "
                           "machine's calibrated profile, else memfit's defaults")

@@ -90,13 +90,31 @@ def _profile(args: argparse.Namespace) -> int:
                      device=args.device)
     if args.plot is not None:
         report.plot(args.plot)
+    _memory_viz(args, report)
     if args.json:
         print(report.to_json(indent=2, timeline=args.timeline))
     else:
         print(report.table(), end="")
         if args.plot is not None:
             print(f"Plot written to {args.plot}")
+        _said_memory_viz(args)
     return 0
+
+
+def _memory_viz(args: argparse.Namespace, report) -> None:
+    """``--memory-viz PATH``: the report's record in PyTorch's snapshot format; a folder that is not there is
+    the user's mistake (one line), not a traceback."""
+    if args.memory_viz is None:
+        return
+    folder = Path(args.memory_viz).resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"--memory-viz {args.memory_viz}: the folder {str(folder)!r} does not exist; create it first")
+    report.to_memory_viz(args.memory_viz)
+
+
+def _said_memory_viz(args: argparse.Namespace) -> None:
+    if args.memory_viz is not None:
+        print(f"Memory snapshot written to {args.memory_viz} (open it at https://pytorch.org/memory_viz)")
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -126,6 +144,7 @@ def _estimate(args: argparse.Namespace) -> int:
         est = estimate(workload, config, steps=args.steps, device=args.device, profile=args.profile,
                        world_size=args.gpus)
     fits = None if budget is None else est.required <= budget
+    _memory_viz(args, est.report)
     if args.json:
         data = est.to_dict()
         data["budget"] = budget
@@ -137,6 +156,7 @@ def _estimate(args: argparse.Namespace) -> int:
         verdict = "fits" if fits else "does NOT fit"
         print(f"Budget {format_budget(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
               f"{format_bytes(abs(budget - est.required))} {'to spare' if fits else 'short'}).")
+    _said_memory_viz(args)
     return 0
 
 

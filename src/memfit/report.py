@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from memfit.categories import CATEGORIES, PHASES
+from memfit.errors import MemfitError
 
 __all__ = ["CATEGORIES", "PHASES", "TimelineEntry", "MemoryReport", "History"]
 
@@ -87,6 +88,19 @@ class MemoryReport:
     checkpointing the module would free (less its output, which the next module keeps)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form facts added by the caller (workload name, micro-batch)."""
+    history: History | None = field(default=None, repr=False, compare=False)
+    """The raw record the report was built from (what :meth:`to_memory_viz` writes)."""
+
+    def to_memory_viz(self, path: str | Path) -> str:
+        """Write the report's record in PyTorch's memory snapshot format (a pickle that
+        https://pytorch.org/memory_viz and ``torch.cuda._memory_viz`` open); returns the path.
+        Its trace's peak is the report's (:mod:`memfit.memory_viz`)."""
+        from memfit import memory_viz
+
+        if self.history is None:
+            raise MemfitError("this report was read back from a dict (MemoryReport.from_dict), which keeps no "
+                              "record of its allocations; profile or estimate the step again to export it")
+        return memory_viz.write(self.history, path)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists, ints and strings, ready for JSON."""
@@ -267,6 +281,8 @@ def build_report(
     else:
         peak_name = peak_module = peak_phase = None
     return MemoryReport(
+        history=History(device, fake, steps, tuple(categories), paths, sid_cat, sid_module, events, ops, peak,
+                        peak_event, peak_op, live_cat),
         device=device,
         peak=peak,
         at_peak=dict(zip(categories, at_peak)),

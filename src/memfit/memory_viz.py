@@ -25,16 +25,15 @@ import os
 import pickle
 from typing import Any
 
-from memfit.report import History
-
 __all__ = ["snapshot", "write", "trace_peak"]
 
 _BASE = 0x7F0000000000  # where the synthetic addresses start (a CUDA-like range)
 _ALIGN = 512
 
 
-def snapshot(history: History) -> dict[str, Any]:
-    """The history as a PyTorch memory snapshot dict (see the module docstring)."""
+def snapshot(history: Any) -> dict[str, Any]:
+    """``history`` (a :class:`memfit.report.History`; the report imports this module, so it is not
+    imported here) as a PyTorch memory snapshot dict (see the module docstring)."""
     trace: list[dict[str, Any]] = []
     live: dict[int, dict[str, Any]] = {}  # sid -> its alloc event
     size: dict[int, int] = {}
@@ -80,7 +79,7 @@ def snapshot(history: History) -> dict[str, Any]:
     return {"segments": [segment] if total else [], "device_traces": [trace]}
 
 
-def write(history: History, path: str | os.PathLike) -> str:
+def write(history: Any, path: str | os.PathLike) -> str:
     """Pickle :func:`snapshot` to ``path`` (what ``torch.cuda.memory._dump_snapshot`` writes); returns the path."""
     path = os.fspath(path)
     with open(path, "wb") as f:

@@ -205,3 +205,34 @@ def test_fsdp_syncing_every_micro_step_keeps_only_sharded_gradients_and_reduces_
             _config(strategy, sync_every_micro_step=True)
     with pytest.raises(UsageError, match=r"sync_every_micro_step must be True or False, got 1"):
         _config("fsdp", sync_every_micro_step=1)
+
+
+def test_a_per_rank_estimate_inside_a_process_group_is_refused_naming_the_fix():
+    from memfit import _torch_private
+
+    dist.init_process_group("fake", store=_torch_private.fake_store(), rank=0, world_size=2)
+    try:
+        with pytest.raises(UsageError, match=r"this process has one initialised already; estimate before "
+                                             r"init_process_group \(or in another process\)"):
+            memfit.estimate(dist_worker.workload(), _config("fsdp"), world_size=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loading_a_sharded_save_checks_the_ranks_before_touching_anything(tmp_path):
+    from types import SimpleNamespace
+
+    from memfit import statefile
+    from memfit.engine import sharded
+
+    trainer = SimpleNamespace(rank=0, world_size=2)
+    single = tmp_path / "one.pt"
+    single.write_bytes(b"")
+    with pytest.raises(UsageError, match=r"is not a save of this run's rank 0: a run on several ranks saves a "
+                                         r"directory with a trainer-rank<r>.pt per rank"):
+        sharded.load(trainer, single)
+    saved = tmp_path / "run"
+    saved.mkdir()
+    statefile.write({"world_size": 4}, saved / "trainer-rank0.pt")
+    with pytest.raises(UsageError, match=r"was saved by 4 ranks and this run has 2; resume with the same number"):
+        sharded.load(trainer, saved)

@@ -46,7 +46,6 @@ __all__ = ["StepObserver"]
 PARAMETERS, BUFFERS, GRADIENTS, OPTIMIZER_STATE, ACTIVATIONS, INPUTS, TEMPORARIES = range(7)
 assert CATEGORIES[ACTIVATIONS] == "activations" and CATEGORIES[TEMPORARIES] == "temporaries"
 _FORWARD, _BACKWARD, _OPTIMIZER = range(3)
-
 assert PHASES == ("forward", "backward", "optimizer")
 
 

@@ -30,9 +30,9 @@ class Searcher:
         self.cache: dict[tuple, Estimate] = {}
         self.calls = 0
         self.extrapolate = extrapolate
+        """Passed to :func:`memfit.estimate`: False traces every estimate in full (the search before issue 12)."""
         self.world_size = world_size
         """The ranks of a distributed Config's estimates (``batch_size`` is then one rank's share)."""
-        """Passed to :func:`memfit.estimate`: False traces every estimate in full (the search before issue 12)."""
 
     def estimate(self, config: Config) -> Estimate:
         # A micro-batch smaller than the batch means accumulation: the first
@@ -40,6 +40,8 @@ class Searcher:
         # (A step in backward accumulates nothing: the plan gives it the whole batch.)
         accumulation = 2 if (self.batch_size is not None and config.micro_batch < self.batch_size
                              and not config.optimizer_in_backward) else 1
+        if accumulation == 1 and config.sync_every_micro_step:  # one micro-step: nothing to sync more often
+            config = dataclasses.replace(config, sync_every_micro_step=False)
         key = (config, accumulation)
         if key not in self.cache:
             self.calls += 1
@@ -67,9 +69,9 @@ class Searcher:
             return self.estimate(at(m)).required
 
         if base.strategy != "single" and required(limit) <= budget:
-            # Across ranks, accumulating costs memory of its own (gradients kept unsharded, or beside
-            # DDP's buckets, while sync is off): the whole batch in one micro-step may fit where a
-            # smaller micro-batch that accumulates does not, so "fits" is monotone below the limit only.
+            # Across ranks, accumulating costs memory of its own (FSDP keeps gradients unsharded while
+            # sync is off): the whole batch in one micro-step may fit where a smaller micro-batch that
+            # accumulates does not, so "fits" is monotone below the limit only.
             return limit
         lo = max(1, min(start, limit))
         if lo > 1 and required(lo) > budget:

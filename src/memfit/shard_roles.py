@@ -47,6 +47,7 @@ class ShardRoles:
             if name not in ledger.names:
                 ledger.add_category(name, strength)
         self.unsharded, self.comm = (ledger.index(name) for name, _ in CATEGORIES)
+        self.copy_in = _torch_private.fsdp_all_gather_copy_in()
         self.owner: dict[int, int] = {}  # id(a local shard's storage) -> the module that gathers it
         for module in reversed(sharded):  # innermost first: a block's parameters are its own, not the root's
             mid = observer.modules.ids.get(id(module), -1)
@@ -69,7 +70,7 @@ class ShardRoles:
     def on_collective(self, func: Any, out: Any, args: tuple, kwargs: dict | None) -> None:
         """After an op of :data:`COMM_NAMESPACES`: its tensors are communication buffers, unless more."""
         observer, ledger = self.observer, self.observer.ledger
-        owner = self._owner(args[0]) if func is _torch_private.fsdp_all_gather_copy_in() else None
+        owner = self._owner(args[0]) if func is self.copy_in else None
         for t in _tensors((out, args, kwargs)):
             if (st := observer._storage(t)) is not None and (rec := ledger.recs.get(id(st))) is not None:
                 ledger.promote(rec, self.comm)

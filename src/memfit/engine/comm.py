@@ -2,14 +2,16 @@
 
 A single process has no others: :class:`LocalComm` answers every question locally and
 costs a Python call. A distributed run (DDP, FSDP2 over ``torch.distributed``) uses
-:class:`DistComm`. This module and :mod:`memfit.sharding` (which wraps the model) are the
-only ones in memfit that import ``torch.distributed`` (``tests/test_layout.py`` checks it).
+:class:`DistComm`. ``torch.distributed`` is imported by a few seams only: this module,
+:mod:`memfit.sharding` (which wraps the model), :mod:`memfit.engine.sharded` (saves),
+:mod:`memfit.fakedist` (estimates) and ``_torch_private`` (``tests/test_layout.py`` checks it).
 
 What the step asks:
 
 * ``agree(status, *values)``: the ranks' agreement. Every rank calls it at the same points
-  of a step (before each micro-step's forward, before each backward, before the update,
-  and under FSDP before each block's forward): ``status`` says whether this rank ran out of
+  of a step (at its start, before each micro-step's forward and backward where the wrapper
+  issues collectives there, before the update, and under FSDP around each block's
+  collectives): ``status`` says whether this rank ran out of
   memory or failed, ``values`` are summed over the ranks (samples, loss items, the loss).
   A rank that fails between two points tells the others at their next one, in place of
   its own: the ranks never issue different collectives, so nobody waits on a peer that
@@ -17,9 +19,10 @@ What the step asks:
   The agreement runs on a process group of its own (gloo, CPU tensors), with a timeout:
   a rank that neither answers nor fails (stuck, or killed) ends the others' wait with
   :class:`memfit.MemfitError` after ``timeout`` seconds instead of a hang.
-* ``no_sync(model)``: the context the micro-batches before the last run their backward in
-  (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync(False)``): gradients are
-  reduced once per logical batch, not per micro-batch.
+* ``no_sync(model)``: the context the micro-batches before the last run in
+  (:func:`memfit.sharding.no_sync`: FSDP2's ``set_requires_gradient_sync(False)``; nothing
+  under memfit's DDP, whose reduction is deferred anyway): gradients are reduced once per
+  logical batch, not per micro-batch.
 * ``reduce(model)``: gradients reduced after the agreement; see :mod:`memfit.sharding`
   for why DDP's reduction is deferred until every rank has said it got through backward.
 

@@ -3,7 +3,9 @@
 Measure a training step's memory truthfully (:func:`track`, :func:`measure`),
 estimate it without a GPU on fake tensors (:func:`estimate`, :class:`Config`),
 plan the configuration that fits a budget (:func:`plan`, :func:`find_batch_size`),
-train under it with exact gradient accumulation and an out-of-memory guard (:class:`Trainer`),
+train under it with exact gradient accumulation and an out-of-memory guard (:class:`Trainer`,
+:func:`fit_batch` for a step function), explain why a step needs its memory and which fixes fit
+(:func:`explain`),
 exercise out-of-memory without a GPU (:func:`simulate_budget`), and work in
 int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_bytes`).
 """
@@ -17,6 +19,8 @@ from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLos
                            UsageError)
 from memfit.engine import FitResult, OOMEvent, StepResult, Trainer
 from memfit.estimator import Estimate, estimate
+from memfit.explain import Explanation, explain
+from memfit.fit_batch import FitBatch, fit_batch
 from memfit.measurement import measure
 from memfit.planner import Plan, PlanError, plan
 from memfit.report import CATEGORIES, PHASES, MemoryReport, TimelineEntry
@@ -35,6 +39,10 @@ __all__ = [
     "calibrate",
     "Estimate",
     "estimate",
+    "Explanation",
+    "explain",
+    "FitBatch",
+    "fit_batch",
     "Plan",
     "PlanError",
     "plan",

@@ -165,6 +165,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gpu_args(estimate)
     _add_loop_args(estimate)
 
+    explain = commands.add_parser(
+        "explain",
+        help="say why a training step needs its memory and which fixes would make it fit, each estimated",
+        description="Estimate a training step on fake tensors and explain its peak: the categories, the op and "
+        "module that reached it, the largest tensors alive with the line that made them, the seed articles' causes "
+        "of OOM quantified, and fixes (micro-batch with exact accumulation, precision, checkpointing, optimizer, "
+        "FSDP over GPUs), each estimated again: bytes saved, new requirement, step time, whether it fits.",
+    )
+    _add_workload_args(explain, "micro-batch size (the step as it runs)")
+    explain.add_argument("--effective-batch", type=_positive_int("--effective-batch"), default=None, metavar="N",
+                         help="samples per optimizer step that every fix keeps (default: --batch-size on each GPU)")
+    explain.add_argument("--budget", metavar="BYTES", help="device memory to fit: 80GB, 24GiB, or a card (h100, "
+                         "rtx4090); without it fixes are ranked by bytes saved")
+    explain.add_argument("--precision", default="32-true", metavar="P",
+                         help=f"one of {', '.join(PRECISIONS)} (default 32-true)")
+    explain.add_argument("--checkpoint", nargs="+", default=[], metavar="GLOB",
+                         help="module-path globs recomputed in backward, 'all' for every block, or 'none'")
+    explain.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
+    explain.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                         help="the target to estimate for (default cuda; no GPU is needed)")
+    explain.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces, as for estimate")
+    explain.add_argument("--no-fixes", action="store_true", help="explain the peak only (no estimates of fixes)")
+    explain.add_argument("--json", action="store_true", help="print only JSON")
+    _add_gpu_args(explain)
+    _add_loop_args(explain)
+
     plan = commands.add_parser(
         "plan",
         help="choose the configuration that fits a budget at the best speed",

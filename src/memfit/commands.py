@@ -22,7 +22,7 @@ __all__ = ["run"]
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command; returns the exit code."""
     handlers = {"presets": lambda _: _presets(), "estimate": _estimate, "plan": _plan, "demo": _demo,
-                "calibrate": _calibrate, "profile": _profile}
+                "calibrate": _calibrate, "profile": _profile, "explain": _explain}
     return handlers[args.command](args)
 
 
@@ -117,13 +117,10 @@ def _said_memory_viz(args: argparse.Namespace) -> None:
         print(f"Memory snapshot written to {args.memory_viz} (open it at https://pytorch.org/memory_viz)")
 
 
-def _estimate(args: argparse.Namespace) -> int:
-    from memfit import presets
+def _config(args: argparse.Namespace):
+    """The Config of estimate's and explain's flags."""
     from memfit.config import Config
-    from memfit.estimator import estimate
-    from memfit.units import format_budget, format_bytes, parse_bytes
 
-    budget = parse_bytes(args.budget) if args.budget is not None else None
     if args.precision not in PRECISIONS:
         raise UsageError(f"--precision {args.precision}: expected one of {', '.join(PRECISIONS)}")
     checkpoint = tuple(args.checkpoint)
@@ -131,14 +128,17 @@ def _estimate(args: argparse.Namespace) -> int:
         checkpoint = ()
     elif "none" in checkpoint:
         raise UsageError("--checkpoint none cannot be combined with globs")
-    config = Config(
-        micro_batch=args.batch_size,
-        precision=args.precision,
-        checkpoint=checkpoint,
-        offload_activations=args.offload_activations,
-        **_loop(args),
-        **_sharding(args),
-    )
+    return Config(micro_batch=args.batch_size, precision=args.precision, checkpoint=checkpoint,
+                  offload_activations=args.offload_activations, **_loop(args), **_sharding(args))
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from memfit import presets
+    from memfit.estimator import estimate
+    from memfit.units import format_budget, format_bytes, parse_bytes
+
+    budget = parse_bytes(args.budget) if args.budget is not None else None
+    config = _config(args)
     workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Estimating {workload.name} on fake tensors"):
         est = estimate(workload, config, steps=args.steps, device=args.device, profile=args.profile,
@@ -160,6 +160,21 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from memfit import presets
+    from memfit.explain import explain
+    from memfit.units import parse_bytes
+
+    budget = parse_bytes(args.budget) if args.budget is not None else None
+    config = _config(args)
+    workload = presets.resolve(args.spec, **_overrides(args))
+    with _progress(f"Explaining {workload.name} on fake tensors"):
+        why = explain(workload, config, budget, batch_size=args.effective_batch, device=args.device,
+                      world_size=args.gpus, profile=args.profile, fixes=not args.no_fixes)
+    print(json.dumps(why.to_dict(), indent=2) if args.json else why.table(), end="\n" if args.json else "")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from memfit import presets
     from memfit.planner import plan, resolve_budget
@@ -170,7 +185,7 @@ def _plan(args: argparse.Namespace) -> int:
         if p not in PRECISIONS:
             raise UsageError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
     workload = presets.resolve(args.spec, **_overrides(args))
-    with _progress(f"Planning {workload.name} for {format_budget(budget)}"):
+    with _progress(f"Planning {workload.name} for {format_budget(budget)}"), _explained(args):
         result = plan(
             workload,
             budget,
@@ -208,6 +223,21 @@ def _demo(args: argparse.Namespace) -> int:
         return demo.launch(args.nproc, forwarded + (["--budget", args.budget] if args.budget is not None else []))
     demo.run(Console(highlight=False), batch_size=args.batch_size, epochs=args.epochs, budget=budget, seed=args.seed)
     return 0
+
+
+@contextlib.contextmanager
+def _explained(args: argparse.Namespace):
+    """Where nothing fits, the plan's explanation (a table, or JSON with --json) before the one-line error."""
+    from memfit.planner import PlanError
+
+    try:
+        yield
+    except PlanError as exc:
+        why = exc.explanation
+        if why is not None:
+            print(json.dumps({"error": str(exc), "explanation": why.to_dict()}, indent=2) if args.json
+                  else why.table(), end="\n" if args.json else "")
+        raise
 
 
 @contextlib.contextmanager

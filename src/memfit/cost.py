@@ -61,6 +61,10 @@ class CostModel:
             self._flops[precision] = _flops(self.workload, precision, 1)
         return self._flops[precision]
 
+    def remember_flops(self, precision: str, counts: tuple[int, dict[str, int]]) -> None:
+        """Use ``counts`` (what :meth:`flops` returned, in another process) for ``precision``."""
+        self._flops[precision] = counts
+
     def step_cost(self, config: Config, batch_size: int, world_size: int = 1) -> float:
         """The step's cost in FLOP-equivalents: its micro-steps on ``batch_size`` samples (one rank's), plus
         the collectives of ``config.strategy`` over ``world_size`` ranks (:func:`communication_bytes`)."""

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["user_frame", "warn", "MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
+__all__ = ["user_frame", "warn", "Explained", "MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
            "ResumeWarning"]
 
 
@@ -18,7 +18,35 @@ class UsageError(MemfitError, ValueError):
     """A bad value from the user: the message names it and the valid forms."""
 
 
-class OutOfMemory(MemfitError, torch.OutOfMemoryError):
+class Explained:
+    """An error that can say why memory ran out: :attr:`explanation`, made when first read (it estimates fixes).
+
+    The raiser gives the means with :meth:`explain_with`; errors.py imports nothing that explains.
+    """
+
+    _explainer: Any = None
+    _explanation: Any = None
+
+    def explain_with(self, explainer: Any) -> None:
+        """``explainer()`` returns the :class:`memfit.explain.Explanation` of this error (called once, when read)."""
+        self._explainer = explainer
+
+    @property
+    def explanation(self) -> Any:
+        """A :class:`memfit.explain.Explanation` (what the peak was made of, the tensors, the causes, verified
+        fixes), or None where nothing could be explained (no record of the step)."""
+        if self._explainer is not None:
+            explainer, self._explainer = self._explainer, None
+            try:
+                self._explanation = explainer()
+            except Exception as exc:  # noqa: BLE001 - an explanation is a courtesy; the error is the error
+                import logging
+
+                logging.getLogger("memfit").debug("memfit: no explanation of the error: %s", exc)
+        return self._explanation
+
+
+class OutOfMemory(Explained, MemfitError, torch.OutOfMemoryError):
     """Training ran out of memory and memfit's guard could not recover.
 
     A ``torch.OutOfMemoryError`` too, so handlers that recognise CUDA's OOM still do.
@@ -34,6 +62,8 @@ class OutOfMemory(MemfitError, torch.OutOfMemoryError):
             the bytes it saves where an estimate could say).
         events: the out-of-memory errors of the logical batch, each a :class:`memfit.OOMEvent`,
             the last one the error that ended it.
+        explanation: what was live and which fixes would fit, each estimated (:func:`memfit.explain`),
+            made when first read; None where the step left no record.
     """
 
     def __init__(self, message: str, *, micro_batch: int, retries: int, report: Any = None,

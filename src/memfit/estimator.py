@@ -163,6 +163,7 @@ def estimate(
     profile: DeviceProfile | str | None = None,
     extrapolate: bool | None = None,
     world_size: int = 1,
+    sources: bool = False,
 ) -> Estimate:
     """Estimate the memory of ``steps`` training steps under ``config`` on fake tensors.
 
@@ -200,6 +201,8 @@ def estimate(
             PyTorch's fake process group (:mod:`memfit.fakedist`): FSDP2's own ``fully_shard``,
             DDP's gradient buckets from its reducer's rules. Under accumulation the micro-steps
             before the last run without gradient sync, as the Trainer runs them.
+        sources: record the model's line that ran each allocating forward op (``report.history.sources``,
+            what :func:`memfit.explain` shows; :mod:`memfit.sources`).
 
     Raises:
         UsageError: a bad config, a checkpoint glob that matches no module, a
@@ -244,12 +247,12 @@ def estimate(
             history, note = _depth.extrapolated(
                 source, config, (workload, target, capability, steps, accumulation, run_all_steps, world_size),
                 lambda cut, cut_config: _trace(workload, cut, cut_config, target, capability, steps, accumulation,
-                                               run_all_steps, world_size)[0],
+                                               run_all_steps, world_size, sources)[0],
                 always=extrapolate is True)
             notes = (note,) if note else ()
         if history is None:
             history, checkpointed = _trace(workload, source, config, target, capability, steps, accumulation,
-                                           run_all_steps, world_size)
+                                           run_all_steps, world_size, sources)
         else:
             checkpointed = Checkpointing(config.checkpoint).select(source)
         return history, tuple(checkpointed), notes
@@ -258,7 +261,7 @@ def estimate(
     shapes = tuple((name, tuple(t.shape), t.dtype, type(m).__name__) for name, m in source.named_modules()
                    for t in itertools.chain(m._parameters.values(), m._buffers.values()) if t is not None) \
         if isinstance(workload.model, nn.Module) else None
-    key = (workload, shapes, target, capability, steps, accumulation, run_all_steps, extrapolate, world_size)
+    key = (workload, shapes, target, capability, steps, accumulation, run_all_steps, extrapolate, world_size, sources)
     history, checkpointed, notes = _traces.history(key, config, trace, reuse=extrapolate is not False)
     if target == "cuda":
         history = _traces.rounded(history, 512)  # the caching allocator's blocks, as max_memory_allocated counts
@@ -291,7 +294,8 @@ def estimate(
 
 
 def _trace(workload: Workload, source: nn.Module, config: Config, target: str, capability: tuple[int, int],
-           steps: int, accumulation: int, run_all_steps: bool, world_size: int) -> tuple[History, list[str]]:
+           steps: int, accumulation: int, run_all_steps: bool, world_size: int,
+           sources: bool = False) -> tuple[History, list[str]]:
     """Run the step on a fake copy of ``source`` under the tracker: its history and the checkpointed paths."""
     recipe = Recipe(config, target, fake=True, capability=capability)
     fake_mode = _torch_private.FakeTensorMode()
@@ -304,7 +308,7 @@ def _trace(workload: Workload, source: nn.Module, config: Config, target: str, c
         shape_error, value_errors = _torch_private.data_dependent_errors()
         try:
             with recipe.emulation(), _torch_private.quiet_fake_tensor_errors(), \
-                    track(model, optimizer, device="cpu", round_to=1) as tracker:
+                    track(model, optimizer, device="cpu", round_to=1, sources=sources) as tracker:
                 if buckets is not None:
                     buckets.mark(tracker)
                 start = tracker.position()

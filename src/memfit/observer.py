@@ -40,6 +40,7 @@ from memfit.attribution import ModuleAttribution
 from memfit.categories import CATEGORIES, PHASES
 from memfit.ledger import StorageLedger
 from memfit.shard_roles import COMM_NAMESPACES, ShardRoles
+from memfit.sources import SourceLines
 
 __all__ = ["StepObserver"]
 
@@ -68,10 +69,11 @@ class StepObserver:
         model, optimizer: whose parameters, buffers, gradients and state take their roles (either may be None).
         device: the device counted; tensors elsewhere are ignored.
         ledger: where storages, roles and ops are recorded.
+        sources: also record the model's line that ran each allocating forward op (:mod:`memfit.sources`).
     """
 
     def __init__(self, model: nn.Module | None, optimizer: torch.optim.Optimizer | None, device: torch.device,
-                 ledger: StorageLedger) -> None:
+                 ledger: StorageLedger, *, sources: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device
@@ -86,6 +88,7 @@ class StepObserver:
         self._hooked_params: set[int] = set()
         self._stack: contextlib.ExitStack | None = None  # what enter() started, for exit() to stop
         self._shards: ShardRoles | None = None  # under FSDP
+        self.sources = SourceLines() if sources else None
 
     def enter(self) -> None:
         """Start observing: hooks, the model's and optimizer's tensors, storage resizes, saved tensors, ops."""
@@ -219,6 +222,8 @@ class StepObserver:
                 ledger.add(st, nbytes, TEMPORARIES, module)
                 if recompute:
                     self._recompute[key] = None
+            if self.sources is not None and not in_bw and not self._in_optimizer:
+                self.sources.note(module, func)
         if self._shards is not None and getattr(func, "namespace", None) in COMM_NAMESPACES:
             self._shards.on_collective(func, out, args, kwargs)
         ledger.note_peak()

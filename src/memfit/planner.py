@@ -35,7 +35,8 @@ from memfit.checks import positive_int
 from memfit.config import Config, accumulation_steps, balanced_micro_batch, check_precision
 from memfit.cost import DEFAULT_M_HALF, CostModel, calibrate_efficiency
 from memfit.devices import DeviceProfile
-from memfit.errors import MemfitError, UsageError
+from memfit.errors import Explained, MemfitError, UsageError
+from memfit.explain import explain
 from memfit.estimator import Estimate
 from memfit.fixes import Fix
 from memfit.ranks import ranks_reason, strategy_variants
@@ -51,9 +52,11 @@ __all__ = ["Plan", "Alternative", "PlanError", "Searcher", "plan", "resolve_budg
 _AUTO_MARGIN = 0.05
 
 
-class PlanError(MemfitError):
+class PlanError(Explained, MemfitError):
     """Nothing fits the budget. ``floor`` is the model states' bytes; ``fixes`` what would move them
-    (:class:`memfit.fixes.Fix`), and ``levers`` the same as a dict, each lever's bytes saved."""
+    (:class:`memfit.fixes.Fix`), and ``levers`` the same as a dict, each lever's bytes saved;
+    ``explanation`` the smallest step's (micro-batch 1, every block checkpointed) explained, its fixes
+    estimated (:func:`memfit.explain`), made when first read."""
 
     def __init__(self, message: str, *, floor: int, budget: int, fixes: tuple[Fix, ...] = (),
                  levers: dict[str, int] | None = None) -> None:
@@ -396,6 +399,10 @@ def _nothing_fits(searcher: Searcher, precisions, budget: int, blocks, variant: 
         f"parameters + gradients + optimizer state alone take {format_bytes(floor)} at {cheapest} "
         f"(the cheapest precision allowed). Levers: {lines}"
     )
-    return PlanError(message, floor=floor, budget=budget, fixes=tuple(fixes))
+    error = PlanError(message, floor=floor, budget=budget, fixes=tuple(fixes))
+    error.explain_with(lambda: explain(searcher.workload, base, budget, batch_size=searcher.batch_size,
+                                       device=searcher.device, profile=searcher.profile,
+                                       world_size=searcher.world_size if base.strategy != "single" else 1))
+    return error
 
 

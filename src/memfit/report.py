@@ -182,6 +182,8 @@ class History(NamedTuple):
     peak_event: int
     peak_op: int
     live_cat: list[int]
+    sources: dict[tuple[str | None, str], tuple[str, ...]] | None = None
+    """``(module path, op) -> the model's lines that ran it`` where recorded (:mod:`memfit.sources`), else None."""
 
 
 def build_report(
@@ -199,6 +201,7 @@ def build_report(
     peak_event: int,
     peak_op: int,
     live_cat: list[int],
+    sources: dict[tuple[str | None, str], tuple[str, ...]] | None = None,
 ) -> MemoryReport:
     """Replay a tracker's history into a report (called by ``MemoryTracker.report``)."""
     n_cat = len(categories)
@@ -282,7 +285,7 @@ def build_report(
         peak_name = peak_module = peak_phase = None
     return MemoryReport(
         history=History(device, fake, steps, tuple(categories), paths, sid_cat, sid_module, events, ops, peak,
-                        peak_event, peak_op, live_cat),
+                        peak_event, peak_op, live_cat, sources),
         device=device,
         peak=peak,
         at_peak=dict(zip(categories, at_peak)),

@@ -101,6 +101,8 @@ class MemoryTracker:
         round_to: each storage's bytes are rounded up to a multiple of this;
             by default 512 on CUDA (the caching allocator's block) and 1 elsewhere.
             memfit's estimator passes 512 when fake CPU tensors stand for CUDA.
+        sources: also record the line of the model's code that ran each allocating forward op
+            (:mod:`memfit.sources`; slower): what :func:`memfit.explain` shows beside the largest tensors.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -117,6 +119,7 @@ class MemoryTracker:
         *,
         device: torch.device | str | None = None,
         round_to: int | None = None,
+        sources: bool = False,
     ) -> None:
         if model is not None and not isinstance(model, nn.Module):
             raise MemfitError(f"track(model=...) takes a torch.nn.Module, got {type(model).__name__}")
@@ -129,7 +132,7 @@ class MemoryTracker:
             round_to = _CUDA_BLOCK if self.device.type == "cuda" else 1
         positive_int(round_to, "round_to", hint="bytes", error=MemfitError)
         self._ledger = StorageLedger(round_to, self._over_budget)
-        self._observer = StepObserver(model, optimizer, self.device, self._ledger)
+        self._observer = StepObserver(model, optimizer, self.device, self._ledger, sources=sources)
 
     # ------------------------------------------------------------------ public
 
@@ -249,6 +252,7 @@ class MemoryTracker:
             peak_event=ledger.peak_event,
             peak_op=ledger.peak_op,
             live_cat=ledger.live_cat,
+            sources=None if (lines := self._observer.sources) is None else lines.by_path(self._observer.modules.paths),
         )
 
     # ----------------------------------------------------------------- internals
@@ -275,6 +279,7 @@ def track(
     *,
     device: torch.device | str | None = None,
     round_to: int | None = None,
+    sources: bool = False,
 ) -> MemoryTracker:
     """Track a training step's memory: ``with memfit.track(model, opt) as t: ...``.
 
@@ -283,4 +288,4 @@ def track(
     int bytes. Works on real tensors, under ``FakeTensorMode`` (enter the fake
     mode first) and on CUDA; one tracker may be entered again for more steps.
     """
-    return MemoryTracker(model, optimizer, device=device, round_to=round_to)
+    return MemoryTracker(model, optimizer, device=device, round_to=round_to, sources=sources)

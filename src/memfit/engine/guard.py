@@ -39,6 +39,7 @@ from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
 from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
 from memfit.estimator import estimate
+from memfit.explain import explain
 from memfit.fixes import Fix
 from memfit.units import format_budget, format_bytes
 
@@ -123,11 +124,13 @@ class OOMGuard:
             if min(failed.micro_batch, most) == 1 or retries > t.max_retries:
                 why = "micro-batch 1 does not fit" if min(failed.micro_batch, most) == 1 else \
                     f"{t.max_retries} re-plans did not fit"
-                raise OutOfMemory(
+                error = OutOfMemory(
                     f"out of memory at step {step}: {why} ({message})",
                     micro_batch=min(failed.micro_batch, n), retries=retries, report=self.report(failed),
                     fixes=self.fixes(failed), events=event("raised"),
-                ) from None
+                )
+                error.explain_with(lambda: self.explanation(failed, n, error.report))
+                raise error from None
             self.replan(failed, most)
             event("re-planned", t.config)
             log.warning(
@@ -208,10 +211,10 @@ class OOMGuard:
                 if (alt.fits and alt.required < t._required and c != failed and c.precision == failed.precision
                         and c.offload_activations == failed.offload_activations):
                     t._required = alt.required
-                    t._use(c)
+                    t.use(c)
                     return
         t._required = None  # below the plan's predictions: halve from here on
-        t._use(dataclasses.replace(failed, micro_batch=max(1, min(failed.micro_batch, n) // 2)))
+        t.use(dataclasses.replace(failed, micro_batch=max(1, min(failed.micro_batch, n) // 2)))
 
     def report(self, failed: Config):
         """The memory report for an OOM: the simulated device's own, else an estimate of the failed config."""
@@ -225,6 +228,17 @@ class OOMGuard:
         except Exception as exc:  # noqa: BLE001 - the report is a courtesy; the OOM is the error to raise
             log.debug("memfit: no estimate for the out-of-memory report: %s", exc)
             return None
+
+    def explanation(self, failed: Config, n: int, report: Any):
+        """The failure explained (:func:`memfit.explain`): ``report`` (what was live), and with the trainer's
+        workload, fixes of ``failed`` for the batch of ``n``, each estimated, against the budget it ran under."""
+        if report is None:
+            return None
+        t = self.trainer
+        budget = t._sim.budget if t._sim is not None else t.plan.budget if t.plan is not None else None
+        config = dataclasses.replace(failed, micro_batch=min(failed.micro_batch, n))
+        return explain(report, config, budget, batch_size=max(n, config.micro_batch) * t.world_size,
+                       workload=t._workload, device=t.device.type, world_size=t.world_size)
 
     def advice(self, failed: Config) -> tuple[str, ...]:
         """What would make ``failed`` fit, one phrase each (see :meth:`fixes`)."""

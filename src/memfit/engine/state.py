@@ -68,7 +68,7 @@ def load_trainer_state(trainer: Any, state: Any, *, weights: bool = True,
         scaler.load_state_dict(state["scaler"])
     if trainer.scheduler is not None:
         trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer._use(config)
+    trainer.use(config)
     counters = state["counters"]
     trainer.step_count, trainer.epoch = counters["step"], counters["epoch"]
     trainer.batch_in_epoch, trainer.samples_seen = counters["batch_in_epoch"], counters["samples"]

@@ -317,8 +317,9 @@ class Trainer:
         """After a failed attempt: the wrapper as a fresh step expects it (DDP's reducer, FSDP's resharded blocks)."""
         self._attempt.model = self._sharding.rebuilt(self._attempt.model)
 
-    def _use(self, config: Config) -> None:
-        """Switch to ``config``: another micro-batch or checkpoint set (precision and offload stay as built)."""
+    def use(self, config: Config) -> None:
+        """Switch to ``config`` between steps: another micro-batch or checkpoint set (precision and offload
+        stay as built)."""
         if config.checkpoint != self._config.checkpoint:
             Checkpointing.remove(self.model, self._checkpointed)
             self._checkpointed = Checkpointing(config.checkpoint).apply(self.model)

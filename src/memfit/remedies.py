@@ -1,0 +1,300 @@
+"""Remedies: the fixes of a step that does not fit, each verified by an estimate of the fixed configuration.
+
+For a base :class:`memfit.Config` and the user's batch, each lever that the step's anatomy says
+could move its peak is applied alone and estimated (:class:`memfit.searcher.Searcher`, so that
+a configuration is estimated once): a smaller micro-batch with exact accumulation to the same
+batch, a lower precision, checkpointing every block, offloading activations, the fused
+optimizer, the optimizer step in backward, zero_grad's setting, bitsandbytes' 8-bit optimizer,
+sharding over GPUs (FSDP2). Each fix carries the bytes it saves (``required`` before minus
+after, as the device needs them), the new requirement, the relative step cost
+(:class:`memfit.cost.CostModel`) and whether the step then fits.
+
+Where no lever fits alone, they are combined greedily, the most saving first, each combination
+estimated, the micro-batch last (the largest that then fits), then sharding.
+
+The levers' estimates are independent: they run in forked worker processes, one per core
+(:mod:`memfit.parallel`), with the FLOP counts of the cost model.
+
+Levers that change what is trained (LoRA adapters instead of every weight) are options, named
+with their arithmetic and never applied: they are the user's choice, not a setting.
+
+Known limitations: the combination is greedy, not the fastest (``memfit plan`` searches that);
+levers that cannot move the peak by their mechanism are not estimated (the fused optimizer
+changes only the optimizer phase's temporaries: it is tried where the peak is in that phase).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memfit.checkpointing import Checkpointing, blocks
+from memfit.config import Config, accumulation_steps, balanced_micro_batch
+from memfit.cost import CostModel
+from memfit.errors import UsageError
+from memfit.estimator import Estimate, source_model
+from memfit.fixes import Fix
+from memfit.parallel import run_all
+from memfit.searcher import Searcher
+from memfit.workload import Workload
+
+__all__ = ["Remedies", "remedies"]
+
+GPUS = (2, 4, 8)
+"""The GPU counts a sharding fix tries (the fewest that fits is listed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Remedies:
+    """The verified fixes (ranked: those that fit first, cheapest first; then the most saving), a combination
+    that fits where none does alone, and options that change what is trained."""
+
+    fixes: tuple[Fix, ...]
+    combined: Fix | None
+    options: tuple[Fix, ...]
+
+
+class _Lever:
+    """A lever to try: its Config, ranks and optimizer (None: the workload's), estimated as one job."""
+
+    def __init__(self, lever: str, effect: str, config: Config, world_size: int, optimizer: Any = None,
+                 search: bool = False) -> None:
+        self.lever, self.effect, self.config, self.world_size = lever, effect, config, world_size
+        self.optimizer = optimizer
+        self.search = search
+        """The micro-batch lever: the job finds the largest micro-batch that fits and estimates it."""
+
+
+class _Trial:
+    """Estimates and costs of configurations relative to the base, one searcher per world size and optimizer."""
+
+    def __init__(self, workload: Workload, base: Config, base_estimate: Estimate, batch_size: int, budget: int | None,
+                 device: str, profile: Any, world_size: int) -> None:
+        self.workload, self.base, self.budget, self.batch_size = workload, base, budget, batch_size
+        self.device, self.profile, self.world_size = device, profile, world_size
+        self.searchers: dict[tuple, Searcher] = {}
+        searcher = self.searcher(world_size)
+        searcher.cache[(base, 2 if base.micro_batch < searcher.batch_size else 1)] = base_estimate
+        self.base_required = base_estimate.required
+        self.known: dict[tuple, int | None] = {}  # (world size, optimizer, config) -> required, from the workers
+        self.costs = CostModel(workload, device=device)
+        self._base_cost: float | None = None
+
+    def searcher(self, world_size: int, optimizer: Any = None) -> Searcher:
+        if (world_size, optimizer) not in self.searchers:
+            workload = self.workload
+            if optimizer is not None:
+                workload = dataclasses.replace(workload, optimizer=optimizer, name=workload.name + " (8-bit optimizer)")
+            share = -(-self.batch_size // world_size)
+            self.searchers[world_size, optimizer] = Searcher(workload, self.device, batch_size=share,
+                                                             profile=self.profile, world_size=world_size)
+        return self.searchers[world_size, optimizer]
+
+    def required(self, config: Config, world_size: int | None = None, optimizer: Any = None) -> int | None:
+        """Bytes the device needs under ``config``; None where the step refuses it (UsageError)."""
+        world_size = world_size or self.world_size
+        key = (world_size, optimizer, config)
+        if key not in self.known:
+            try:
+                self.known[key] = self.searcher(world_size, optimizer).estimate(config).required
+            except UsageError:  # an optimizer without a fused kernel, a combination the step refuses
+                self.known[key] = None
+        return self.known[key]
+
+    def run(self, lever: _Lever) -> tuple[Config, int | None]:
+        """One lever's job: its configuration (the micro-batch found, for the micro-batch lever) and requirement."""
+        config = lever.config
+        if lever.search:
+            largest = 0
+            if self.budget is not None:
+                largest = self.searcher(lever.world_size).largest_micro_batch(self.base, self.budget,
+                                                                              lever.config.micro_batch)
+            share = self.searcher(lever.world_size).batch_size
+            config = dataclasses.replace(config, micro_batch=balanced_micro_batch(share, largest) if largest else 1)
+        return config, self.required(config, lever.world_size, lever.optimizer)
+
+    def fix(self, lever: str, effect: str, config: Config, *, world_size: int | None = None,
+            optimizer: Any = None) -> Fix | None:
+        """``config`` estimated as a Fix of the base; None where it saves nothing or the step refuses it."""
+        world_size = world_size or self.world_size
+        required = self.required(config, world_size, optimizer)
+        if required is None or required >= self.base_required:
+            return None
+        change = tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(Config)
+                       if getattr(config, f.name) != getattr(self.base, f.name))
+        return Fix(lever, effect, change=change, saves=self.base_required - required, verified=True,
+                   required=required, step_cost=self.cost(config, world_size), world_size=world_size,
+                   optimizer=optimizer, fits=None if self.budget is None else required <= self.budget)
+
+    def cost(self, config: Config, world_size: int) -> float | None:
+        """The logical batch's predicted time with ``config`` relative to the base's (1.0)."""
+        try:
+            if self._base_cost is None:
+                self._base_cost = self.costs.step_cost(self.base, -(-self.batch_size // self.world_size),
+                                                       self.world_size)
+            return self.costs.step_cost(config, -(-self.batch_size // world_size), world_size) / self._base_cost
+        except Exception:  # noqa: BLE001 - a step the FLOP counter cannot run: the fix stands without a cost
+            return None
+
+
+def remedies(workload: Workload, base: Config, base_estimate: Estimate, *, batch_size: int, budget: int | None,
+             device: str, profile: Any = None, world_size: int = 1) -> Remedies:
+    """The fixes of ``base`` (whose estimate is ``base_estimate``) for ``batch_size`` samples per step."""
+    trial = _Trial(workload, base, base_estimate, batch_size, budget, device, profile, world_size)
+    at_peak = base_estimate.at_peak
+    levers, options = _levers(trial, base, base_estimate, batch_size)
+    # Every lever's estimate, and the FLOPs of each precision for the costs, in worker processes;
+    # the longest first (sharding traces a fake process group, the micro-batch search several steps).
+    levers.sort(key=lambda lv: (lv.world_size == world_size, not lv.search, lv.optimizer is None))
+    precisions = sorted({lv.config.precision for lv in levers} | {base.precision})
+    jobs = [lambda lv=lv: trial.run(lv) for lv in levers] + \
+        [lambda p=p: trial.costs.flops(p) for p in precisions]
+    results = run_all(jobs)
+    for precision, counts in zip(precisions, results[len(levers):]):
+        trial.costs.remember_flops(precision, counts)
+    fixes = []
+    for lever, (config, required) in zip(levers, results):
+        trial.known[(lever.world_size, lever.optimizer, config)] = required
+        name = lever.lever
+        if lever.search:
+            name = f"micro-batch {config.micro_batch} x {len(accumulation_steps(trial.searcher(world_size).batch_size, config.micro_batch))} micro-steps"
+        fix = trial.fix(name, lever.effect, config, world_size=lever.world_size, optimizer=lever.optimizer)
+        if fix is not None:
+            fixes.append(fix)
+    fixes.sort(key=lambda f: (not f.fits, f.step_cost if f.fits and f.step_cost is not None else 0, -f.saves))
+    combined = None
+    if budget is not None and fixes and not any(f.fits for f in fixes):
+        combined = _combine(trial, base, fixes, trial.searcher(world_size).batch_size)
+    options.append(Fix("LoRA adapters (peft) instead of training every weight",
+                       "changes what is trained: the frozen weights keep no gradients or optimizer state "
+                       "(arithmetic, the adapters' own few bytes aside)",
+                       saves=at_peak.get("gradients", 0) + at_peak.get("optimizer_state", 0)))
+    return Remedies(tuple(fixes), combined, tuple(options))
+
+
+def _levers(trial: _Trial, base: Config, base_estimate: Estimate, batch_size: int) -> tuple[list[_Lever], list[Fix]]:
+    """The levers worth estimating for this step (see the module docstring), and the options by arithmetic."""
+    at_peak, world_size = base_estimate.at_peak, trial.world_size
+    model = source_model(trial.workload)
+    every_block = tuple(blocks(model))
+    levers = []
+
+    def add(lever: str, effect: str, world: int = world_size, optimizer: Any = None, search: bool = False,
+            **change: Any) -> None:
+        try:
+            config = dataclasses.replace(base, **change)
+        except UsageError:  # a combination Config refuses (FSDP with 16-mixed's GradScaler)
+            return
+        levers.append(_Lever(lever, effect, config, world, optimizer, search))
+
+    if base.micro_batch > 1 and not base.optimizer_in_backward:
+        add("micro-batch", f"exact gradient accumulation to the same batch of "
+            f"{trial.searcher(world_size).batch_size}: the same update", search=True, micro_batch=base.micro_batch - 1)
+    for precision in _lower_precisions(base.precision):
+        add(f"precision {precision}", _PRECISION_EFFECT[precision], precision=precision)
+    covered = set(Checkpointing(base.checkpoint).select(model)) if base.checkpoint else set()
+    if every_block and not set(every_block) <= covered and at_peak.get("activations", 0):
+        add("checkpoint='all'", f"recomputes each of the {len(every_block)} blocks' activations in backward instead "
+            "of keeping them", checkpoint=every_block)
+    if trial.device == "cuda" and not base.offload_activations and at_peak.get("activations", 0):
+        add("offload_activations=True", "keeps saved activations in CPU memory (PCIe traffic)",
+            offload_activations=True)
+    if base.optimizer_impl != "fused" and base_estimate.report.peak_phase == "optimizer":
+        add("optimizer_impl='fused'", "one kernel for the update, no temporaries", optimizer_impl="fused")
+    if base.zero_grad != "set-to-none":
+        add("zero_grad='set-to-none'", "releases gradients right after the update", zero_grad="set-to-none")
+    if (base.strategy == "single" and not base.optimizer_in_backward and base.micro_batch >= batch_size
+            and base.precision != "16-mixed" and base.zero_grad == "set-to-none" and at_peak.get("gradients", 0)):
+        add("optimizer_in_backward=True", "steps each parameter in backward and frees its gradient at once",
+            optimizer_in_backward=True)
+    options = _eight_bit(trial, base, at_peak, add)
+    if base.strategy == "single" and world_size == 1 and base.precision != "16-mixed":
+        counts = [n for n in GPUS if n <= batch_size]
+        if counts:
+            states = base_estimate.model_states
+            rest = base_estimate.required - states
+            fitting = [n for n in counts if trial.budget is not None and states // n + rest <= trial.budget]
+            n = fitting[0] if fitting else counts[-1]
+            share = -(-batch_size // n)
+            add(f"FSDP2 over {n} GPUs", f"shards parameters, gradients and optimizer state 1/{n} per GPU, each GPU "
+                f"{share} of the {batch_size} samples (torchrun; memfit.Trainer)", world=n, strategy="fsdp",
+                micro_batch=min(base.micro_batch, share))
+    return levers, options
+
+
+_PRECISION_EFFECT = {
+    "bf16-mixed": "autocast to bfloat16: activations in 16 bits, fp32 weights and optimizer state kept",
+    "bf16-true": "the model cast to bfloat16: weights, gradients, optimizer state and activations in 16 bits "
+                 "(changes the numerics of the update: no fp32 master weights)",
+}
+
+
+def _lower_precisions(precision: str) -> tuple[str, ...]:
+    if precision in ("16-true", "bf16-true"):
+        return ()
+    if precision.endswith("-mixed"):
+        return ("bf16-true",)
+    return ("bf16-mixed", "bf16-true")
+
+
+def _eight_bit(trial: _Trial, base: Config, at_peak: dict[str, int], add) -> list[Fix]:
+    """bitsandbytes' AdamW8bit (or Adam8bit) for a torch Adam or AdamW: a lever where bitsandbytes is installed,
+    else an option by arithmetic."""
+    if trial.workload.optimizer is None or base.optimizer_in_backward:
+        return []
+    probe = trial.workload.optimizer([torch.nn.Parameter(torch.zeros(1))])
+    if type(probe) not in (torch.optim.Adam, torch.optim.AdamW):
+        return []
+    name = "AdamW8bit" if isinstance(probe, torch.optim.AdamW) else "Adam8bit"
+    hyper = {k: probe.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    effect = "keeps Adam's two states in 8 bits, blockwise quantized (a small change to the update's numerics)"
+    try:
+        import bitsandbytes
+    except ImportError:
+        return [Fix(f"bitsandbytes.optim.{name}", effect + "; pip install bitsandbytes to estimate it",
+                    saves=at_peak.get("optimizer_state", 0) * 3 // 4)]
+    add(f"bitsandbytes.optim.{name}", effect, optimizer=_EightBit(getattr(bitsandbytes.optim, name), hyper))
+    return []
+
+
+class _EightBit:
+    """``params -> bitsandbytes optimizer`` with the user's hyperparameters (hashable: it keys a searcher)."""
+
+    def __init__(self, cls: type, hyper: dict[str, Any]) -> None:
+        self.cls, self.hyper = cls, hyper
+
+    def __call__(self, params: Any) -> torch.optim.Optimizer:
+        return self.cls(params, **self.hyper)
+
+
+def _combine(trial: _Trial, base: Config, fixes: list[Fix], share: int) -> Fix | None:
+    """Config levers applied together, most saving first, until the step fits; then the micro-batch, then sharding."""
+    levers = [f for f in fixes if f.change and f.world_size == trial.world_size
+              and "micro_batch" not in dict(f.change) and f.optimizer is None]
+    levers.sort(key=lambda f: -f.saves)
+    config, names = base, []
+    for fix in levers:
+        candidate = dataclasses.replace(config, **dict(fix.change))
+        required = trial.required(candidate)
+        if required is not None and required < trial.required(config):
+            config, names = candidate, names + [fix.lever]
+            if required <= trial.budget:
+                break
+    if trial.required(config) > trial.budget and config.micro_batch > 1:
+        largest = trial.searcher(trial.world_size).largest_micro_batch(config, trial.budget, config.micro_batch - 1)
+        if largest:
+            m = balanced_micro_batch(share, largest)
+            config = dataclasses.replace(config, micro_batch=m)
+            names.append(f"micro-batch {m} x {len(accumulation_steps(share, m))} micro-steps")
+    if trial.required(config) <= trial.budget:
+        return trial.fix(" + ".join(names), "together", config)
+    if config.strategy == "single" and config.precision != "16-mixed":
+        for n in (n for n in GPUS if n <= share):
+            sharded = dataclasses.replace(config, strategy="fsdp", micro_batch=min(config.micro_batch, -(-share // n)))
+            fix = trial.fix(" + ".join(names + [f"FSDP2 over {n} GPUs"]), "together", sharded, world_size=n)
+            if fix is not None and fix.fits:
+                return fix
+    return None

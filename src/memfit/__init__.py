@@ -20,6 +20,7 @@ from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLos
 from memfit.engine import FitResult, OOMEvent, StepResult, Trainer
 from memfit.estimator import Estimate, estimate
 from memfit.explain import Explanation, explain
+from memfit.explain_oom import explain_oom
 from memfit.fit_batch import FitBatch, fit_batch
 from memfit.measurement import measure
 from memfit.planner import Plan, PlanError, plan
@@ -41,6 +42,7 @@ __all__ = [
     "estimate",
     "Explanation",
     "explain",
+    "explain_oom",
     "FitBatch",
     "fit_batch",
     "Plan",

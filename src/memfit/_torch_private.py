@@ -22,7 +22,8 @@ __all__ = ["FakeTensorMode", "TorchDispatchMode", "in_backward", "is_fake", "fak
            "grad_scaler_state", "reset_grad_scaler_step", "data_dependent_errors", "quiet_fake_tensor_errors",
            "cpu_flash_attention", "cpu_flash_attention_backward", "has_cpu_flash_attention",
            "autocast_cpu_excluded", "autocast_cpu_ops", "drop_library",
-           "softmax_half_to_float", "fake_item_values", "reset_fsdp_iteration"]
+           "softmax_half_to_float", "fake_item_values", "reset_fsdp_iteration", "record_memory_history",
+           "dump_memory_snapshot"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
 # no public equivalent; FSDP and torch.utils.checkpoint use the same call.
@@ -346,3 +347,32 @@ def lazy_fsdp_chunks():
         yield
     finally:
         _fsdp_param._chunk_with_empty = original
+
+
+def record_memory_history(enabled: bool, max_entries: int = 100_000) -> bool:
+    """Start or stop the CUDA caching allocator's record of allocations with their stacks
+    (``torch.cuda.memory._record_memory_history``, the source of memory_viz snapshots); False where it is
+    not available (no CUDA, a torch without it)."""
+    record = getattr(torch.cuda.memory, "_record_memory_history", None)
+    if record is None or not torch.cuda.is_available():
+        return False
+    try:
+        record("all" if enabled else None, max_entries=max_entries)
+    except (RuntimeError, TypeError) as exc:
+        logging.getLogger("memfit").debug("memfit: no CUDA memory history: %s", exc)
+        return False
+    return True
+
+
+def dump_memory_snapshot(path: str) -> bool:
+    """Write the CUDA allocator's snapshot with its recorded history to ``path``
+    (``torch.cuda.memory._dump_snapshot``: a pickle for pytorch.org/memory_viz); False where it cannot."""
+    dump = getattr(torch.cuda.memory, "_dump_snapshot", None)
+    if dump is None or not torch.cuda.is_available():
+        return False
+    try:
+        dump(path)
+    except (RuntimeError, OSError) as exc:
+        logging.getLogger("memfit").debug("memfit: no CUDA memory snapshot: %s", exc)
+        return False
+    return True

@@ -34,8 +34,9 @@ class SimulatedBudget(MemoryTracker):
         optimizer: torch.optim.Optimizer | None = None,
         *,
         device: torch.device | str | None = None,
+        sources: bool = False,
     ) -> None:
-        super().__init__(model, optimizer, device=device)
+        super().__init__(model, optimizer, device=device, sources=sources)
         self.budget = parse_bytes(budget)
         self._ledger.limit = self.budget
 

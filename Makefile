@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/distributed_estimate.py
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/empty_cache.py
+	$(PY) benchmarks/explain_speed.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache mutants .hypothesis

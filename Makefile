@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/memfit demo
 
-# -n auto: one pytest worker per core (pytest-xdist).
+# -n auto: one pytest worker per core (pytest-xdist). The HTML page's test loads it in Debian's
+# Chromium (tools/install_browser.sh: apt, best effort, once); where it cannot be installed that test skips.
 test: $(STAMP)
+	bash tools/install_browser.sh $(PY)
 	$(PY) -m pytest -q -n auto
 
 # Mutation testing of the core modules with the suite as the oracle (hours on 2 cores; not in CI).

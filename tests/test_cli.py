@@ -358,3 +358,25 @@ def test_a_loop_option_out_of_its_choices_is_one_line_with_the_valid_ones(capsys
                                  "(choose from 'set-to-none', 'after-forward', 'zeros')\n")
     code, _, err = run(capsys, "plan", "gpt2-tiny", "-b", "2", "--budget", "1GiB", "--optimizer-impl", "apex")
     assert code == 2 and err.count("\n") == 1 and "'default', 'for-loop', 'foreach', 'fused'" in err
+
+
+def test_html_writes_one_page_per_command_and_a_bad_path_is_refused_before_any_work(tmp_path, capsys):
+    from memfit import presets
+    from memfit.config import Config
+    from memfit.estimator import estimate
+
+    page = tmp_path / "e.html"
+    assert main(["estimate", "gpt2-tiny", "-b", "4", "--html", str(page)]) == 0
+    assert f"Page written to {page}" in capsys.readouterr().out
+    est = estimate(presets.load("gpt2-tiny"), Config(micro_batch=4), device="cuda")
+    assert f'data-bytes="{est.report.peak}"' in page.read_text()  # the page's figures are the estimate's
+    page = tmp_path / "x.html"
+    assert main(["explain", "gpt2-tiny", "-b", "4", "--device", "cpu", "--no-fixes", "--json", "--html",
+                 str(page)]) == 0
+    data = json.loads(capsys.readouterr().out)  # --json prints only JSON: the page is said nowhere
+    assert f'data-bytes="{data["peak"]}"' in page.read_text()
+    for argv, message in ((["--html", str(tmp_path / "missing" / "p.html")], "does not exist"),
+                          (["--html", str(tmp_path / "p.txt")], "must end in .html")):
+        assert main(["plan", "gpt2-tiny", "-b", "8", "--budget", "1MiB", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err

@@ -10,7 +10,7 @@ exercise out-of-memory without a GPU (:func:`simulate_budget`), and work in
 int bytes with one parser and formatter (:func:`parse_bytes`, :func:`format_bytes`).
 """
 
-from memfit import presets
+from memfit import html_page, presets
 from memfit.batch_size import find_batch_size
 from memfit.budget import simulate_budget
 from memfit.config import PRECISIONS, Config
@@ -67,6 +67,7 @@ __all__ = [
     "format_bytes",
     "measure",
     "parse_bytes",
+    "html_page",
     "presets",
     "simulate_budget",
     "track",

@@ -84,6 +84,11 @@ def _add_loop_args(parser: argparse.ArgumentParser) -> None:
                         "post-accumulate-grad hook and free its gradient at once (one micro-batch per step)")
 
 
+def _add_html_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--html", metavar="PATH", help="also write one self-contained page (.html): the timeline "
+                        "by category, the tables, the plan's alternatives or the fixes; opens offline")
+
+
 def _add_gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=_positive_int("--gpus"), default=1, metavar="N",
                         help="GPUs (ranks) trained on; the figures are one rank's (default 1)")
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--memory-viz", metavar="PATH", help="also write the step in PyTorch's memory snapshot "
                          "format (a pickle for https://pytorch.org/memory_viz)")
     profile.add_argument("--json", action="store_true", help="print only JSON")
+    _add_html_arg(profile)
     profile.add_argument("--timeline", action="store_true", help="with --json, include the per-op timeline")
     _add_loop_args(profile)
 
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--budget", metavar="BYTES",
                           help="say whether the step fits in this much memory: 24GiB, or a card such as rtx4090, h100")
     estimate.add_argument("--json", action="store_true", help="print only JSON")
+    _add_html_arg(estimate)
     estimate.add_argument("--memory-viz", metavar="PATH", help="also write the fake step in PyTorch's memory "
                           "snapshot format (a pickle for https://pytorch.org/memory_viz)")
     estimate.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces: a file "
@@ -188,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces, as for estimate")
     explain.add_argument("--no-fixes", action="store_true", help="explain the peak only (no estimates of fixes)")
     explain.add_argument("--json", action="store_true", help="print only JSON")
+    _add_html_arg(explain)
     _add_gpu_args(explain)
     _add_loop_args(explain)
 
@@ -215,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=("cpu", "cuda"), default="cuda", help="the target (default cuda; no GPU needed)")
     plan.add_argument("--calibrate", action="store_true", help="time a few real micro-steps on --device to fit the efficiency curve")
     plan.add_argument("--json", action="store_true", help="print only JSON")
+    _add_html_arg(plan)
     plan.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces, as for estimate")
     _add_loop_args(plan)
 

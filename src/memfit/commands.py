@@ -85,6 +85,7 @@ def _profile(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--device cuda: no CUDA device is available to torch {torch.__version__} here; use --device cpu"
         )
+    _check_html(args)
     workload = presets.resolve(args.spec, **_overrides(args))
     report = measure(workload, config=Config(micro_batch=args.batch_size, **_loop(args)), steps=args.steps,
                      device=args.device)
@@ -98,6 +99,7 @@ def _profile(args: argparse.Namespace) -> int:
         if args.plot is not None:
             print(f"Plot written to {args.plot}")
         _said_memory_viz(args)
+    _html(args, report=report)
     return 0
 
 
@@ -110,6 +112,27 @@ def _memory_viz(args: argparse.Namespace, report) -> None:
     if not folder.is_dir():
         raise UsageError(f"--memory-viz {args.memory_viz}: the folder {str(folder)!r} does not exist; create it first")
     report.to_memory_viz(args.memory_viz)
+
+
+def _check_html(args: argparse.Namespace) -> None:
+    """``--html PATH``: refused before any work where the page could not be written (one line)."""
+    if args.html is None:
+        return
+    if Path(args.html).suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"--html {args.html}: the file name must end in .html or .htm")
+    if not Path(args.html).resolve().parent.is_dir():
+        raise UsageError(f"--html {args.html}: the folder {str(Path(args.html).parent)!r} does not exist; create it first")
+
+
+def _html(args: argparse.Namespace, **parts) -> None:
+    """``--html PATH``: one self-contained page of what the command found (:mod:`memfit.html_page`)."""
+    if args.html is None:
+        return
+    from memfit import html_page
+
+    html_page.write(args.html, title=f"memfit {args.command} {args.spec}", **parts)
+    if not getattr(args, "json", False):
+        print(f"Page written to {args.html}")
 
 
 def _said_memory_viz(args: argparse.Namespace) -> None:
@@ -139,6 +162,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
     budget = parse_bytes(args.budget) if args.budget is not None else None
     config = _config(args)
+    _check_html(args)
     workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Estimating {workload.name} on fake tensors"):
         est = estimate(workload, config, steps=args.steps, device=args.device, profile=args.profile,
@@ -150,6 +174,7 @@ def _estimate(args: argparse.Namespace) -> int:
         data["budget"] = budget
         data["fits"] = fits
         print(json.dumps(data, indent=2))
+        _html(args, report=est.report, estimate=est)
         return 0
     print(est.table(), end="")
     if budget is not None:
@@ -157,6 +182,7 @@ def _estimate(args: argparse.Namespace) -> int:
         print(f"Budget {format_budget(budget)}: the step {verdict} ({format_bytes(est.required)} needed, "
               f"{format_bytes(abs(budget - est.required))} {'to spare' if fits else 'short'}).")
     _said_memory_viz(args)
+    _html(args, report=est.report, estimate=est)
     return 0
 
 
@@ -167,11 +193,13 @@ def _explain(args: argparse.Namespace) -> int:
 
     budget = parse_bytes(args.budget) if args.budget is not None else None
     config = _config(args)
+    _check_html(args)
     workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Explaining {workload.name} on fake tensors"):
         why = explain(workload, config, budget, batch_size=args.effective_batch, device=args.device,
                       world_size=args.gpus, profile=args.profile, fixes=not args.no_fixes)
     print(json.dumps(why.to_dict(), indent=2) if args.json else why.table(), end="\n" if args.json else "")
+    _html(args, report=why.report, explanation=why)
     return 0
 
 
@@ -184,6 +212,7 @@ def _plan(args: argparse.Namespace) -> int:
     for p in args.precision or ():
         if p not in PRECISIONS:
             raise UsageError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
+    _check_html(args)
     workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Planning {workload.name} for {format_budget(budget)}"), _explained(args):
         result = plan(
@@ -205,6 +234,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.table(), end="")
+    _html(args, report=result.estimate.report, estimate=result.estimate, plan=result)
     return 0
 
 
@@ -237,6 +267,7 @@ def _explained(args: argparse.Namespace):
         if why is not None:
             print(json.dumps({"error": str(exc), "explanation": why.to_dict()}, indent=2) if args.json
                   else why.table(), end="\n" if args.json else "")
+            _html(args, report=why.report, explanation=why)
         raise
 
 

@@ -72,6 +72,8 @@ class Explanation:
     world_size: int = 1
     notes: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+    report: MemoryReport | None = field(default=None, repr=False, compare=False)
+    """The report explained (its timeline is what an HTML page draws)."""
 
     @property
     def fits(self) -> bool | None:
@@ -194,7 +196,7 @@ def explain(
         fixes=found.fixes if found else (), combined=found.combined if found else None,
         options=found.options if found else (), config=config, device=base.device if base else report.device,
         batch_size=batch_size, world_size=world_size, notes=tuple(notes) + (base.notes if base else ()),
-        extra={"workload": workload.name if workload is not None else report.extra.get("workload")},
+        extra={"workload": workload.name if workload is not None else report.extra.get("workload")}, report=report,
     )
 
 

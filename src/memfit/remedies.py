@@ -87,7 +87,9 @@ class _Trial:
         if (world_size, optimizer) not in self.searchers:
             workload = self.workload
             if optimizer is not None:
-                workload = dataclasses.replace(workload, optimizer=optimizer, name=workload.name + " (8-bit optimizer)")
+                # The model built once (on meta) serves: only the optimizer differs.
+                workload = dataclasses.replace(workload, model=source_model(workload), optimizer=optimizer,
+                                               name=workload.name + " (8-bit optimizer)")
             share = -(-self.batch_size // world_size)
             self.searchers[world_size, optimizer] = Searcher(workload, self.device, batch_size=share,
                                                              profile=self.profile, world_size=world_size)
@@ -146,15 +148,15 @@ def remedies(workload: Workload, base: Config, base_estimate: Estimate, *, batch
     trial = _Trial(workload, base, base_estimate, batch_size, budget, device, profile, world_size)
     at_peak = base_estimate.at_peak
     levers, options = _levers(trial, base, base_estimate, batch_size)
-    # Every lever's estimate, and the FLOPs of each precision for the costs, in worker processes;
-    # the longest first (sharding traces a fake process group, the micro-batch search several steps).
+    # Every lever's estimate, and the FLOPs for the costs, in worker processes; the longest first
+    # (sharding traces a fake process group, the micro-batch search steps that accumulate).
     levers.sort(key=lambda lv: (lv.world_size == world_size, not lv.search, lv.optimizer is None))
-    precisions = sorted({lv.config.precision for lv in levers} | {base.precision})
-    jobs = [lambda lv=lv: trial.run(lv) for lv in levers] + \
-        [lambda p=p: trial.costs.flops(p) for p in precisions]
+    jobs = [lambda lv=lv: trial.run(lv) for lv in levers] + [lambda: trial.costs.flops(base.precision)]
     results = run_all(jobs)
-    for precision, counts in zip(precisions, results[len(levers):]):
-        trial.costs.remember_flops(precision, counts)
+    # FLOPs are counted from shapes (FlopCounterMode's formulas for matmuls, convolutions and attention), which
+    # no precision changes: one count serves every lever, and the cost model's speed factor tells them apart.
+    for precision in {lv.config.precision for lv in levers} | {base.precision}:
+        trial.costs.remember_flops(precision, results[-1])
     fixes = []
     for lever, (config, required) in zip(levers, results):
         trial.known[(lever.world_size, lever.optimizer, config)] = required

@@ -146,6 +146,7 @@ def test_plan_error_and_out_of_memory_carry_the_explanation():
         memfit.plan(w, 2048, 16, device="cpu")
     why = caught.value.explanation
     assert why is not None and why.budget == 2048 and sum(why.at_peak.values()) == why.peak
+    assert "What the peak is made of" in why.table() and ("Fixes, each estimated" in why.table()) == bool(why.fixes)
     # Out of memory at micro-batch 1 under a simulated device: what was live, and fixes verified.
     trainer = memfit.Trainer(w, memfit.Config(micro_batch=4), device="cpu", budget="30KiB")
     with pytest.raises(memfit.OutOfMemory) as caught:
@@ -165,3 +166,12 @@ def test_cli_explain_prints_the_tables_and_json_and_rejects_bad_flags(capsys):
     assert main(["explain", "gpt2-tiny", "-b", "4", "--budget", "lots"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad byte quantity" in err
+
+
+def test_cli_plan_that_nothing_fits_prints_the_explanation_then_one_line(capsys):
+    assert main(["plan", "gpt2-tiny", "-b", "8", "--budget", "1MiB", "--device", "cpu", "--json"]) == 1
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["explanation"]["budget"] == 1 << 20 and data["explanation"]["fixes"]
+    assert all(f["verified"] for f in data["explanation"]["fixes"])
+    assert captured.err.count("\n") == 1 and "nothing fits" in captured.err

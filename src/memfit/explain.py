@@ -165,28 +165,32 @@ def explain(
 
     accumulation = 2 if config is not None and share is not None and config.micro_batch < share \
         and not config.optimizer_in_backward else 1
-    if isinstance(source, Workload):
-        base = estimate(workload, config, device=device, accumulation=accumulation, profile=profile,
-                        world_size=world_size if config.strategy != "single" else 1, sources=True)
-    else:
-        base = source if isinstance(source, Estimate) else None
-    report = base.report if base is not None else source
-    if report.history is None:
+    ranks = world_size if config is not None and config.strategy != "single" else 1
+    make = lambda sources: estimate(workload, config, device=device, accumulation=accumulation,  # noqa: E731
+                                    profile=profile, world_size=ranks, sources=sources)
+    if isinstance(source, MemoryReport) and source.history is None:
         raise UsageError("this report was read back from a dict (MemoryReport.from_dict) and keeps no record of "
                          "its tensors; explain the step's workload, or a report from memfit.track or memfit.measure")
-    required = base.required if base is not None else report.peak
+    base = source if isinstance(source, Estimate) else None
     found = None
     if fixes and workload is not None and config is not None:
-        reference = base
-        if reference is None:  # a measured report: the fixes are estimates, against the estimate of its config
-            reference = estimate(workload, config, device=device, accumulation=accumulation, profile=profile,
-                                 world_size=world_size if config.strategy != "single" else 1)
-            notes.append(f"fixes are estimates, each against the estimate of the step as run "
-                         f"({reference.required:,} bytes; measured peak {report.peak:,})")
+        reference = base if base is not None else lambda: make(isinstance(source, Workload))
         found = remedies(workload, config, reference, batch_size=batch_size, budget=budget, device=device,
                          profile=profile, world_size=world_size)
+        if isinstance(source, Workload):
+            base = found.base
+        elif base is None:  # a measured report: the fixes are estimates, against the estimate of its config
+            notes.append(f"fixes are estimates, each against the estimate of the step as run "
+                         f"({found.base.required:,} bytes; measured peak {source.peak:,})")
     elif fixes:
         notes.append("no fixes: give the workload (and the config it ran under) to have each fix estimated")
+    if isinstance(source, Workload) and base is None:
+        base = make(True)
+    report = base.report if base is not None else source
+    if report.history is None:
+        raise UsageError("this estimate keeps no record of its tensors (its report was read back from a dict); "
+                         "explain the step's workload")
+    required = base.required if base is not None else report.peak
     return Explanation(
         peak=report.peak, required=required, budget=budget, at_peak=dict(report.at_peak), phase=report.peak_phase,
         op=report.peak_op, module=report.peak_module, largest=largest_live(report.history, top),

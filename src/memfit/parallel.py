@@ -22,7 +22,7 @@ from typing import Any
 
 from memfit.errors import MemfitError, UsageError
 
-__all__ = ["run_all", "workers"]
+__all__ = ["run_all", "start", "Pending", "workers"]
 
 _JOBS: Sequence[Callable[[], Any]] = ()  # what the forked workers run, inherited from the parent
 
@@ -41,16 +41,43 @@ def workers() -> int:
 
 def run_all(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
     """Each job's result, in order; the longest jobs should come first (they are handed out in order)."""
-    count = min(workers(), len(jobs))
-    if count < 2:
-        return [job() for job in jobs]
-    global _JOBS
-    _JOBS = jobs
-    try:
-        with multiprocessing.get_context("fork").Pool(count) as pool:
-            results = pool.map(_run, range(len(jobs)), chunksize=1)
-    finally:
-        _JOBS = ()
+    return start(jobs).results()
+
+
+def start(jobs: Sequence[Callable[[], Any]]) -> Pending:
+    """Start the jobs in worker processes (see :func:`run_all`) and return at once: this process may work
+    meanwhile; :meth:`Pending.results` waits. Where the jobs do not fork, they run when the results are asked."""
+    return Pending(jobs)
+
+
+class Pending:
+    """Jobs running in forked workers (or waiting to run here); :meth:`results` gives their results in order."""
+
+    def __init__(self, jobs: Sequence[Callable[[], Any]]) -> None:
+        self.jobs = list(jobs)
+        self._pool = self._async = None
+        count = min(workers(), len(self.jobs))
+        if count >= 2:
+            global _JOBS
+            _JOBS = self.jobs  # the workers fork now, with the jobs in their memory
+            try:
+                self._pool = multiprocessing.get_context("fork").Pool(count)
+                self._async = self._pool.map_async(_run, range(len(self.jobs)), chunksize=1)
+            finally:
+                _JOBS = ()
+
+    def results(self) -> list[Any]:
+        if self._pool is None:
+            return [job() for job in self.jobs]
+        try:
+            results = self._async.get()
+        finally:
+            self._pool.terminate()
+            self._pool.join()
+        return _raised(results)
+
+
+def _raised(results: list[Any]) -> list[Any]:
     for result in results:
         if isinstance(result, _Failed):
             if result.usage:

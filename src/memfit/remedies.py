@@ -26,6 +26,7 @@ changes only the optimizer phase's temporaries: it is tried where the peak is in
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,8 @@ class Remedies:
     fixes: tuple[Fix, ...]
     combined: Fix | None
     options: tuple[Fix, ...]
+    base: Estimate
+    """The base's estimate, every fix's reference."""
 
 
 class _Lever:
@@ -71,17 +74,21 @@ class _Lever:
 class _Trial:
     """Estimates and costs of configurations relative to the base, one searcher per world size and optimizer."""
 
-    def __init__(self, workload: Workload, base: Config, base_estimate: Estimate, batch_size: int, budget: int | None,
-                 device: str, profile: Any, world_size: int) -> None:
+    def __init__(self, workload: Workload, base: Config, batch_size: int, budget: int | None, device: str,
+                 profile: Any, world_size: int) -> None:
         self.workload, self.base, self.budget, self.batch_size = workload, base, budget, batch_size
         self.device, self.profile, self.world_size = device, profile, world_size
         self.searchers: dict[tuple, Searcher] = {}
-        searcher = self.searcher(world_size)
-        searcher.cache[(base, 2 if base.micro_batch < searcher.batch_size else 1)] = base_estimate
-        self.base_required = base_estimate.required
+        self.base_required = 0
         self.known: dict[tuple, int | None] = {}  # (world size, optimizer, config) -> required, from the workers
         self.costs = CostModel(workload, device=device)
         self._base_cost: float | None = None
+
+    def set_base(self, estimate: Estimate) -> None:
+        """The base's estimate: what every fix saves against (and the searcher's, so it is not made again)."""
+        searcher = self.searcher(self.world_size)
+        searcher.cache[(self.base, 2 if self.base.micro_batch < searcher.batch_size else 1)] = estimate
+        self.base_required = estimate.required
 
     def searcher(self, world_size: int, optimizer: Any = None) -> Searcher:
         if (world_size, optimizer) not in self.searchers:
@@ -142,48 +149,48 @@ class _Trial:
             return None
 
 
-def remedies(workload: Workload, base: Config, base_estimate: Estimate, *, batch_size: int, budget: int | None,
-             device: str, profile: Any = None, world_size: int = 1) -> Remedies:
-    """The fixes of ``base`` (whose estimate is ``base_estimate``) for ``batch_size`` samples per step."""
-    trial = _Trial(workload, base, base_estimate, batch_size, budget, device, profile, world_size)
-    at_peak = base_estimate.at_peak
-    levers, options = _levers(trial, base, base_estimate, batch_size)
+def remedies(workload: Workload, base: Config, base_estimate: Estimate | Callable[[], Estimate], *, batch_size: int,
+             budget: int | None, device: str, profile: Any = None, world_size: int = 1) -> Remedies:
+    """The fixes of ``base`` for ``batch_size`` samples per step. ``base_estimate`` is the base's estimate, or
+    makes it (here, before the workers fork)."""
+    trial = _Trial(workload, base, batch_size, budget, device, profile, world_size)
+    # The base first: its trace warms what every later trace reuses (torch's lazy imports, fake tensors' op
+    # caches), and the workers forked after it inherit that; started before it, each paid it again.
+    estimated = base_estimate if isinstance(base_estimate, Estimate) else base_estimate()
+    trial.set_base(estimated)
+    levers, options = _levers(trial, base, batch_size)
+    levers += _levers_after(trial, base, estimated, batch_size)
     # Every lever's estimate, and the FLOPs for the costs, in worker processes; the longest first
     # (sharding traces a fake process group, the micro-batch search steps that accumulate).
     levers.sort(key=lambda lv: (lv.world_size == world_size, not lv.search, lv.optimizer is None))
-    jobs = [lambda lv=lv: trial.run(lv) for lv in levers] + [lambda: trial.costs.flops(base.precision)]
-    results = run_all(jobs)
+    results = run_all([lambda lv=lv: trial.run(lv) for lv in levers] + [lambda: trial.costs.flops(base.precision)])
     # FLOPs are counted from shapes (FlopCounterMode's formulas for matmuls, convolutions and attention), which
     # no precision changes: one count serves every lever, and the cost model's speed factor tells them apart.
     for precision in {lv.config.precision for lv in levers} | {base.precision}:
         trial.costs.remember_flops(precision, results[-1])
+    share = trial.searcher(world_size).batch_size
     fixes = []
     for lever, (config, required) in zip(levers, results):
         trial.known[(lever.world_size, lever.optimizer, config)] = required
         name = lever.lever
         if lever.search:
-            name = f"micro-batch {config.micro_batch} x {len(accumulation_steps(trial.searcher(world_size).batch_size, config.micro_batch))} micro-steps"
+            name = f"micro-batch {config.micro_batch} x {len(accumulation_steps(share, config.micro_batch))} micro-steps"
         fix = trial.fix(name, lever.effect, config, world_size=lever.world_size, optimizer=lever.optimizer)
         if fix is not None:
             fixes.append(fix)
     fixes.sort(key=lambda f: (not f.fits, f.step_cost if f.fits and f.step_cost is not None else 0, -f.saves))
     combined = None
     if budget is not None and fixes and not any(f.fits for f in fixes):
-        combined = _combine(trial, base, fixes, trial.searcher(world_size).batch_size)
+        combined = _combine(trial, base, fixes, share)
+    at_peak = estimated.at_peak
     options.append(Fix("LoRA adapters (peft) instead of training every weight",
                        "changes what is trained: the frozen weights keep no gradients or optimizer state "
                        "(arithmetic, the adapters' own few bytes aside)",
                        saves=at_peak.get("gradients", 0) + at_peak.get("optimizer_state", 0)))
-    return Remedies(tuple(fixes), combined, tuple(options))
+    return Remedies(tuple(fixes), combined, tuple(options), estimated)
 
 
-def _levers(trial: _Trial, base: Config, base_estimate: Estimate, batch_size: int) -> tuple[list[_Lever], list[Fix]]:
-    """The levers worth estimating for this step (see the module docstring), and the options by arithmetic."""
-    at_peak, world_size = base_estimate.at_peak, trial.world_size
-    model = source_model(trial.workload)
-    every_block = tuple(blocks(model))
-    levers = []
-
+def _adder(base: Config, levers: list[_Lever], world_size: int):
     def add(lever: str, effect: str, world: int = world_size, optimizer: Any = None, search: bool = False,
             **change: Any) -> None:
         try:
@@ -192,27 +199,46 @@ def _levers(trial: _Trial, base: Config, base_estimate: Estimate, batch_size: in
             return
         levers.append(_Lever(lever, effect, config, world, optimizer, search))
 
+    return add
+
+
+def _levers(trial: _Trial, base: Config, batch_size: int) -> tuple[list[_Lever], list[Fix]]:
+    """The levers worth estimating whatever the base's estimate says (a lever that saves nothing is dropped
+    once estimated), and the options by arithmetic."""
+    world_size = trial.world_size
+    model = source_model(trial.workload)
+    every_block = tuple(blocks(model))
+    levers: list[_Lever] = []
+    add = _adder(base, levers, world_size)
     if base.micro_batch > 1 and not base.optimizer_in_backward:
         add("micro-batch", f"exact gradient accumulation to the same batch of "
             f"{trial.searcher(world_size).batch_size}: the same update", search=True, micro_batch=base.micro_batch - 1)
     for precision in _lower_precisions(base.precision):
         add(f"precision {precision}", _PRECISION_EFFECT[precision], precision=precision)
     covered = set(Checkpointing(base.checkpoint).select(model)) if base.checkpoint else set()
-    if every_block and not set(every_block) <= covered and at_peak.get("activations", 0):
+    if every_block and not set(every_block) <= covered:
         add("checkpoint='all'", f"recomputes each of the {len(every_block)} blocks' activations in backward instead "
             "of keeping them", checkpoint=every_block)
-    if trial.device == "cuda" and not base.offload_activations and at_peak.get("activations", 0):
+    if trial.device == "cuda" and not base.offload_activations:
         add("offload_activations=True", "keeps saved activations in CPU memory (PCIe traffic)",
             offload_activations=True)
-    if base.optimizer_impl != "fused" and base_estimate.report.peak_phase == "optimizer":
-        add("optimizer_impl='fused'", "one kernel for the update, no temporaries", optimizer_impl="fused")
     if base.zero_grad != "set-to-none":
         add("zero_grad='set-to-none'", "releases gradients right after the update", zero_grad="set-to-none")
+    return levers, _eight_bit(trial, base, add)
+
+
+def _levers_after(trial: _Trial, base: Config, base_estimate: Estimate, batch_size: int) -> list[_Lever]:
+    """The levers the base's estimate selects: the fused optimizer where the peak is in the optimizer, the step in
+    backward where gradients are alive at the peak, FSDP2 over the fewest GPUs whose model states' share fits."""
+    at_peak, world_size = base_estimate.at_peak, trial.world_size
+    levers: list[_Lever] = []
+    add = _adder(base, levers, world_size)
+    if base.optimizer_impl != "fused" and base_estimate.report.peak_phase == "optimizer":
+        add("optimizer_impl='fused'", "one kernel for the update, no temporaries", optimizer_impl="fused")
     if (base.strategy == "single" and not base.optimizer_in_backward and base.micro_batch >= batch_size
             and base.precision != "16-mixed" and base.zero_grad == "set-to-none" and at_peak.get("gradients", 0)):
         add("optimizer_in_backward=True", "steps each parameter in backward and frees its gradient at once",
             optimizer_in_backward=True)
-    options = _eight_bit(trial, base, at_peak, add)
     if base.strategy == "single" and world_size == 1 and base.precision != "16-mixed":
         counts = [n for n in GPUS if n <= batch_size]
         if counts:
@@ -224,7 +250,7 @@ def _levers(trial: _Trial, base: Config, base_estimate: Estimate, batch_size: in
             add(f"FSDP2 over {n} GPUs", f"shards parameters, gradients and optimizer state 1/{n} per GPU, each GPU "
                 f"{share} of the {batch_size} samples (torchrun; memfit.Trainer)", world=n, strategy="fsdp",
                 micro_batch=min(base.micro_batch, share))
-    return levers, options
+    return levers
 
 
 _PRECISION_EFFECT = {
@@ -242,7 +268,7 @@ def _lower_precisions(precision: str) -> tuple[str, ...]:
     return ("bf16-mixed", "bf16-true")
 
 
-def _eight_bit(trial: _Trial, base: Config, at_peak: dict[str, int], add) -> list[Fix]:
+def _eight_bit(trial: _Trial, base: Config, add) -> list[Fix]:
     """bitsandbytes' AdamW8bit (or Adam8bit) for a torch Adam or AdamW: a lever where bitsandbytes is installed,
     else an option by arithmetic."""
     if trial.workload.optimizer is None or base.optimizer_in_backward:
@@ -256,8 +282,8 @@ def _eight_bit(trial: _Trial, base: Config, at_peak: dict[str, int], add) -> lis
     try:
         import bitsandbytes
     except ImportError:
-        return [Fix(f"bitsandbytes.optim.{name}", effect + "; pip install bitsandbytes to estimate it",
-                    saves=at_peak.get("optimizer_state", 0) * 3 // 4)]
+        return [Fix(f"bitsandbytes.optim.{name}", effect + "; pip install bitsandbytes to estimate it (it saves "
+                    "up to 3/4 of Adam's fp32 state: 2 of its 8 bytes a parameter kept, and a scale per block)")]
     add(f"bitsandbytes.optim.{name}", effect, optimizer=_EightBit(getattr(bitsandbytes.optim, name), hyper))
     return []
 

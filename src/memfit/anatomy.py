@@ -85,11 +85,12 @@ def largest_live(history: Any, top: int = 8) -> tuple[LiveTensor, ...]:
     return tuple(out)
 
 
-def causes(at_peak: dict[str, int], *, micro_batch: int, accumulation: int = 1, reserved: int | None = None,
+def causes(at_peak: dict[str, int], *, micro_batch: int | None, accumulation: int = 1, reserved: int | None = None,
            peak: int, parameters: int | None = None) -> tuple[Cause, ...]:
     """The seed's causes of OOM with their bytes at the peak (``at_peak``: bytes by category), largest first.
 
-    ``reserved`` is the CUDA caching allocator's predicted ``max_memory_reserved`` (None on the CPU).
+    ``reserved`` is the CUDA caching allocator's predicted ``max_memory_reserved`` (None on the CPU);
+    ``micro_batch`` None where the step's is not known (a measured report without its Config).
     """
     get = at_peak.get
     states = get("parameters", 0) + get("buffers", 0) + get("gradients", 0) + get("optimizer_state", 0)
@@ -99,10 +100,10 @@ def causes(at_peak: dict[str, int], *, micro_batch: int, accumulation: int = 1, 
                  f"{format_bytes(get('gradients', 0))}, optimizer state {format_bytes(get('optimizer_state', 0))}"
                  " (lower precision, a lighter optimizer or sharding over GPUs shrink them; a smaller batch does not)")]
     batch = get("activations", 0) + get("inputs", 0)
+    each = f": {format_bytes(batch // micro_batch)} per sample at micro-batch {micro_batch}" if micro_batch else ""
     out.append(Cause("batch and input size", batch,
-                     f"activations saved for backward and the batch: {format_bytes(batch // micro_batch)} per sample "
-                     f"at micro-batch {micro_batch} (they scale with the micro-batch and the input's size; "
-                     "checkpointing recomputes them instead)"))
+                     f"activations saved for backward and the batch{each} (they scale with the micro-batch and the "
+                     "input's size; checkpointing recomputes them instead)"))
     out.append(Cause("intermediates alive", get("temporaries", 0),
                      "outputs and workspaces of the ops running at the peak, not saved for backward "
                      "(`del outputs, loss` frees nothing a training loop still needs: these are in use)"))

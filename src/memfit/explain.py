@@ -194,7 +194,7 @@ def explain(
     return Explanation(
         peak=report.peak, required=required, budget=budget, at_peak=dict(report.at_peak), phase=report.peak_phase,
         op=report.peak_op, module=report.peak_module, largest=largest_live(report.history, top),
-        causes=causes(report.at_peak, micro_batch=config.micro_batch if config is not None else 1,
+        causes=causes(report.at_peak, micro_batch=config.micro_batch if config is not None else None,
                       accumulation=accumulation, reserved=base.reserved if base is not None else None,
                       peak=report.peak, parameters=base.parameters if base is not None else None),
         fixes=found.fixes if found else (), combined=found.combined if found else None,

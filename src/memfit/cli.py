@@ -84,6 +84,17 @@ def _add_loop_args(parser: argparse.ArgumentParser) -> None:
                         "post-accumulate-grad hook and free its gradient at once (one micro-batch per step)")
 
 
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The step's Config as estimate and explain take it, and the target."""
+    parser.add_argument("--precision", default="32-true", metavar="P",
+                        help=f"one of {', '.join(PRECISIONS)} (default 32-true)")
+    parser.add_argument("--checkpoint", nargs="+", default=[], metavar="GLOB",
+                        help="module-path globs to recompute in backward ('transformer.h.*'), 'all' for every block, or 'none'")
+    parser.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
+                        help="the target to estimate for (default cuda; no GPU is needed)")
+
+
 def _add_html_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", metavar="PATH", help="also write one self-contained page (.html): the timeline "
                         "by category, the tables, the plan's alternatives or the fixes; opens offline")
@@ -152,13 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "categories at the peak, phase peaks, top modules and the memory a device needs.",
     )
     _add_workload_args(estimate, "micro-batch size")
-    estimate.add_argument("--precision", default="32-true", metavar="P",
-                          help=f"one of {', '.join(PRECISIONS)} (default 32-true)")
-    estimate.add_argument("--checkpoint", nargs="+", default=[], metavar="GLOB",
-                          help="module-path globs to recompute in backward ('transformer.h.*'), 'all' for every block, or 'none'")
-    estimate.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
-    estimate.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
-                          help="the target to estimate for (default cuda; no GPU is needed)")
+    _add_config_args(estimate)
     estimate.add_argument("--steps", type=_steps, default=2, help=f"training steps to simulate, 1 to {MAX_STEPS} (default 2)")
     estimate.add_argument("--budget", metavar="BYTES",
                           help="say whether the step fits in this much memory: 24GiB, or a card such as rtx4090, h100")
@@ -185,13 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="samples per optimizer step that every fix keeps (default: --batch-size on each GPU)")
     explain.add_argument("--budget", metavar="BYTES", help="device memory to fit: 80GB, 24GiB, or a card (h100, "
                          "rtx4090); without it fixes are ranked by bytes saved")
-    explain.add_argument("--precision", default="32-true", metavar="P",
-                         help=f"one of {', '.join(PRECISIONS)} (default 32-true)")
-    explain.add_argument("--checkpoint", nargs="+", default=[], metavar="GLOB",
-                         help="module-path globs recomputed in backward, 'all' for every block, or 'none'")
-    explain.add_argument("--offload-activations", action="store_true", help="keep saved activations in CPU memory")
-    explain.add_argument("--device", choices=("cpu", "cuda"), default="cuda",
-                         help="the target to estimate for (default cuda; no GPU is needed)")
+    _add_config_args(explain)
     explain.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces, as for estimate")
     explain.add_argument("--no-fixes", action="store_true", help="explain the peak only (no estimates of fixes)")
     explain.add_argument("--json", action="store_true", help="print only JSON")

@@ -155,15 +155,23 @@ def _config(args: argparse.Namespace):
                   offload_activations=args.offload_activations, **_loop(args), **_sharding(args))
 
 
-def _estimate(args: argparse.Namespace) -> int:
+def _step(args: argparse.Namespace):
+    """The budget (None without one), the Config and the workload of estimate's and explain's flags, checked in
+    that order, and --html before any work."""
     from memfit import presets
-    from memfit.estimator import estimate
-    from memfit.units import format_budget, format_bytes, parse_bytes
+    from memfit.units import parse_bytes
 
     budget = parse_bytes(args.budget) if args.budget is not None else None
     config = _config(args)
     _check_html(args)
-    workload = presets.resolve(args.spec, **_overrides(args))
+    return budget, config, presets.resolve(args.spec, **_overrides(args))
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from memfit.estimator import estimate
+    from memfit.units import format_budget, format_bytes
+
+    budget, config, workload = _step(args)
     with _progress(f"Estimating {workload.name} on fake tensors"):
         est = estimate(workload, config, steps=args.steps, device=args.device, profile=args.profile,
                        world_size=args.gpus)
@@ -187,14 +195,9 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from memfit import presets
     from memfit.explain import explain
-    from memfit.units import parse_bytes
 
-    budget = parse_bytes(args.budget) if args.budget is not None else None
-    config = _config(args)
-    _check_html(args)
-    workload = presets.resolve(args.spec, **_overrides(args))
+    budget, config, workload = _step(args)
     with _progress(f"Explaining {workload.name} on fake tensors"):
         why = explain(workload, config, budget, batch_size=args.effective_batch, device=args.device,
                       world_size=args.gpus, profile=args.profile, fixes=not args.no_fixes)

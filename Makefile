@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/empty_cache.py
 	$(PY) benchmarks/explain_speed.py
+	$(PY) benchmarks/seed_strategies.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache mutants .hypothesis

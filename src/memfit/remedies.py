@@ -3,8 +3,7 @@
 For a base :class:`memfit.Config` and the user's batch, each lever that the step's anatomy says
 could move its peak is applied alone and estimated (:class:`memfit.searcher.Searcher`, so that
 a configuration is estimated once): a smaller micro-batch with exact accumulation to the same
-batch, a lower precision, checkpointing every block, offloading activations, the fused
-optimizer, the optimizer step in backward, zero_grad's setting, bitsandbytes' 8-bit optimizer,
+batch, a lower precision, checkpointing every block, the fused optimizer, the optimizer step in backward, zero_grad's setting, bitsandbytes' 8-bit optimizer,
 sharding over GPUs (FSDP2). Each fix carries the bytes it saves (``required`` before minus
 after, as the device needs them), the new requirement, the relative step cost
 (:class:`memfit.cost.CostModel`) and whether the step then fits.
@@ -18,6 +17,9 @@ The levers' estimates are independent: they run in forked worker processes, one 
 Levers that change what is trained (LoRA adapters instead of every weight) are options, named
 with their arithmetic and never applied: they are the user's choice, not a setting.
 
+Activation offload is not among the levers: its PCIe time is not in the cost model, so it would read as
+free (``memfit plan --offload-activations`` weighs it the same way, and says so).
+
 Known limitations: the combination is greedy, not the fastest (``memfit plan`` searches that);
 levers that cannot move the peak by their mechanism are not estimated (the fused optimizer
 changes only the optimizer phase's temporaries: it is tried where the peak is in that phase).
@@ -26,6 +28,7 @@ changes only the optimizer phase's temporaries: it is tried where the peak is in
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -219,9 +222,6 @@ def _levers(trial: _Trial, base: Config, batch_size: int) -> tuple[list[_Lever],
     if every_block and not set(every_block) <= covered:
         add("checkpoint='all'", f"recomputes each of the {len(every_block)} blocks' activations in backward instead "
             "of keeping them", checkpoint=every_block)
-    if trial.device == "cuda" and not base.offload_activations:
-        add("offload_activations=True", "keeps saved activations in CPU memory (PCIe traffic)",
-            offload_activations=True)
     if base.zero_grad != "set-to-none":
         add("zero_grad='set-to-none'", "releases gradients right after the update", zero_grad="set-to-none")
     return levers, _eight_bit(trial, base, add)
@@ -279,23 +279,26 @@ def _eight_bit(trial: _Trial, base: Config, add) -> list[Fix]:
     name = "AdamW8bit" if isinstance(probe, torch.optim.AdamW) else "Adam8bit"
     hyper = {k: probe.defaults[k] for k in ("lr", "betas", "eps", "weight_decay")}
     effect = "keeps Adam's two states in 8 bits, blockwise quantized (a small change to the update's numerics)"
-    try:
-        import bitsandbytes
-    except ImportError:
+    if importlib.util.find_spec("bitsandbytes") is None:
         return [Fix(f"bitsandbytes.optim.{name}", effect + "; pip install bitsandbytes to estimate it (it saves "
                     "up to 3/4 of Adam's fp32 state: 2 of its 8 bytes a parameter kept, and a scale per block)")]
-    add(f"bitsandbytes.optim.{name}", effect, optimizer=_EightBit(getattr(bitsandbytes.optim, name), hyper))
+    add(f"bitsandbytes.optim.{name}", effect, optimizer=_EightBit(name, hyper))
     return []
 
 
 class _EightBit:
-    """``params -> bitsandbytes optimizer`` with the user's hyperparameters (hashable: it keys a searcher)."""
+    """``params -> bitsandbytes.optim.<name>`` with the user's hyperparameters (hashable: it keys a searcher).
 
-    def __init__(self, cls: type, hyper: dict[str, Any]) -> None:
-        self.cls, self.hyper = cls, hyper
+    bitsandbytes is imported when the optimizer is first made (seconds: in the worker that estimates it, not
+    before the workers fork)."""
+
+    def __init__(self, name: str, hyper: dict[str, Any]) -> None:
+        self.name, self.hyper = name, hyper
 
     def __call__(self, params: Any) -> torch.optim.Optimizer:
-        return self.cls(params, **self.hyper)
+        import bitsandbytes
+
+        return getattr(bitsandbytes.optim, self.name)(params, **self.hyper)
 
 
 def _combine(trial: _Trial, base: Config, fixes: list[Fix], share: int) -> Fix | None:

@@ -31,15 +31,22 @@ def run_ranks(fn, world: int, case: dict, tmp_path, timeout: float = 120.0, save
     ctx = mp.start_processes(fn, args=(world, _free_port(), case, str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
+    results = [tmp_path / f"rank{r}.pt" for r in range(world)]
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 pytest.fail(f"the ranks did not finish within {timeout:g} s (a hang)")
+    except mp.ProcessExitedException as exc:
+        # A rank killed by a signal after every rank had written its result died in gloo's teardown
+        # (destroy_process_group racing gloo's worker thread: "terminate called without an active
+        # exception", seen once in CI); what the test checks was complete. Any other death fails.
+        if not (saved and exc.signal_name == "SIGABRT" and all(r.exists() and r.stat().st_size for r in results)):
+            raise
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)] if saved else []
+    return [torch.load(r, weights_only=False) for r in results] if saved else []
 
 
 def assert_close_weights(state: dict, ref: dict, rtol: float = 1e-6) -> None:

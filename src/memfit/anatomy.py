@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memfit.sources import lookup
+from memfit.sources import blockless, lookup
 from memfit.units import format_bytes
 
 __all__ = ["LiveTensor", "Cause", "largest_live", "causes"]
@@ -73,7 +73,7 @@ def largest_live(history: Any, top: int = 8) -> tuple[LiveTensor, ...]:
         op = None if category in _NO_OP or op_index >= len(history.ops) else str(history.ops[op_index][0])
         module = history.sid_module[sid]
         path = history.paths[module] if module >= 0 else None
-        key = (category, nbytes, op, _blockless(path))
+        key = (category, nbytes, op, blockless(path))
         groups.setdefault(key, []).append(sid)
     ranked = sorted(groups.items(), key=lambda kv: (-kv[0][1] * len(kv[1]), kv[0][0], str(kv[0][2])))
     out = []
@@ -120,10 +120,6 @@ def causes(at_peak: dict[str, int], *, micro_batch: int | None, accumulation: in
         out.append(Cause("several GPUs", shared, "parameters gathered for a block's forward or backward and the "
                                                  "buffers of collectives (FSDP)"))
     return tuple(sorted(out, key=lambda c: -c.bytes))
-
-
-def _blockless(path: str | None) -> tuple[str, ...] | None:
-    return None if path is None else tuple("#" if part.isdigit() else part for part in path.split("."))
 
 
 def _pattern(paths: list[str]) -> str:

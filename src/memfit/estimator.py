@@ -340,8 +340,7 @@ def _trace(workload: Workload, source: nn.Module, config: Config, target: str, c
     # A copy: the ledger still hears of storages freed later (the model, the optimizer and a
     # GradScaler's scale go when this returns), which the step's record must not show.
     history = tracker.history()
-    history = canonical(history._replace(ops=list(history.ops), sid_cat=list(history.sid_cat),
-                                         sid_module=list(history.sid_module), live_cat=list(history.live_cat)))
+    history = canonical(history.detached())
     return history, recipe.checkpointed
 
 

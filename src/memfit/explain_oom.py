@@ -99,11 +99,7 @@ def explain_oom(
 def _explained(exc: BaseException, tracker: MemoryTracker, budget: int | None, workload: Workload | None,
                config: Config | None, snapshot: Any) -> OutOfMemory:
     """The OutOfMemory for ``exc``: its report is the moment of failure (what was live), explained."""
-    history = tracker.history()
-    # Copies: the ledger still hears of tensors freed after the block, which the failure's record must not show.
-    history = history._replace(ops=list(history.ops), events=list(history.events), sid_cat=list(history.sid_cat),
-                               sid_module=list(history.sid_module), live_cat=list(history.live_cat),
-                               paths=list(history.paths))
+    history = tracker.history().detached()
     live = sum(history.live_cat)
     at_failure = history._replace(peak=live, peak_event=len(history.events), peak_op=len(history.ops))
     report = build_report(**at_failure._asdict())

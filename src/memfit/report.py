@@ -185,6 +185,12 @@ class History(NamedTuple):
     sources: dict[tuple[str | None, str], tuple[str, ...]] | None = None
     """``(module path, op) -> the model's lines that ran it`` where recorded (:mod:`memfit.sources`), else None."""
 
+    def detached(self) -> History:
+        """A copy of the growing lists: a tracker's ledger still hears of storages freed after its block (the
+        model, the optimizer going away), which the record of what ran must not show."""
+        return self._replace(paths=list(self.paths), sid_cat=list(self.sid_cat), sid_module=list(self.sid_module),
+                             events=list(self.events), ops=list(self.ops), live_cat=list(self.live_cat))
+
 
 def build_report(
     *,

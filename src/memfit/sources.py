@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SourceLines", "lookup"]
+__all__ = ["SourceLines", "lookup", "blockless"]
 
 _MEMFIT = os.path.dirname(os.path.abspath(__file__))
 _LIBRARIES = tuple(os.path.join(p, "") for p in (
@@ -71,9 +71,9 @@ def lookup(sources: dict[tuple[str | None, str], tuple[str, ...]], module: str |
     exact = sources.get((module, op))
     if exact is not None or module is None:
         return exact or ()
-    pattern = _blockless(module)
+    pattern = blockless(module)
     found = sorted({line for (m, o), lines in sources.items() if o == op and m is not None
-                    and _blockless(m) == pattern for line in lines})
+                    and blockless(m) == pattern for line in lines})
     return tuple(found)
 
 
@@ -86,6 +86,6 @@ def _short(filename: str) -> str:
     return path[len(max(inside, key=len)):] if inside else filename
 
 
-def _blockless(path: str) -> tuple[str, ...]:
-    """A module path with its numbered parts (a block's index in its list) made alike."""
-    return tuple("#" if part.isdigit() else part for part in path.split("."))
+def blockless(path: str | None) -> tuple[str, ...] | None:
+    """A module path with its numbered parts (a block's index in its list) made alike; None stays None."""
+    return None if path is None else tuple("#" if part.isdigit() else part for part in path.split("."))

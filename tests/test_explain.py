@@ -175,3 +175,31 @@ def test_cli_plan_that_nothing_fits_prints_the_explanation_then_one_line(capsys)
     assert data["explanation"]["budget"] == 1 << 20 and data["explanation"]["fixes"]
     assert all(f["verified"] for f in data["explanation"]["fixes"])
     assert captured.err.count("\n") == 1 and "nothing fits" in captured.err
+
+
+def test_where_nothing_fits_the_closest_combination_is_named_and_the_step_in_backward_is_left_out_of_fsdp():
+    # The seed's CNN at 4 samples in 1 MiB: no lever fits, alone or together. The greedy combination picks the
+    # step in backward, which cannot run with FSDP or a smaller micro-batch: it is left out there, not raised
+    # (it was: "Config.optimizer_in_backward runs on one process only", a Config the user never gave).
+    w = presets.load("cifar-cnn")
+    base = memfit.Config(micro_batch=4)
+    why = explain(w, base, budget="1MiB", device="cpu")
+    assert any(f.lever == "optimizer_in_backward=True" for f in why.fixes) and not any(f.fits for f in why.fixes)
+    assert why.combined is None and why.closest is not None and why.closest.fits is False
+    assert "optimizer_in_backward" not in why.closest.lever  # it cannot run with the micro-batch chosen
+    # The closest is the least any fix needs, alone or together, and its figure is a separate estimate's.
+    assert why.closest.required <= min(f.required for f in why.fixes)
+    config = why.closest.config(base)
+    est = memfit.estimate(w, config, device="cpu", world_size=why.closest.world_size,
+                          accumulation=2 if config.micro_batch < 4 else 1)
+    assert est.required == why.closest.required > 1 << 20
+    note = next(n for n in why.notes if n.startswith("no fix fits"))
+    assert f"the least found, {why.closest.lever}, needs " in note and "short" in note
+    assert json.loads(json.dumps(why.to_dict()))["closest"]["required"] == est.required
+
+
+def test_cli_explain_where_nothing_fits_says_so_and_exits_0(capsys):
+    assert main(["explain", "cifar-cnn", "-b", "4", "--budget", "1MiB", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "No combination of these fixes fits" in captured.out
+    assert "Note: no fix fits the budget of 1.00 MiB, alone or together: the least found" in captured.out

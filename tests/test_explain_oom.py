@@ -99,3 +99,22 @@ def test_on_cuda_the_allocators_snapshot_is_written(tmp_path):  # pragma: no cov
         with memfit.explain_oom(model, optimizer, snapshot=tmp_path / "oom.pickle"):
             torch.empty(free * 2, dtype=torch.uint8, device="cuda")
     assert (tmp_path / "oom.pickle").stat().st_size > 0 and caught.value.snapshot == str(tmp_path / "oom.pickle")
+
+
+def test_where_no_fix_fits_the_explanation_still_comes_and_names_the_closest():
+    # The seed's CNN at 4 samples in 1 MiB: no fix fits, alone or together. The explanation was None (its
+    # combination raised a Config error the user never gave); it names the least any combination needs.
+    from memfit import presets
+    from memfit.workload import build_model
+
+    workload = presets.load("cifar-cnn")
+    model = build_model(workload)
+    optimizer = workload.optimizer(model.parameters())
+    with pytest.raises(memfit.OutOfMemory) as caught:
+        with memfit.explain_oom(model, optimizer, simulate="1MiB", workload=workload,
+                                config=memfit.Config(micro_batch=4)):
+            workload.loss(model, workload.batch(4)).backward()
+    why = caught.value.explanation
+    assert why is not None and why.combined is None and why.closest is not None
+    assert why.closest.required > why.budget == 1 << 20
+    assert any(note.startswith("no fix fits the budget of 1.00 MiB, alone or together") for note in why.notes)

@@ -27,7 +27,7 @@ from memfit.estimator import Estimate, estimate
 from memfit.fixes import Fix
 from memfit.remedies import remedies
 from memfit.report import MemoryReport
-from memfit.units import parse_bytes
+from memfit.units import format_budget, format_bytes, parse_bytes
 from memfit.workload import Workload
 
 __all__ = ["Explanation", "explain"]
@@ -63,6 +63,8 @@ class Explanation:
     """Each verified by an estimate: those that fit first, the fastest first; then the most saving."""
     combined: Fix | None = None
     """Where no fix fits alone: levers together that fit, estimated."""
+    closest: Fix | None = None
+    """Where no fix fits, alone or together: the combination that needs the least, estimated (a note says so)."""
     options: tuple[Fix, ...] = ()
     """Levers that change what is trained (LoRA), by arithmetic: never applied by memfit."""
     config: Config | None = None
@@ -88,6 +90,7 @@ class Explanation:
             "largest": [t.to_dict() for t in self.largest], "causes": [c.to_dict() for c in self.causes],
             "fixes": [f.to_dict() for f in self.fixes],
             "combined": self.combined.to_dict() if self.combined is not None else None,
+            "closest": self.closest.to_dict() if self.closest is not None else None,
             "options": [f.to_dict() for f in self.options],
             "config": dataclasses.asdict(self.config) if self.config is not None else None,
             "device": self.device, "batch_size": self.batch_size, "world_size": self.world_size,
@@ -177,6 +180,8 @@ def explain(
         reference = base if base is not None else lambda: make(isinstance(source, Workload))
         found = remedies(workload, config, reference, batch_size=batch_size, budget=budget, device=device,
                          profile=profile, world_size=world_size)
+        if found.closest is not None:
+            notes.append(_none_fits(found.closest, budget))
         if isinstance(source, Workload):
             base = found.base
         elif base is None:  # a measured report: the fixes are estimates, against the estimate of its config
@@ -198,10 +203,18 @@ def explain(
                       accumulation=accumulation, reserved=base.reserved if base is not None else None,
                       peak=report.peak, parameters=base.parameters if base is not None else None),
         fixes=found.fixes if found else (), combined=found.combined if found else None,
+        closest=found.closest if found else None,
         options=found.options if found else (), config=config, device=base.device if base else report.device,
         batch_size=batch_size, world_size=world_size, notes=tuple(notes) + (base.notes if base else ()),
         extra={"workload": workload.name if workload is not None else report.extra.get("workload")}, report=report,
     )
+
+
+def _none_fits(closest: Fix, budget: int) -> str:
+    """The note where nothing fits: the least any combination needs against the budget."""
+    per_gpu = " per GPU" if closest.world_size > 1 else ""
+    return (f"no fix fits the budget of {format_budget(budget)}, alone or together: the least found, {closest.lever}, "
+            f"needs {format_bytes(closest.required)}{per_gpu} ({format_bytes(closest.required - budget)} short)")
 
 
 def _budget(budget: int | str) -> int:

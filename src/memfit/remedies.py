@@ -9,7 +9,10 @@ after, as the device needs them), the new requirement, the relative step cost
 (:class:`memfit.cost.CostModel`) and whether the step then fits.
 
 Where no lever fits alone, they are combined greedily, the most saving first, each combination
-estimated, the micro-batch last (the largest that then fits), then sharding.
+estimated, the micro-batch last (the largest that then fits), then sharding. A lever that cannot run
+with the others is left out of the combination (the step in backward accumulates nothing and runs on
+one process: not with a smaller micro-batch, not with FSDP); where no combination fits, the one that
+needs the least is kept (:attr:`Remedies.closest`), so that the answer says by how much.
 
 The levers' estimates are independent: they run in forked worker processes, one per core
 (:mod:`memfit.parallel`), with the FLOP counts of the cost model.
@@ -61,6 +64,8 @@ class Remedies:
     options: tuple[Fix, ...]
     base: Estimate
     """The base's estimate, every fix's reference."""
+    closest: Fix | None = None
+    """Where nothing fits, alone or together: the combination that needs the least (its ``fits`` False)."""
 
 
 class _Lever:
@@ -182,15 +187,15 @@ def remedies(workload: Workload, base: Config, base_estimate: Estimate | Callabl
         if fix is not None:
             fixes.append(fix)
     fixes.sort(key=lambda f: (not f.fits, f.step_cost if f.fits and f.step_cost is not None else 0, -f.saves))
-    combined = None
+    combined = closest = None
     if budget is not None and fixes and not any(f.fits for f in fixes):
-        combined = _combine(trial, base, fixes, share)
+        combined, closest = _combine(trial, base, fixes, share)
     at_peak = estimated.at_peak
     options.append(Fix("LoRA adapters (peft) instead of training every weight",
                        "changes what is trained: the frozen weights keep no gradients or optimizer state "
                        "(arithmetic, the adapters' own few bytes aside)",
                        saves=at_peak.get("gradients", 0) + at_peak.get("optimizer_state", 0)))
-    return Remedies(tuple(fixes), combined, tuple(options), estimated)
+    return Remedies(tuple(fixes), combined, tuple(options), estimated, closest)
 
 
 def _adder(base: Config, levers: list[_Lever], world_size: int):
@@ -301,31 +306,85 @@ class _EightBit:
         return getattr(bitsandbytes.optim, self.name)(params, **self.hyper)
 
 
-def _combine(trial: _Trial, base: Config, fixes: list[Fix], share: int) -> Fix | None:
-    """Config levers applied together, most saving first, until the step fits; then the micro-batch, then sharding."""
-    levers = [f for f in fixes if f.change and f.world_size == trial.world_size
-              and "micro_batch" not in dict(f.change) and f.optimizer is None]
-    levers.sort(key=lambda f: -f.saves)
-    config, names = base, []
-    for fix in levers:
-        candidate = dataclasses.replace(config, **dict(fix.change))
-        required = trial.required(candidate)
+def _combine(trial: _Trial, base: Config, fixes: list[Fix], share: int) -> tuple[Fix | None, Fix | None]:
+    """Config levers applied together, most saving first, until the step fits; then the micro-batch, then sharding.
+
+    Returns (the combination that fits, None), or (None, the combination that needs the least) where none fits
+    (None where none saves anything). A lever that cannot run with those chosen before it, or with the smaller
+    micro-batch or the sharding (the step in backward accumulates nothing and runs on one process), is left out
+    of that combination, not raised."""
+    levers = [(f.lever, dict(f.change)) for f in sorted(fixes, key=lambda f: -f.saves)
+              if f.change and f.world_size == trial.world_size and "micro_batch" not in dict(f.change)
+              and f.optimizer is None]
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    config, tried = base, []
+    for name, change in levers:
+        candidate, applied = _together(config, [(name, change)], share)
+        required = trial.required(candidate) if applied and candidate is not None else None
         if required is not None and required < trial.required(config):
-            config, names = candidate, names + [fix.lever]
+            config, chosen = candidate, chosen + [(name, change)]
             if required <= trial.budget:
                 break
-    if trial.required(config) > trial.budget and config.micro_batch > 1:
-        largest = trial.searcher(trial.world_size).largest_micro_batch(config, trial.budget, config.micro_batch - 1)
-        if largest:
-            m = balanced_micro_batch(share, largest)
-            config = dataclasses.replace(config, micro_batch=m)
-            names.append(f"micro-batch {m} x {len(accumulation_steps(share, m))} micro-steps")
-    if trial.required(config) <= trial.budget:
-        return trial.fix(" + ".join(names), "together", config)
-    if config.strategy == "single" and config.precision != "16-mixed":
+    if chosen:
+        tried.append(trial.fix(" + ".join(name for name, _ in chosen), "together", config))
+    if not _fits(tried) and base.micro_batch > 1:
+        smaller, kept = _together(base, chosen, share, micro_batch=base.micro_batch - 1)
+        if smaller is not None:
+            # The largest that fits, else 1: the least this combination can need (the closest, and sharding's).
+            largest = trial.searcher(trial.world_size).largest_micro_batch(smaller, trial.budget, smaller.micro_batch)
+            m = balanced_micro_batch(share, largest) if largest else 1
+            config = dataclasses.replace(smaller, micro_batch=m)
+            chosen = [(name, change) for name, change in chosen if name in kept] \
+                + [(f"micro-batch {m} x {len(accumulation_steps(share, m))} micro-steps", {})]
+            tried.append(trial.fix(" + ".join(name for name, _ in chosen), "together", config))
+    if not _fits(tried) and base.strategy == "single":
         for n in (n for n in GPUS if n <= share):
-            sharded = dataclasses.replace(config, strategy="fsdp", micro_batch=min(config.micro_batch, -(-share // n)))
-            fix = trial.fix(" + ".join(names + [f"FSDP2 over {n} GPUs"]), "together", sharded, world_size=n)
-            if fix is not None and fix.fits:
-                return fix
-    return None
+            rank_share = -(-share // n)
+            sharded, kept = _together(base, [(name, change) for name, change in chosen if change], rank_share,
+                                      strategy="fsdp", micro_batch=min(config.micro_batch, rank_share))
+            if sharded is None:  # the base cannot shard (its step in backward, its GradScaler) with any lever
+                continue
+            if sharded.micro_batch < rank_share:
+                kept.append(f"micro-batch {sharded.micro_batch} x "
+                            f"{len(accumulation_steps(rank_share, sharded.micro_batch))} micro-steps")
+            tried.append(trial.fix(" + ".join(kept + [f"FSDP2 over {n} GPUs"]), "together", sharded, world_size=n))
+            if _fits(tried):
+                break
+    tried = [f for f in tried if f is not None]
+    fitting = [f for f in tried if f.fits]
+    if fitting:
+        return fitting[-1], None
+    return None, min(tried, key=lambda f: f.required) if tried else None
+
+
+def _fits(tried: list[Fix | None]) -> bool:
+    return bool(tried) and tried[-1] is not None and bool(tried[-1].fits)
+
+
+def _together(config: Config, levers: list[tuple[str, dict[str, Any]]], share: int,
+              **forced: Any) -> tuple[Config | None, list[str]]:
+    """``config`` with ``forced`` (a micro-batch, the sharding) and each lever's change that can run with it and
+    the levers before it; and the names of the levers applied. None where ``forced`` cannot run with them.
+
+    A lever is left out where Config refuses the combination, or where it makes a step that ran with ``forced``
+    one that cannot: the step in backward with a micro-batch under the rank's ``share`` samples (it cannot
+    accumulate), or with sharding (Config refuses it)."""
+    def runs(c: Config) -> Config | None:
+        c = _config(c, **forced)
+        return None if c is None or (c.optimizer_in_backward and c.micro_batch < share) else c
+
+    applied = []
+    for name, change in levers:
+        candidate = _config(config, **change)
+        if candidate is None or (runs(candidate) is None and runs(config) is not None):
+            continue
+        config, applied = candidate, applied + [name]
+    return runs(config), applied
+
+
+def _config(config: Config, **change: Any) -> Config | None:
+    """``config`` with ``change``, or None where Config refuses the combination."""
+    try:
+        return dataclasses.replace(config, **change)
+    except UsageError:
+        return None

@@ -64,7 +64,8 @@ class Explanation:
     combined: Fix | None = None
     """Where no fix fits alone: levers together that fit, estimated."""
     closest: Fix | None = None
-    """Where no fix fits, alone or together: the combination that needs the least, estimated (a note says so)."""
+    """Where no fix fits, alone or together: the fix or combination that needs the least, estimated (a note says
+    so against the budget)."""
     options: tuple[Fix, ...] = ()
     """Levers that change what is trained (LoRA), by arithmetic: never applied by memfit."""
     config: Config | None = None

@@ -12,7 +12,8 @@ Where no lever fits alone, they are combined greedily, the most saving first, ea
 estimated, the micro-batch last (the largest that then fits), then sharding. A lever that cannot run
 with the others is left out of the combination (the step in backward accumulates nothing and runs on
 one process: not with a smaller micro-batch, not with FSDP); where no combination fits, the one that
-needs the least is kept (:attr:`Remedies.closest`), so that the answer says by how much.
+needs the least (a fix alone or combined) is kept (:attr:`Remedies.closest`), so that the answer says
+by how much.
 
 The levers' estimates are independent: they run in forked worker processes, one per core
 (:mod:`memfit.parallel`), with the FLOP counts of the cost model.
@@ -65,7 +66,7 @@ class Remedies:
     base: Estimate
     """The base's estimate, every fix's reference."""
     closest: Fix | None = None
-    """Where nothing fits, alone or together: the combination that needs the least (its ``fits`` False)."""
+    """Where nothing fits, alone or together: the fix or combination that needs the least (its ``fits`` False)."""
 
 
 class _Lever:
@@ -309,8 +310,8 @@ class _EightBit:
 def _combine(trial: _Trial, base: Config, fixes: list[Fix], share: int) -> tuple[Fix | None, Fix | None]:
     """Config levers applied together, most saving first, until the step fits; then the micro-batch, then sharding.
 
-    Returns (the combination that fits, None), or (None, the combination that needs the least) where none fits
-    (None where none saves anything). A lever that cannot run with those chosen before it, or with the smaller
+    Returns (the combination that fits, None), or (None, the fix, alone or combined, that needs the least) where
+    none fits. A lever that cannot run with those chosen before it, or with the smaller
     micro-batch or the sharding (the step in backward accumulates nothing and runs on one process), is left out
     of that combination, not raised."""
     levers = [(f.lever, dict(f.change)) for f in sorted(fixes, key=lambda f: -f.saves)
@@ -354,7 +355,8 @@ def _combine(trial: _Trial, base: Config, fixes: list[Fix], share: int) -> tuple
     fitting = [f for f in tried if f.fits]
     if fitting:
         return fitting[-1], None
-    return None, min(tried, key=lambda f: f.required) if tried else None
+    # The least any fix needs, alone or together (a lever outside the combination, an 8-bit optimizer, may be it).
+    return None, min(tried + fixes, key=lambda f: f.required) if tried or fixes else None
 
 
 def _fits(tried: list[Fix | None]) -> bool:

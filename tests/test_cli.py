@@ -375,8 +375,43 @@ def test_html_writes_one_page_per_command_and_a_bad_path_is_refused_before_any_w
                  str(page)]) == 0
     data = json.loads(capsys.readouterr().out)  # --json prints only JSON: the page is said nowhere
     assert f'data-bytes="{data["peak"]}"' in page.read_text()
+    (tmp_path / "d.html").mkdir()
     for argv, message in ((["--html", str(tmp_path / "missing" / "p.html")], "does not exist"),
-                          (["--html", str(tmp_path / "p.txt")], "must end in .html")):
+                          (["--html", str(tmp_path / "p.txt")], "must end in .html"),
+                          (["--html", str(tmp_path / "d.html")], "d.html' is a directory; give the path of a file")):
         assert main(["plan", "gpt2-tiny", "-b", "8", "--budget", "1MiB", *argv]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err
+
+
+def test_html_to_a_folder_that_cannot_be_written_is_refused_before_any_work_and_a_full_disk_is_one_line(
+        tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from memfit import estimator
+
+    real_open = os.open
+
+    def denied(path, *args, **kwargs):
+        if ".memfit-probe-" in os.fspath(path):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    page = tmp_path / "p.html"
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", denied)
+        m.setattr(estimator, "estimate", lambda *a, **k: pytest.fail("the work ran before the path was checked"))
+        assert main(["estimate", "gpt2-tiny", "-b", "2", "--html", str(page)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"memfit: error: --html {page}: cannot write in the folder {str(tmp_path)!r} (Permission denied); "
+                   "give a path in a writable folder\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert main(["estimate", "gpt2-tiny", "-b", "2", "--seq-len", "16", "--html", str(page)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"memfit: error: cannot write the page to {page}: disk full (" in err
+    assert "nothing was written" in err and os.listdir(tmp_path) == []

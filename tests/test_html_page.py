@@ -345,10 +345,36 @@ def test_write_checks_its_arguments(tmp_path, tracked):
         html_page.write(tmp_path / "step.png", title="mlp", report=tracked)
     with pytest.raises(memfit.UsageError, match="the folder .* does not exist; create it first"):
         html_page.write(tmp_path / "no-such" / "step.html", title="mlp", report=tracked)
+    (tmp_path / "dir.html").mkdir()
+    with pytest.raises(memfit.UsageError, match=r"dir\.html' is a directory; give the path of a file"):
+        html_page.write(tmp_path / "dir.html", title="mlp", report=tracked)
     with pytest.raises(memfit.UsageError, match="nothing to show: pass report="):
         html_page.render(title="empty")
     with pytest.raises(memfit.UsageError, match="title must be a str, got None"):
         html_page.render(title=None, report=tracked)
+
+
+def test_a_full_disk_leaves_no_half_page_and_an_old_page_as_it_was(tmp_path, tracked, monkeypatch):
+    import errno
+    import os
+
+    from memfit.memory_viz import WriteError
+
+    old = tmp_path / "old.html"
+    old.write_text("<p>old</p>", encoding="utf-8")
+    written = []
+
+    def full(fd):  # the page's bytes went to the temporary file; the disk says it is full on the flush to disk
+        written.append(os.fstat(fd).st_size)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    for path, left in ((tmp_path / "new.html", "nothing was written"), (old, "the file already there is as it was")):
+        with pytest.raises(WriteError, match=f"cannot write the page to {path}: disk full .*; {left}$") as caught:
+            html_page.write(path, title="mlp", report=tracked)
+        assert caught.value.errno == errno.ENOSPC
+    assert written and all(n > 1000 for n in written)  # the page was in the temporary file when the disk filled
+    assert os.listdir(tmp_path) == ["old.html"] and old.read_text(encoding="utf-8") == "<p>old</p>"
 
 
 def test_a_report_read_back_without_its_timeline_says_so(tracked):

@@ -142,3 +142,52 @@ def test_the_cli_writes_memory_viz_snapshots_and_refuses_a_missing_folder_in_one
     assert main(["profile", "cifar-cnn", "-b", "2", "--memory-viz", str(tmp_path / "no" / "p.pickle")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the folder" in err and "does not exist" in err
+
+
+def test_memory_viz_to_a_bad_path_is_refused_before_any_work_and_a_full_disk_leaves_nothing(capsys, tmp_path,
+                                                                                             monkeypatch):
+    import errno
+    import os
+
+    from memfit import estimator, memory_viz
+    from memfit.cli import main
+
+    est_argv = ["estimate", "gpt2-tiny", "-b", "2", "--seq-len", "16", "--memory-viz"]
+    # A directory, and a folder that cannot be written (refused with its errno): one line, exit 2, before the
+    # step is estimated (the estimate would fail the test if it ran).
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if ".memfit-probe-" in os.fspath(path):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(estimator, "estimate", lambda *a, **k: pytest.fail("the work ran before the path was checked"))
+        assert main([*est_argv, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"memfit: error: --memory-viz {tmp_path}: {str(tmp_path)!r} is a directory; give the path of " \
+                      "a file (in it, or beside it)\n"
+        m.setattr(os, "open", read_only)
+        assert main([*est_argv, str(tmp_path / "s.pickle")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot write in the folder {str(tmp_path)!r} (read-only file system)" in err
+    assert sorted(os.listdir(tmp_path)) == []
+    # A disk that fills while the snapshot is written: one line naming it, exit 1, no 0-byte file and no temporary
+    # file; a snapshot already there is left as it was.
+    (tmp_path / "old.pickle").write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    for name in ("new.pickle", "old.pickle"):
+        assert main([*est_argv, str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot write the memory snapshot to {tmp_path / name}: disk full (" in err
+        assert err.rstrip().endswith("the file already there is as it was" if name == "old.pickle"
+                                     else "nothing was written")
+    assert os.listdir(tmp_path) == ["old.pickle"] and (tmp_path / "old.pickle").read_bytes() == b"old"
+    with pytest.raises(memory_viz.WriteError, match="disk full") as caught:
+        memory_viz.write_atomically(tmp_path / "x.bin", b"1234", "the test file")
+    assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)

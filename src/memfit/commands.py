@@ -76,16 +76,13 @@ def _profile(args: argparse.Namespace) -> int:
 
     if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"--plot {args.plot}: the file name must end in one of {', '.join(PLOT_SUFFIXES)}")
-    if args.plot is not None and not Path(args.plot).resolve().parent.is_dir():
-        raise UsageError(f"--plot {args.plot}: the folder {str(Path(args.plot).parent)!r} does not exist; "
-                         "create it first")
     if args.timeline and not args.json:
         raise UsageError("--timeline only applies with --json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             f"--device cuda: no CUDA device is available to torch {torch.__version__} here; use --device cpu"
         )
-    _check_html(args)
+    _check_outputs(args)
     workload = presets.resolve(args.spec, **_overrides(args))
     report = measure(workload, config=Config(micro_batch=args.batch_size, **_loop(args)), steps=args.steps,
                      device=args.device)
@@ -104,24 +101,26 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _memory_viz(args: argparse.Namespace, report) -> None:
-    """``--memory-viz PATH``: the report's record in PyTorch's snapshot format; a folder that is not there is
-    the user's mistake (one line), not a traceback."""
-    if args.memory_viz is None:
-        return
-    folder = Path(args.memory_viz).resolve().parent
-    if not folder.is_dir():
-        raise UsageError(f"--memory-viz {args.memory_viz}: the folder {str(folder)!r} does not exist; create it first")
-    report.to_memory_viz(args.memory_viz)
+    """``--memory-viz PATH``: the report's record in PyTorch's snapshot format (written atomically: a full disk
+    leaves nothing)."""
+    if args.memory_viz is not None:
+        report.to_memory_viz(args.memory_viz)
 
 
-def _check_html(args: argparse.Namespace) -> None:
-    """``--html PATH``: refused before any work where the page could not be written (one line)."""
-    if args.html is None:
-        return
-    if Path(args.html).suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--html {args.html}: the file name must end in .html or .htm")
-    if not Path(args.html).resolve().parent.is_dir():
-        raise UsageError(f"--html {args.html}: the folder {str(Path(args.html).parent)!r} does not exist; create it first")
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``--html PATH``, ``--memory-viz PATH`` and ``--plot PATH``: refused before any work where the file could not
+    be written (a missing or read-only folder, a directory; one line)."""
+    from memfit.memory_viz import check_writable
+
+    if getattr(args, "plot", None) is not None:
+        check_writable(args.plot, f"--plot {args.plot}")
+
+    if getattr(args, "html", None) is not None:
+        if Path(args.html).suffix.lower() not in (".html", ".htm"):
+            raise UsageError(f"--html {args.html}: the file name must end in .html or .htm")
+        check_writable(args.html, f"--html {args.html}")
+    if getattr(args, "memory_viz", None) is not None:
+        check_writable(args.memory_viz, f"--memory-viz {args.memory_viz}")
 
 
 def _html(args: argparse.Namespace, **parts) -> None:
@@ -157,13 +156,13 @@ def _config(args: argparse.Namespace):
 
 def _step(args: argparse.Namespace):
     """The budget (None without one), the Config and the workload of estimate's and explain's flags, checked in
-    that order, and --html before any work."""
+    that order, and --html and --memory-viz before any work."""
     from memfit import presets
     from memfit.units import parse_bytes
 
     budget = parse_bytes(args.budget) if args.budget is not None else None
     config = _config(args)
-    _check_html(args)
+    _check_outputs(args)
     return budget, config, presets.resolve(args.spec, **_overrides(args))
 
 
@@ -215,7 +214,7 @@ def _plan(args: argparse.Namespace) -> int:
     for p in args.precision or ():
         if p not in PRECISIONS:
             raise UsageError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
-    _check_html(args)
+    _check_outputs(args)
     workload = presets.resolve(args.spec, **_overrides(args))
     with _progress(f"Planning {workload.name} for {format_budget(budget)}"), _explained(args):
         result = plan(

@@ -25,6 +25,7 @@ from typing import Any
 
 from memfit.categories import CATEGORIES, PHASES
 from memfit.errors import UsageError
+from memfit.memory_viz import check_writable, write_atomically
 from memfit.units import format_budget, format_bytes
 
 __all__ = ["MAX_POINTS", "render", "write"]
@@ -84,15 +85,18 @@ def write(path: str | Path, *, title: str, report: Any = None, estimate: Any = N
         >>> est = memfit.estimate(memfit.presets.load("gpt2-tiny"), memfit.Config(micro_batch=4), device="cuda")
         >>> write("gpt2-tiny.html", title="gpt2-tiny, micro-batch 4", estimate=est)
         PosixPath('gpt2-tiny.html')
+
+    Raises:
+        UsageError: a file name not ending in .html or .htm, or a path that cannot be written (a missing or
+            read-only folder, a directory), before the page is made.
+        memfit.memory_viz.WriteError: the write failed (a full disk); nothing partial is left at ``path``.
     """
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise UsageError(f"cannot write the page to {str(path)!r}: the file name must end in .html or .htm")
-    if not path.resolve().parent.is_dir():  # a typo in a folder name should not create folders
-        raise UsageError(f"cannot write the page to {str(path)!r}: the folder {str(path.parent)!r} does not exist; "
-                         "create it first")
+    check_writable(path, f"cannot write the page to {str(path)!r}")
     text = render(title=title, report=report, estimate=estimate, plan=plan, explanation=explanation)
-    path.write_text(text, encoding="utf-8")
+    write_atomically(path, text.encode("utf-8"), "the page")  # a full disk leaves no half page
     return path
 
 

@@ -17,15 +17,27 @@ address, a size and the frames that made it). :func:`snapshot` writes a
 
 Replaying the trace's allocations and completed frees gives the history's live bytes at every
 point, so its peak is the report's.
+
+The files memfit exports (this snapshot, :func:`memfit.html_page.write`'s page) are written by
+:func:`write_atomically`: to a temporary file beside the target, renamed over it, so that a full disk
+or a folder that turns read-only leaves nothing partial; :func:`check_writable` refuses, before any
+work, a path that could not be written.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import secrets
+import shutil
+from pathlib import Path
 from typing import Any
 
-__all__ = ["snapshot", "write", "trace_peak"]
+from memfit.errors import MemfitError, UsageError
+from memfit.units import format_bytes
+
+__all__ = ["snapshot", "write", "trace_peak", "WriteError", "check_writable", "write_atomically"]
 
 _BASE = 0x7F0000000000  # where the synthetic addresses start (a CUDA-like range)
 _ALIGN = 512
@@ -80,10 +92,103 @@ def snapshot(history: Any) -> dict[str, Any]:
 
 
 def write(history: Any, path: str | os.PathLike) -> str:
-    """Pickle :func:`snapshot` to ``path`` (what ``torch.cuda.memory._dump_snapshot`` writes); returns the path."""
+    """Pickle :func:`snapshot` to ``path`` (what ``torch.cuda.memory._dump_snapshot`` writes); returns the path.
+
+    Raises:
+        UsageError: ``path`` cannot be written (see :func:`check_writable`), before the snapshot is made.
+        WriteError: the write failed (a full disk); nothing partial is left at ``path``.
+    """
     path = os.fspath(path)
-    with open(path, "wb") as f:
-        pickle.dump(snapshot(history), f)
+    check_writable(path, f"cannot write the memory snapshot to {path!r}")
+    return write_atomically(path, pickle.dumps(snapshot(history)), "the memory snapshot")
+
+
+class WriteError(MemfitError, OSError):
+    """A file memfit exports could not be written (a full disk, a folder made read-only meanwhile).
+
+    An ``OSError`` too, with the failure's ``errno``. Nothing partial is left: the temporary file is
+    removed and a file already at the path is as it was.
+    """
+
+
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+"""A full disk, or a full quota on it: the same fix."""
+
+
+def _reason(exc: OSError) -> str:
+    """Why a write failed, in words: "disk full" for ENOSPC (and a full quota), else the system's."""
+    if exc.errno in _FULL:
+        return "disk full"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def check_writable(path: str | os.PathLike, what: str) -> Path:
+    """Refuse ``path``, before any work, where a file could not be written there: its folder missing, the path
+    a directory, the folder not writable (a probe file is made there and removed: permissions, a read-only
+    file system, no room for a file). ``what`` starts the one-line message: the flag as the user typed it
+    (``"--html out/page.html"``). Returns the path.
+
+    Known limitations: a disk with room for the probe may still fill before the file is written
+    (:func:`write_atomically` then leaves nothing partial)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what}: {str(path)!r} is a directory; give the path of a file (in it, or beside it)")
+    folder = path.resolve().parent
+    if not folder.is_dir():  # a typo in a folder name should not create folders
+        raise UsageError(f"{what}: the folder {str(path.parent)!r} does not exist; create it first")
+    probe = folder / f".memfit-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot write in the folder {str(folder)!r} ({_reason(exc)}); give a path in a "
+                         "writable folder") from exc
+    os.remove(probe)
+    return path
+
+
+def write_atomically(path: str | os.PathLike, data: bytes, what: str) -> str:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, flushed to disk and renamed over
+    ``path`` (``os.replace``: atomic on POSIX and Windows); returns the path. ``what`` names the file in an
+    error ("the page").
+
+    Raises:
+        WriteError: the write failed ("disk full" where the disk had no room); the temporary file is removed and
+            a file already at ``path`` is left as it was.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    existed = os.path.exists(path)
+    try:
+        # Created as open() would create it (0o666 less the umask), so the renamed file has the usual mode.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename; some file systems report a full disk only here
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.remove(tmp)
+        except OSError:  # not made, or already gone: the error being raised says what failed
+            pass
+        if not isinstance(exc, OSError):
+            raise  # Ctrl-C, SystemExit, a bug: not a failed write
+        left = "the file already there is as it was" if existed else "nothing was written"
+        if exc.errno in _FULL:
+            try:
+                room = f"{format_bytes(shutil.disk_usage(folder).free)} free on {folder}, "
+            except OSError:
+                room = ""
+            message = (f"cannot write {what} to {path}: disk full ({room}it needs {format_bytes(len(data))}); free "
+                       f"space there or give a path on another disk; {left}")
+        else:
+            message = (f"cannot write {what} to {path} ({_reason(exc)}: {type(exc).__name__}); check that {folder} "
+                       f"is writable; {left}")
+        error = WriteError(message)
+        error.errno = exc.errno
+        raise error from exc
     return path
 
 

@@ -418,3 +418,22 @@ def test_a_batch_without_a_batch_dimension_is_refused(mlp_budget, batch):
     with pytest.raises(UsageError, match=r"train_step\(batch\): the batch has no tensor with a batch dimension"):
         train_step(batch)
     assert train_step.trainer is None  # refused before anything was built
+
+
+def test_an_empty_batch_is_refused_at_the_first_call_and_after_it(mlp_budget, caplog):
+    model = net()
+    optimizer = adamw(model)
+    train_step = decorated(model, optimizer, mlp_budget)
+    empty = (torch.empty(0, 8), torch.empty(0, dtype=torch.long))
+    message = (r"^train_step\(batch\): the batch is empty \(0 samples on dimension 0\); each call takes one optimizer "
+               r"step over the batch's samples: skip empty batches, e.g. `if len\(x\): train_step\(batch\)`$")
+    with caplog.at_level(logging.WARNING, logger="memfit"), pytest.raises(UsageError, match=message):
+        train_step(empty)
+    assert train_step.trainer is None and not caplog.records  # refused before predicting (no "could not predict")
+    train_step(data(1)[0])
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(UsageError, match=message):  # after a first call it divided by zero
+        train_step(empty)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert str(optimizer.state_dict()) == str(state) and train_step.micro_batch == 9
+    assert train_step.trainer.step_count == 1

@@ -304,6 +304,10 @@ def test_the_callback_needs_its_with_block(even):
     (lambda m, a: plan_training_arguments(m, a, EVEN, sample={"input_ids": torch.ones(2, T), "labels": torch.ones(3, T)}),
      "sample= must be one batch"),
     (lambda m, a: plan_training_arguments(m, a, EVEN, sample=[torch.ones(2, T)]), "sample= must be one batch"),
+    (lambda m, a: plan_training_arguments(m, a, EVEN, sample={"input_ids": torch.ones(0, T, dtype=torch.long),
+                                                              "labels": torch.ones(0, T, dtype=torch.long)}),
+     r"^sample= has 0 rows \(its tensors' shapes: \(0, 16\), \(0, 16\)\); give one batch as your data collator "
+     r"yields it, with at least one sample$"),
     (lambda m, a: plan_training_arguments(m, a, EVEN, seq_len=T, batch_size=0), "batch_size must be a positive int"),
     (lambda m, a: plan_training_arguments(m, a, EVEN, seq_len=T, precisions=("bf16",)), "precision 'bf16' is not one"),
     (lambda m, a: plan_training_arguments(m, dataclasses.replace(a, optim="galore_adamw"), EVEN, seq_len=T),

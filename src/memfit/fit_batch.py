@@ -191,7 +191,7 @@ class FitBatch:
         Raises:
             memfit.OutOfMemory: micro-batch 1 ran out (or ``max_retries`` re-plans did not fit); the model,
                 optimizer and gradients are as before the call, and the next call starts from the size before.
-            memfit.UsageError: a batch without a batch dimension; a function that returns no scalar loss,
+            memfit.UsageError: a batch without a batch dimension, or empty; a function that returns no scalar loss,
                 or runs backward, ``zero_grad`` or ``optimizer.step()`` itself.
         """
         n = self._batch_size(batch)
@@ -321,7 +321,12 @@ class FitBatch:
             raise UsageError(f"{self._name}(batch): the batch has no tensor with a batch dimension (got {kind}); "
                              "pass tensors with the samples on dimension 0, e.g. (x of shape (B, ...), y of shape "
                              "(B,)), in tuples, lists or dicts")
-        return batch_size_of(batch)
+        n = batch_size_of(batch)
+        if n == 0:  # before anything runs: no micro-batch to split, no mean to weigh, no step to take
+            raise UsageError(f"{self._name}(batch): the batch is empty (0 samples on dimension 0); each call takes "
+                             "one optimizer step over the batch's samples: skip empty batches, e.g. "
+                             f"`if len(x): {self._name}(batch)`")
+        return n
 
 
 class _StepError(UsageError):

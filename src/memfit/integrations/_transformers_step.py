@@ -53,6 +53,10 @@ def _batch(model: nn.Module, sample: Any, seq_len: Any):
         if not values or not all(isinstance(v, torch.Tensor) and v.dim() for v in values) or len({len(v) for v in values}) > 1:
             raise UsageError("sample= must be one batch as the Trainer's data collator yields it: a dict of tensors "
                              f"with one batch size on dimension 0, such as {{'input_ids': ids, 'labels': ids}}; got {sample!r:.80}")
+        if not len(values[0]):  # memfit repeats its rows to any batch size: it needs one at least
+            shapes = ", ".join(str(tuple(v.shape)) for v in values)
+            raise UsageError(f"sample= has 0 rows (its tensors' shapes: {shapes}); give one batch as your data "
+                             "collator yields it, with at least one sample")
         if "labels" not in sample:
             raise UsageError(f"sample= has no 'labels' (its keys: {', '.join(sample)}); the HF Trainer trains on the "
                              "model's own loss, computed from labels: give the sample your collator makes")

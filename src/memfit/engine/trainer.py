@@ -278,7 +278,12 @@ class Trainer:
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`state_dict` to ``path``: atomically (a run killed while saving keeps the previous
         file) and with a checksum of its content, which :meth:`load` verifies. Across ranks (DDP, FSDP)
-        ``path`` is a directory each rank writes its part to (:mod:`memfit.engine.sharded`)."""
+        ``path`` is a directory each rank writes its part to (:mod:`memfit.engine.sharded`).
+
+        Raises:
+            memfit.statefile.SaveError: the file could not be written (``"disk full"`` where the disk
+                had no room for it); no temporary file is left and a previous save at ``path`` is intact.
+        """
         sharded.save_state(self, path)
 
     def load(self, path: str | os.PathLike, *, weights_only: bool = True) -> None:

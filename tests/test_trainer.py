@@ -2161,3 +2161,136 @@ def test_a_fused_optimizer_trains_as_the_loop_does_and_a_step_in_backward_is_ref
         other = mlp()
         Trainer.from_parts(other, torch.optim.SGD(other.parameters(), lr=0.1), classification_loss,
                            Config(micro_batch=8, optimizer_in_backward=True))
+
+
+# ---------------------------------------------------------------------- all-or-nothing loads, clean failed saves
+
+
+def _stepped(config: Config = Config(micro_batch=4), steps: int = 1, seed: int = 5, scheduler: bool = False):
+    """A trainer that has trained ``steps`` steps: optimizer state, counters and (optionally) a scheduler to lose."""
+    model = _three_layers(seed=seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer.from_parts(model, optimizer, classification_loss, config,
+                                 scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5) if scheduler else None)
+    for batch in classification_batches(steps, 8, seed=seed):
+        trainer.step(batch)
+    return trainer
+
+
+def _corrupt_rng(state, part):
+    state = copy.deepcopy(state)
+    if part == "cpu":
+        state["rng"]["cpu"] = torch.zeros(10, dtype=torch.uint8)
+    elif part == "cpu dtype":
+        state["rng"]["cpu"] = state["rng"]["cpu"].float()
+    elif part == "python":
+        state["rng"]["python"][1] = [0] * 5
+    elif part == "numpy":
+        state["rng"]["numpy"][1] = state["rng"]["numpy"][1][:3]
+    elif part == "loader generator":
+        state["loader"] = {"epoch_start": None, "generators": [torch.zeros(3)], "last_batch": None}
+    elif part == "epoch start":
+        state["loader"] = {"epoch_start": {"rng": dict(state["rng"], cpu=torch.zeros(2, dtype=torch.uint8)),
+                                           "generators": []}, "generators": [], "last_batch": None}
+    return state
+
+
+@pytest.mark.parametrize("part, message", [
+    ("cpu", r"the saved random state's CPU generator state is not torch\.get_rng_state\(\)'s \(a uint8 tensor of "
+            r"5056 bytes\), got a uint8 tensor of shape \(10,\)$"),
+    ("cpu dtype", r"CPU generator state is not torch\.get_rng_state\(\)'s .*got a float32 tensor of shape \(5056,\)$"),
+    ("python", r"the saved random state's Python generator is not random\.getstate\(\)'s \(state vector is the wrong "
+               r"size\)$"),
+    ("numpy", r"the saved random state's NumPy generator is not numpy\.random\.get_state\(\)'s"),
+    ("loader generator", r"the saved loader's generator state is not torch\.get_rng_state\(\)'s .*got a float32 tensor"),
+    ("epoch start", r"the saved epoch start's random state's CPU generator state is not torch\.get_rng_state\(\)'s"),
+])
+def test_a_save_with_a_malformed_random_state_is_refused_before_anything_loads(tmp_path, part, message):
+    saved = _stepped(seed=0, steps=3).state_dict()
+    if part == "numpy" and saved["rng"]["numpy"] is None:
+        pytest.skip("NumPy was not imported: the state has no NumPy generator")
+    path = tmp_path / "run.pt"
+    memfit.statefile.write(_corrupt_rng(saved, part), path)  # a valid file whose content is wrong
+    trainer = _stepped()
+    before, config = _snapshot_of(trainer), trainer.config
+    with pytest.raises(memfit.UsageError, match=r"^cannot resume from this state \(nothing was changed\): .*" + message):
+        trainer.load(path)
+    _assert_unchanged(trainer, before)  # weights, optimizer state, counters, every generator
+    assert trainer.config == config and trainer._replay.pending is None
+
+
+def _fails_once(monkeypatch, obj, name: str, error: Exception) -> None:
+    real = getattr(obj, name)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, failing)
+
+
+@pytest.mark.parametrize("failing, note", [
+    ("optimizer", "the model's weights were not touched"),
+    ("model", "the model's weights may be partly loaded: load a good save again"),
+])
+def test_a_load_failing_where_no_check_looked_puts_back_what_it_had_loaded(monkeypatch, failing, note):
+    state = _stepped(Config(micro_batch=2), steps=3, seed=0, scheduler=True).state_dict()
+    trainer = _stepped(scheduler=True)
+    before, config = _snapshot_of(trainer), trainer.config
+    optimizer_before = trainer.optimizer.state_dict()
+    _fails_once(monkeypatch, getattr(trainer, failing), "load_state_dict", RuntimeError("a hook refused it"))
+    with pytest.raises(memfit.UsageError, match=rf"^cannot resume from this state: the {failing} failed to load "
+                                                rf"\(RuntimeError: a hook refused it\) though every check passed; what "
+                                                rf"was loaded before it was put back, {note}$"):
+        trainer.load_state_dict(state)
+    _assert_unchanged(trainer, before)  # the model's load raised before copying: its weights are as they were too
+    assert trainer.optimizer.state_dict()["param_groups"] == optimizer_before["param_groups"]
+    assert (trainer.config, trainer.scheduler.last_epoch, trainer.epoch) == (config, 1, 0)
+
+
+@pytest.mark.parametrize("saved, resumed", [
+    ({"strategy": "ddp", "micro_batch": 2, "checkpoint": ("0",)}, Config(micro_batch=2, checkpoint=("0",))),
+    ({"strategy": "fsdp", "reshard_after_forward": False, "sync_every_micro_step": True, "micro_batch": 3},
+     Config(micro_batch=3)),
+    ({"optimizer_impl": "foreach", "zero_grad": "zeros"}, Config(micro_batch=4)),
+])
+def test_a_state_saved_under_another_strategy_resumes_its_micro_batch_under_this_trainers(saved, resumed):
+    state = _good_state()
+    state["config"] = {**state["config"], **saved}  # as a DDP or FSDP rank's state says it
+    trainer = _stepped()
+    trainer.load_state_dict(state)
+    assert trainer.config == resumed and trainer.config.strategy == "single" and trainer.step_count == 1
+    assert trainer.state_dict()["config"] == dataclasses.asdict(resumed)  # and the next save says so
+
+
+def test_the_resumed_config_is_the_saved_micro_batch_and_checkpoints_on_the_trainers_build():
+    built = Config(micro_batch=8, strategy="fsdp", reshard_after_forward=False, sync_every_micro_step=True,
+                   optimizer_impl="for-loop", zero_grad="after-forward", precision="bf16-mixed")
+    saved = Config(micro_batch=3, strategy="ddp", checkpoint=("layers.*",), precision="bf16-mixed")
+    assert memfit.engine.state.resumed_config(saved, built) == dataclasses.replace(
+        built, micro_batch=3, checkpoint=("layers.*",))
+
+
+def test_a_save_to_a_full_disk_is_one_line_and_the_previous_save_still_resumes(tmp_path, monkeypatch):
+    import builtins
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    trainer, path = _trained(tmp_path)  # saved at step 3
+    trainer.step(classification_batches(1, 8, seed=9)[0])
+    real = builtins.open
+    monkeypatch.setattr(memfit.statefile, "open", lambda file, mode="r", *a, **k: real(
+        "/dev/full" if str(file).endswith(".tmp") else file, mode, *a, **k), raising=False)  # ENOSPC from the kernel
+    with pytest.raises(memfit.MemfitError, match=rf"^cannot save the training state to {path}: disk full \(.*\); free "
+                                                 r"space there or save to another disk.*; the previous save there is "
+                                                 r"intact$") as info:
+        trainer.save(path)
+    assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]
+    monkeypatch.undo()
+    again, _ = _fresh()
+    again.load(path)
+    assert again.step_count == 3

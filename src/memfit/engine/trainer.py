@@ -296,9 +296,15 @@ class Trainer:
 
         Everything is checked before anything changes: keys, shapes and dtypes of the
         model, the optimizer's type, groups and state, the scaler, the scheduler,
-        the config and precision. What differs is said in one line, and the trainer is
-        left as it was. The content of a file :meth:`save` wrote (``torch.load(path)``)
-        is accepted too, its checksum verified.
+        the config and precision, every random generator's state, the loader's position.
+        What differs is said in one line, and the trainer is left as it was. The content
+        of a file :meth:`save` wrote (``torch.load(path)``) is accepted too, its checksum verified.
+
+        The config in use becomes the saved run's micro-batch and checkpointed modules (what it
+        planned and re-planned to fit); the rest stays as this Trainer was built: its strategy and
+        their settings (a DDP save resumed under FSDP runs and reports FSDP), the optimizer's
+        implementation, when gradients are released. Precision and activation offload must be the
+        saved run's.
         """
         load_trainer_state(self, state)
 

@@ -201,6 +201,14 @@ def test_out_of_memory_exits_1_with_one_line(tmp_path, capsys):
         (["profile", "cifar-cnn", "-b", "2", "--plot", "no/such/folder/t.png"], "--plot no/such/folder/t.png: the folder 'no/such/folder' does not exist; create it first\n"),
         (["plan", "gpt2-tiny", "-b", "4", "--budget", "1GiB", "--checkpoint-candidates", "decoder.*"],
          "checkpoint glob 'decoder.*' matches no module"),
+        # Refused as the flags are read (torch's TypeError for 2**63 ranks; a plan of 9 s for a budget of 0).
+        (["estimate", "gpt2-tiny", "-b", "2", "--gpus", "9223372036854775808"],
+         "argument --gpus: --gpus takes 1 to 1,048,576 GPUs (ranks), got '9223372036854775808'\n"),
+        (["plan", "gpt2-tiny", "-b", "2", "--budget", "1GiB", "--gpus", "1048577"], "--gpus takes 1 to 1,048,576"),
+        (["plan", "gpt2-tiny", "-b", "8", "--budget", "0"], "argument --budget: --budget 0: a device of 0 bytes fits "
+         "nothing; give a positive size such as 24GiB, or a card such as h100\n"),
+        (["explain", "gpt2-tiny", "-b", "2", "--budget", "0GiB"], "--budget 0GiB: a device of 0 bytes fits nothing"),
+        (["demo", "--budget", "0B"], "--budget 0B: a device of 0 bytes fits nothing"),
     ],
 )
 def test_more_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -280,6 +288,14 @@ def test_the_help_is_what_the_readme_and_users_rely_on(capsys, monkeypatch):
     assert text == GOLDEN_HELP.read_text()
 
 
+def test_gpus_and_budget_take_up_to_their_bounds():
+    from memfit.cli import MAX_GPUS, build_parser
+
+    args = build_parser().parse_args(["plan", "gpt2-tiny", "-b", "2", "--budget", "1B", "--gpus", str(MAX_GPUS)])
+    assert (args.gpus, args.budget) == (MAX_GPUS, "1B")  # the last GPU count and the smallest budget taken
+    assert build_parser().parse_args(["plan", "gpt2-tiny", "-b", "2", "--budget", "auto"]).budget == "auto"
+
+
 def test_steps_take_up_to_the_bound_and_args_keep_what_follows_the_first_equals_sign(tmp_path, capsys):
     code, out, err = run(capsys, "estimate", "cifar-cnn", "-b", "2", "--device", "cpu", "--steps", "1000", "--json")
     assert code == 0, err
@@ -318,7 +334,7 @@ def test_a_negative_budget_is_joined_only_where_a_value_is_due(capsys):
     code, _, err = run(capsys, "estimate", "gpt2-tiny", "-b", "2", "--budget", "--json")
     assert (code, err) == (2, "memfit: error: argument --budget: expected one argument\n")
     code, _, err = run(capsys, "estimate", "gpt2-tiny", "--budget", "-5MiB", "-b", "2")
-    assert err.startswith("memfit: error: bad byte quantity '-5MiB': it must not be negative")
+    assert err.startswith("memfit: error: argument --budget: bad byte quantity '-5MiB': it must not be negative")
 
 
 def test_profile_and_estimate_print_their_tables_and_json_as_documented(capsys):

@@ -2,9 +2,11 @@
 
 import io
 
+import pytest
 import torch
 from rich.console import Console
 
+import memfit
 from memfit import demo
 from memfit.cli import main
 
@@ -65,7 +67,53 @@ def test_demo_on_two_processes_under_torchrun_splits_the_batch_and_trains(tmp_pa
     assert out.count("Test accuracy") == 1  # rank 0 speaks for the run
 
 
-def test_demo_refuses_more_processes_than_samples(capsys):
+def test_demo_refuses_more_processes_than_samples(capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # 3 processes are within the host's cores, not the batch
     assert main(["demo", "--nproc", "3", "--batch-size", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a batch of 2 cannot give each of 3 processes a sample" in err
+
+
+def test_nproc_is_bounded_by_the_hosts_cores_at_parse_time(capsys, monkeypatch):
+    import os
+
+    cores = os.cpu_count() or 1
+    assert main(["demo", "--nproc", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"memfit: error: argument --nproc: --nproc takes 1 to {cores}, this host's CPU cores "
+                   "(os.cpu_count()), got '100000'\n")
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert main(["demo", "--nproc", "2"]) == 2
+    assert "--nproc takes 1 to 1, this host's CPU cores" in capsys.readouterr().err
+    with pytest.raises(memfit.UsageError, match=r"--nproc 2: this host has 1 CPU core \(os.cpu_count\(\)\); give "
+                                                r"--nproc 1 or fewer"):
+        demo.launch(2, [])
+
+
+_RANKS = """
+import os, signal, sys, time
+if os.environ["RANK"] == "1":
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("memfit: error: rank 1 found no data", file=sys.stderr)
+    sys.exit(3)
+time.sleep(60)  # rank 0 waits: torchrun ends it once rank 1 failed
+"""
+
+
+def test_a_failed_rank_is_one_line_naming_it_and_its_signal_or_exit_code(tmp_path, capsys, monkeypatch):
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    torchrun = demo._torchrun
+    # Through the CLI, a rank killed (as the kernel's out-of-memory killer would): one line, exit 1, no traceback.
+    monkeypatch.setattr(demo, "_torchrun", lambda nproc, program: torchrun(nproc, [str(script), "kill"]))
+    assert main(["demo", "--nproc", "2", "--batch-size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("memfit: error: --nproc 2: rank 1 (pid ") and "was killed by SIGKILL" in err
+    # A rank that exits with a code says so, with its own error's reason.
+    with pytest.raises(demo.RankFailed, match=r"^--nproc 2: rank 1 \(pid \d+\) exited with code 3: rank 1 found no "
+                                              r"data; torchrun stopped the other ranks$"):
+        torchrun(2, [str(script), "exit"])

@@ -51,6 +51,44 @@ def _positive_int(flag: str):
     return parse
 
 
+MAX_GPUS = 1 << 20
+"""The most ranks --gpus takes: past any job's size (torch's process group takes a C int; 2**63 was a TypeError)."""
+
+
+def _gpus(text: str) -> int:
+    value = _positive_int("--gpus")(text)
+    if value > MAX_GPUS:
+        raise argparse.ArgumentTypeError(f"--gpus takes 1 to {MAX_GPUS:,} GPUs (ranks), got {text!r}")
+    return value
+
+
+def _nproc(text: str) -> int:
+    import os
+
+    value = _positive_int("--nproc")(text)
+    cores = os.cpu_count() or 1
+    if value > cores:  # each process trains on a core of its own: more only wait for one another
+        raise argparse.ArgumentTypeError(f"--nproc takes 1 to {cores}, this host's CPU cores (os.cpu_count()), got "
+                                         f"{text!r}")
+    return value
+
+
+def _budget(text: str) -> str:
+    """--budget as typed (commands parse it, "auto" included), refused here where it is not a positive size."""
+    if text.strip().lower() == "auto":
+        return text
+    from memfit.units import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"--budget {text}: a device of 0 bytes fits nothing; give a positive size "
+                                         "such as 24GiB, or a card such as h100")
+    return text
+
+
 def _steps(text: str) -> int:
     value = _positive_int("--steps")(text)
     if value > MAX_STEPS:
@@ -101,7 +139,7 @@ def _add_html_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_gpu_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", type=_positive_int("--gpus"), default=1, metavar="N",
+    parser.add_argument("--gpus", type=_gpus, default=1, metavar="N",
                         help="GPUs (ranks) trained on; the figures are one rank's (default 1)")
     parser.add_argument("--strategy", choices=STRATEGIES, default=None,
                         help="how the ranks share the model: ddp replicates it, fsdp shards it (FSDP2) "
@@ -165,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload_args(estimate, "micro-batch size")
     _add_config_args(estimate)
     estimate.add_argument("--steps", type=_steps, default=2, help=f"training steps to simulate, 1 to {MAX_STEPS} (default 2)")
-    estimate.add_argument("--budget", metavar="BYTES",
+    estimate.add_argument("--budget", type=_budget, metavar="BYTES",
                           help="say whether the step fits in this much memory: 24GiB, or a card such as rtx4090, h100")
     estimate.add_argument("--json", action="store_true", help="print only JSON")
     _add_html_arg(estimate)
@@ -188,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workload_args(explain, "micro-batch size (the step as it runs)")
     explain.add_argument("--effective-batch", type=_positive_int("--effective-batch"), default=None, metavar="N",
                          help="samples per optimizer step that every fix keeps (default: --batch-size on each GPU)")
-    explain.add_argument("--budget", metavar="BYTES", help="device memory to fit: 80GB, 24GiB, or a card (h100, "
-                         "rtx4090); without it fixes are ranked by bytes saved")
+    explain.add_argument("--budget", type=_budget, metavar="BYTES", help="device memory to fit: 80GB, 24GiB, or a "
+                         "card (h100, rtx4090); without it fixes are ranked by bytes saved")
     _add_config_args(explain)
     explain.add_argument("--profile", metavar="PATH|CARD", help="the CUDA card's context and workspaces, as for estimate")
     explain.add_argument("--no-fixes", action="store_true", help="explain the peak only (no estimates of fixes)")
@@ -205,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
         "step of the given effective batch fits the budget at the lowest predicted cost, from estimates (no GPU needed).",
     )
     _add_workload_args(plan, "the effective batch to keep")
-    plan.add_argument("--budget", required=True, metavar="BYTES",
+    plan.add_argument("--budget", type=_budget, required=True, metavar="BYTES",
                       help="device memory to fit: 24GiB, a card (rtx4090, a100-80gb, h100; see the README), or 'auto' "
                       "(free CUDA memory)")
     plan.add_argument("--precision", nargs="+", default=None, metavar="P",
                       help=f"precisions the plan may use (default: 32-true only), among {', '.join(PRECISIONS)}")
-    plan.add_argument("--gpus", type=_positive_int("--gpus"), default=1, metavar="N",
+    plan.add_argument("--gpus", type=_gpus, default=1, metavar="N",
                       help="GPUs (ranks) trained on: the batch is the global one, the figures one rank's (default 1)")
     plan.add_argument("--strategy", nargs="+", choices=STRATEGIES, default=None, metavar="S",
                       help="with --gpus N, the strategies the plan may use: ddp, fsdp (default both)")
@@ -246,11 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", "-b", type=_positive_int("--batch-size"), default=256,
                       help="the effective batch to keep (default 256)")
     demo.add_argument("--epochs", type=_positive_int("--epochs"), default=8, help="epochs to train (default 8)")
-    demo.add_argument("--budget", metavar="BYTES",
+    demo.add_argument("--budget", type=_budget, metavar="BYTES",
                       help="the simulated device's memory, e.g. 40MiB (default: about what a quarter of the batch needs)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split, shuffling and weights (default 0)")
-    demo.add_argument("--nproc", type=_positive_int("--nproc"), default=1, metavar="N",
-                      help="train on N CPU processes under torchrun (gloo, DDP): the batch is split over them (default 1)")
+    demo.add_argument("--nproc", type=_nproc, default=1, metavar="N",
+                      help="train on N CPU processes under torchrun (gloo, DDP): the batch is split over them; at "
+                      "most this host's CPU cores (default 1)")
 
     commands.add_parser("presets", help="list the built-in workloads", description="List the built-in workloads.")
     return parser

@@ -23,6 +23,8 @@ import dataclasses
 import io
 import logging
 import os
+import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,14 +37,14 @@ from memfit.budget import simulate_budget
 from memfit.checks import positive_int
 from memfit.config import Config
 from memfit.engine import Trainer
-from memfit.errors import UsageError
+from memfit.errors import MemfitError, UsageError
 from memfit.estimator import estimate
 from memfit.planner import plan
 from memfit.step import run_steps
 from memfit.units import format_bytes, parse_bytes
 from memfit.workload import Workload
 
-__all__ = ["DemoResult", "digits", "digits_workload", "run", "launch"]
+__all__ = ["DemoResult", "RankFailed", "digits", "digits_workload", "run", "launch"]
 
 _IMAGE = 32
 _TEST_SHARE = 0.2
@@ -161,12 +163,63 @@ def run(console, *, batch_size: int = 256, epochs: int = 8, budget: int | str | 
 
 
 def launch(nproc: int, argv: list[str]) -> int:
-    """``memfit demo --nproc N``: the demo on ``nproc`` CPU processes under torchrun; its exit status."""
+    """``memfit demo --nproc N``: the demo on ``nproc`` CPU processes under torchrun; 0 once every rank finished.
+
+    Raises:
+        UsageError: ``nproc`` is not 1 to this host's CPU cores.
+        RankFailed: a rank failed; the message is one line naming it and its exit code or signal.
+    """
+    cores = os.cpu_count() or 1
     positive_int(nproc, "--nproc", hint="CPU processes to train on")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "memfit", "demo", *argv]
+    if nproc > cores:
+        raise UsageError(f"--nproc {nproc}: this host has {cores} CPU core{'s' if cores > 1 else ''} "
+                         f"(os.cpu_count()); give --nproc {cores} or fewer")
+    _torchrun(nproc, ["-m", "memfit", "demo", *argv])
+    return 0
+
+
+class RankFailed(MemfitError):
+    """A process of ``memfit demo --nproc N`` failed (an exit code, a signal); torchrun stopped the others."""
+
+
+def _torchrun(nproc: int, program: list[str]) -> None:
+    """``python program`` on ``nproc`` processes under torchrun (standalone, one node), its stderr kept: passed on
+    once every rank finished, summed up in one line (:class:`RankFailed`) where one failed, instead of torchrun's
+    traceback and the other ranks' consequent errors."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *program]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.run(command, env=env, check=False).returncode
+    done = subprocess.run(command, env=env, check=False, stderr=subprocess.PIPE, text=True, errors="replace")
+    if done.returncode == 0:
+        sys.stderr.write(done.stderr)
+        return
+    raise RankFailed(_failure(done.stderr, done.returncode, nproc))
+
+
+# torchrun's ChildFailedError report names the first failure as "Root Cause": its rank and exit code (negative:
+# the signal that ended it), checked on torch 2.13.
+_ROOT_CAUSE = re.compile(r"Root Cause.*?\brank\s*:\s*(\d+).*?\bexitcode\s*:\s*(-?\d+)(?:\s*\(pid:\s*(\d+)\))?",
+                         re.DOTALL)
+
+
+def _failure(stderr: str, returncode: int, nproc: int) -> str:
+    """One line for a failed torchrun: the rank that failed first, with its signal or exit code and, where it said
+    why (memfit's one-line error), its reason."""
+    said = [line.partition("memfit: error: ")[2].strip() for line in stderr.splitlines() if "memfit: error: " in line]
+    match = _ROOT_CAUSE.search(stderr)
+    if match is None:  # torchrun itself failed (its rendezvous, its arguments): its last words
+        last = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no message")
+        return f"--nproc {nproc}: torchrun failed with exit code {returncode}: {last}"
+    rank, code, pid = int(match.group(1)), int(match.group(2)), match.group(3)
+    who = f"rank {rank}" + (f" (pid {pid})" if pid else "")
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        outside = " (from outside the run: the kernel's out-of-memory killer sends it)" if name == "SIGKILL" else ""
+        return f"--nproc {nproc}: {who} was killed by {name}{outside}; torchrun stopped the other ranks"
+    return (f"--nproc {nproc}: {who} exited with code {code}" + (f": {said[0]}" if said else "")
+            + "; torchrun stopped the other ranks")
 
 
 def _naive_step(workload: Workload, batch_size: int, budget: int, console) -> bool:

@@ -97,15 +97,18 @@ def rank_part(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str
 
 
 class InjectOOM(TorchDispatchMode):
-    """CUDA's OOM once, at the ``at``-th op this rank runs in the step's ``phase`` (forward or backward)."""
+    """CUDA's OOM once, at the ``at``-th op this rank runs in the step's ``phase`` (forward, backward, reduce,
+    optimizer), counting only ops named ``op`` where given (FSDP's ``all_gather_copy_in``, the all-gather's
+    copy into its buffer; ``chunk_cat``, the reduce-scatter's)."""
 
-    def __init__(self, trainer, phase: str, at: int) -> None:
+    def __init__(self, trainer, phase: str, at: int, op: str | None = None) -> None:
         super().__init__()
-        self.trainer, self.phase, self.at, self.seen, self.fired = trainer, phase, at, 0, False
+        self.trainer, self.phase, self.at, self.op, self.seen, self.fired = trainer, phase, at, op, 0, False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         attempt = self.trainer._attempt
-        if not self.fired and attempt.running and attempt.phase == self.phase and func.namespace == "aten":
+        if (not self.fired and attempt.running and attempt.phase == self.phase
+                and (func.namespace == "aten" if self.op is None else func._opname == self.op)):
             self.seen += 1
             if self.seen == self.at:
                 self.fired = True
@@ -145,7 +148,7 @@ def train(rank: int, world: int, port: int, case: dict, out: str) -> None:
                     except Exception as exc:  # noqa: BLE001 - what the parent checks
                         torch.save({"error": type(exc).__name__}, os.path.join(out, f"rank{rank}.pt"))
                         return
-                with InjectOOM(trainer, inject["phase"], inject["at"]) as mode:
+                with InjectOOM(trainer, inject["phase"], inject["at"], inject.get("op")) as mode:
                     results.append(trainer.step(part))
                 assert mode.fired, "the injected OOM never fired"
             else:
@@ -255,5 +258,49 @@ def resume_run(rank: int, world: int, port: int, case: dict, out: str) -> None:
         result = trainer.fit(loader, 2, progress=False, save_to=path, save_every=1)
         torch.save({"state": trainer.full_state_dict(), "steps": result.steps, "step_count": trainer.step_count},
                    os.path.join(out, f"{case['phase']}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def matrix(rank: int, world: int, port: int, case: dict, out: str) -> None:
+    """Each of ``case["cells"]`` on a fresh Trainer: an OOM injected on rank 1 in the first logical batch (as
+    :class:`InjectOOM` says), then the rest of ``SIZES``; per cell the final weights and retries, or the error
+    that stopped this rank and the seconds its step took to raise it."""
+    import time
+
+    join(rank, world, port)
+    outcomes = []
+    try:
+        for cell in case["cells"]:
+            workload = memfit.Workload(model=model, batch=lambda n: batches((n,))[0], loss=LOSSES[cell["loss"]],
+                                       optimizer=optimizer)
+            config = memfit.Config(micro_batch=cell.get("micro_batch", 4), strategy=cell["strategy"],
+                                   reshard_after_forward=cell.get("reshard", True))
+            trainer = memfit.Trainer(workload, config, device="cpu", timeout=cell.get("timeout", 20))
+            retries, outcome = [], None
+            for i, batch in enumerate(batches(case["sizes"])):
+                part = rank_part(batch, rank, world)
+                inject = i == 0 and rank == 1
+                start = time.monotonic()
+                try:
+                    if inject:
+                        with InjectOOM(trainer, cell["phase"], cell["at"], cell.get("op")) as mode:
+                            retries.append(trainer.step(part).retries)
+                        assert mode.fired, f"the injected OOM never fired: {cell}"
+                    else:
+                        retries.append(trainer.step(part).retries)
+                except memfit.MemfitError as exc:
+                    outcome = {"error": type(exc).__name__, "message": str(exc), "seconds": time.monotonic() - start,
+                               "oom": isinstance(exc, torch.OutOfMemoryError)}
+                    break
+            if outcome is None:
+                try:  # a rank that stopped after its peers' last agreement is met here, as fit meets it
+                    trainer._guard.settle("the end of the cell")
+                    outcome = {"state": trainer.full_state_dict(), "retries": retries}
+                except memfit.MemfitError as exc:
+                    outcome = {"error": type(exc).__name__, "message": str(exc), "seconds": 0.0,
+                               "oom": isinstance(exc, torch.OutOfMemoryError)}
+            outcomes.append(outcome)
+        torch.save(outcomes, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

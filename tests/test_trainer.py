@@ -748,7 +748,7 @@ def test_max_retries_re_plans_are_allowed_and_one_more_is_not():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = Trainer.from_parts(model, optimizer, classification_loss, Config(micro_batch=16), budget=fits,
                                  max_retries=2)
-    with pytest.raises(OutOfMemory, match=r"out of memory at step 1: 2 re-plans did not fit") as info:
+    with pytest.raises(OutOfMemory, match=r"out of memory at step 1 in the forward phase: 2 re-plans did not fit") as info:
         trainer.step(batch)
     assert info.value.retries == 3 and info.value.micro_batch == 4  # the third failure was at 4
     assert [(e.micro_batch, e.action, e.config and e.config.micro_batch) for e in info.value.events] == [
@@ -2000,7 +2000,7 @@ class _ScriptedComm(LocalComm):
     def _call(self, status, where):
         self.calls.append((status, where))
         if status == OK and len(self.calls) - 1 in self.peer_fails:
-            raise PeerOutOfMemory(f"out of memory on 1 other rank(s) at {where}")
+            raise PeerOutOfMemory(f"out of memory on rank 1 (rank 0 was at {where})")
 
     def agree(self, status, *values, where=""):
         self._call(status, where)
@@ -2017,9 +2017,12 @@ class _ScriptedComm(LocalComm):
         self.unsynced += 1
         return super().no_sync(model)
 
+    def most_samples(self, own):
+        return own
 
-_TWO_MICRO_STEPS = ["the start of the step", "micro-step 1's backward", "micro-step 2's forward",
-                    "micro-step 2's backward", "the update"]
+
+# A mean loss's agreements where collectives run in every micro-step: FSDP's own agree before each of them.
+_TWO_MICRO_STEPS = ["the start of the step", "micro-step 2's forward", "the update"]
 
 
 @pytest.fixture
@@ -2028,15 +2031,15 @@ def collectives(monkeypatch):
     monkeypatch.setattr("memfit.engine.step.issues_collectives", lambda model, phase: True)
 
 
-def test_without_collectives_in_a_micro_step_the_ranks_agree_at_the_start_and_the_update_only():
-    # DDP with its all-reduce deferred issues none (and no buffers to broadcast): an OOM on one rank reaches
-    # the others at the update's agreement. A token loss's first items are still agreed before its backward.
+def test_without_collectives_in_a_micro_step_the_ranks_agree_at_the_update_only():
+    # DDP with its all-reduce deferred issues none (and no buffers to broadcast): each rank splits its own
+    # part, an OOM on one rank reaches the others at the update's agreement, whose sums scale the reduce.
     model = mlp()
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
                                  Config(micro_batch=4))
     comm = trainer._attempt.comm = _ScriptedComm()
     trainer.step(classification_batches(1, 8)[0])
-    assert comm.calls == [(OK, "the start of the step"), (OK, "the update")]
+    assert comm.calls == [(OK, "the update")]
 
     def token_loss(m, batch):
         x, y = batch
@@ -2045,7 +2048,7 @@ def test_without_collectives_in_a_micro_step_the_ranks_agree_at_the_start_and_th
     trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), token_loss, Config(micro_batch=4))
     comm = trainer._attempt.comm = _ScriptedComm()
     trainer.step(classification_batches(1, 8)[0])
-    assert comm.calls == [(OK, "the start of the step"), (OK, "micro-step 1's backward"), (OK, "the update")]
+    assert comm.calls == [(OK, "the update")]
 
 
 def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alike(collectives):
@@ -2062,9 +2065,9 @@ def test_an_oom_on_another_rank_makes_this_one_drop_the_attempt_and_re_plan_alik
     results = [trainer.step(b) for b in batches]
     assert results[0].retries == 1 and results[0].micro_batches == (4, 4) and results[1].micro_batches == (4, 4)
     assert [(e.phase, e.micro_batch, e.message, e.action) for e in results[0].oom_events] == [
-        ("forward", 8, "out of memory on 1 other rank(s) at micro-step 1's backward", "re-planned")]
+        ("forward", 8, "out of memory on rank 1 (rank 0 was at the update)", "re-planned")]
     # The dropped attempt's agreements, then every agreement of the retry and of step 2: all before any update.
-    assert comm.calls == [(OK, "the start of the step"), (OK, "micro-step 1's backward")] + \
+    assert comm.calls == [(OK, "the start of the step"), (OK, "the update")] + \
         [(OK, where) for where in _TWO_MICRO_STEPS] * 2
     assert comm.unsynced == 2  # the first of two micro-batches, in each step that had two, reduces no gradients
     assert_same_weights(model, ref, 0.0)

@@ -18,7 +18,7 @@ torch/csrc/distributed/c10d/reducer.cpp). The wrapper gets a communication hook 
 public ``register_comm_hook``) that leaves each bucket as it is and records it; once every
 rank has said it got through backward (:mod:`memfit.engine.comm`), :meth:`DeferredReduce.reduce`
 all-reduces the recorded buckets, which the gradients are views of, and divides them by the
-world size, as DDP's default hook does. DDP's bucketing, parameter broadcast and buffer
+world size, as DDP's default hook does (or by the batch's total: :meth:`DeferredReduce.reduce`). DDP's bucketing, parameter broadcast and buffer
 broadcast are unchanged. The price is the overlap of the all-reduce with backward; after a
 failed attempt the wrapper is rebuilt (:meth:`Sharding.rebuilt`), which resets the reducer.
 
@@ -45,7 +45,7 @@ from memfit.errors import MemfitError, UsageError
 from memfit.strategies import Precision
 
 __all__ = ["Sharding", "DeferredReduce", "inner_module", "shard_units", "full_state_dict", "no_sync",
-           "issues_collectives"]
+           "issues_collectives", "is_fsdp"]
 
 
 def inner_module(model: nn.Module) -> nn.Module:
@@ -90,12 +90,18 @@ def no_sync(model: nn.Module) -> Iterator[None]:
 
 def issues_collectives(model: nn.Module, phase: str) -> bool:
     """Whether ``model`` (as :meth:`Sharding.apply` returned it) issues collectives in a micro-step's ``phase``
-    (``"forward"`` or ``"backward"``): FSDP gathers and reduce-scatters in both; DDP with its reduction
-    deferred (:class:`DeferredReduce`) none in backward, and in forward only the broadcast of its buffers."""
+    (``"forward"`` or ``"backward"``) that no agreement of their own precedes: FSDP's gathers and
+    reduce-scatters each agree first (:meth:`Sharding._agree_before_collectives`); DDP with its reduction
+    deferred (:class:`DeferredReduce`) issues none in backward, and in forward the broadcast of its buffers."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         if phase == "backward":
             return getattr(model, "_memfit_deferred", None) is None
         return bool(model.broadcast_buffers) and any(True for _ in model.module.buffers())
+    return False
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """``model`` was sharded by FSDP2 (its ranks run the same collectives in every micro-step)."""
     return _torch_private.is_fsdp_module(model)
 
 
@@ -129,13 +135,19 @@ class DeferredReduce:
         future.set_result(buffer)
         return future
 
-    def reduce(self) -> None:
-        """Average the recorded buckets over the ranks (in place: the gradients follow), then forget them."""
+    def reduce(self, scale: float) -> None:
+        """The recorded buckets summed over the ranks, then multiplied by ``scale`` (in place: the gradients
+        follow), then forgotten. ``scale`` is ``1 / world_size`` for DDP's own average, or the inverse of the
+        batch's total where each rank backpropagated sums (the product replaces the average's division).
+
+        Nothing that allocates runs between the update's agreement and these all-reduces: a rank cannot
+        fail there and leave the others inside one.
+        """
         buckets = list(self.buckets.values())
         works = [dist.all_reduce(b, async_op=True) for b in buckets]
         for work, bucket in zip(works, buckets):
             work.wait()
-            bucket.div_(self.world_size)
+            bucket.mul_(scale)
         self.buckets.clear()
 
 
@@ -143,8 +155,8 @@ class Sharding:
     """The strategy of ``config`` for a model on ``device``; see the module docstring.
 
     Args:
-        agree: called before each FSDP block's forward while a step runs (the ranks' agreement
-            before the block's all-gather); None: no agreement (estimates on a fake process group).
+        agree: called with where it is (``"the all-gather of blocks.1"``) right before each collective
+            FSDP issues; None: no agreement (estimates on a fake process group).
         mesh: the device mesh FSDP shards over (default: all ranks of the default group).
     """
 
@@ -193,50 +205,29 @@ class Sharding:
         for path in units:
             block = model.get_submodule(path)
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-            if self.agree is not None:
-                _agree_around_collectives(block, path, self.agree)
+            self._agree_before_collectives(block, path)
         # The root holds what no block does (embeddings, the head).
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-        if self.agree is not None:
-            _agree_around_collectives(model, "the model", self.agree)
+        self._agree_before_collectives(model, "the model")
         return model
 
+    def _agree_before_collectives(self, module: nn.Module, path: str) -> None:
+        """The ranks agree right before every all-gather and reduce-scatter FSDP issues for ``module``, its
+        prefetches included (FSDP2's custom comms, :func:`memfit._torch_private.fsdp_agreed_comms`).
 
-def _agree_around_collectives(block: nn.Module, path: str, agree: Callable[[str], None]) -> None:
-    """The ranks agree before each collective FSDP issues for ``block``: so an OOM in the block's forward or
-    backward computation on one rank is every rank's, before any of them issues a collective the other skips.
-
-    Hooks registered after ``fully_shard``'s own, in the orders that put the agreements first: before its
-    forward pre-hook (the all-gather), after it on the inputs (whose backward comes before FSDP's
-    post-backward: reshard, reduce-scatter), after its forward hook on the outputs (whose backward comes
-    before FSDP's pre-backward: the all-gather again).
-    """
-    block.register_forward_pre_hook(lambda m, args: agree(f"the forward of {path}"), prepend=True)
-    block.register_forward_pre_hook(lambda m, args: _agreeing(args, agree, f"the end of {path}'s backward"))
-    block.register_forward_hook(lambda m, args, out: _agreeing(out, agree, f"the backward of {path}"))
-
-
-def _agreeing(tensors: Any, agree: Callable[[str], None], where: str) -> Any:
-    """``tensors`` (a tensor or a tuple) passed through :class:`_AgreeInBackward` where they need a gradient."""
-    if isinstance(tensors, torch.Tensor):
-        return _AgreeInBackward.apply(tensors, agree, where) if tensors.requires_grad else tensors
-    if isinstance(tensors, tuple):
-        return tuple(_agreeing(t, agree, where) if isinstance(t, torch.Tensor) else t for t in tensors)
-    return None  # anything else is left as it is (a hook returning None changes nothing)
-
-
-class _AgreeInBackward(torch.autograd.Function):
-    """The identity; its backward runs the ranks' agreement before the gradient flows on."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, agree: Callable[[str], None], where: str) -> torch.Tensor:
-        ctx.agree, ctx.where = agree, where
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        ctx.agree(ctx.where)
-        return grad, None, None
+        A rank that fails anywhere before a collective (its computation, or the collective's own
+        buffer: the all-gather's unsharded parameters, the reduce-scatter's copy-in) is met by its
+        peers at that collective's agreement instead of leaving them inside it (STYLE rule 17).
+        """
+        if self.agree is None:
+            return
+        comms = _torch_private.fsdp_agreed_comms(self.agree, path)
+        if comms is None:
+            raise MemfitError(f"this torch release ({torch.__version__}) has no FSDP2 custom comms "
+                              "(set_custom_all_gather), which memfit needs to agree before FSDP's collectives; "
+                              "use torch >= 2.8 or strategy 'ddp'")
+        module.set_custom_all_gather(comms[0])
+        module.set_custom_reduce_scatter(comms[1])
 
 
 def _reset_fsdp(model: nn.Module) -> None:

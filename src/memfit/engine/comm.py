@@ -45,10 +45,13 @@ import torch.distributed as dist
 from memfit.errors import MemfitError, UsageError
 from memfit.sharding import no_sync
 
-__all__ = ["Comm", "LocalComm", "DistComm", "PeerOutOfMemory", "PeerFailed", "CommTimeout", "OK", "OOM", "FAILED", "make_comm"]
+__all__ = ["Comm", "LocalComm", "DistComm", "PeerOutOfMemory", "PeerFailed", "PeerStopped", "CommTimeout", "OK", "OOM",
+           "FAILED", "STOP", "make_comm"]
 
-OK, OOM, FAILED = 0, 1, 2
-"""A rank's status at an agreement: got through, ran out of memory (every rank retries), failed otherwise (every rank stops)."""
+OK, OOM, FAILED, STOP = 0, 1, 2, 3
+"""A rank's status at an agreement: got through; ran out of memory before the update (every rank retries);
+failed otherwise (every rank stops); ran out of memory where no retry is possible, after its peers had
+applied an update or with nothing left to try (every rank stops with :class:`memfit.OutOfMemory`)."""
 
 
 class Comm(Protocol):
@@ -56,20 +59,24 @@ class Comm(Protocol):
     rank: int
 
     def agree(self, status: int, *values: float, where: str = "") -> list[float]:
-        """``values`` (at most 3) summed over the ranks; raises PeerOutOfMemory or PeerFailed if another rank's
-        ``status`` is not OK. Every rank must call it (or :meth:`counts`) at the same point."""
+        """``values`` (at most 3) summed over the ranks; raises PeerOutOfMemory, PeerFailed or PeerStopped if
+        another rank's ``status`` is not OK. Every rank must call it (or :meth:`counts`) at the same point."""
 
     def counts(self, own: float, where: str = "") -> list[float]:
         """Every rank's ``own`` value, by rank: an agreement like :meth:`agree`."""
 
     def signal(self, status: int) -> None:
-        """This rank failed (``OOM`` or ``FAILED``) before the update: tells the ranks waiting at an agreement."""
+        """This rank failed (``OOM``, ``FAILED`` or ``STOP``): tells the ranks waiting at an agreement."""
 
-    def reduce(self, model: Any) -> None:
-        """Gradients averaged over the ranks, where the wrapper deferred it (DDP); after the last agreement."""
+    def reduce(self, model: Any, scale: float) -> None:
+        """Gradients multiplied by ``scale`` and summed over the ranks, where the wrapper deferred it (DDP);
+        after the last agreement."""
 
     def no_sync(self, model: Any) -> contextlib.AbstractContextManager:
         """A context whose backward passes accumulate gradients without reducing them across ranks."""
+
+    def most_samples(self, own: int) -> int:
+        """The most samples any rank had in this attempt, as the last exchange told (``own`` where none did)."""
 
 
 class LocalComm:
@@ -77,6 +84,7 @@ class LocalComm:
 
     world_size = 1
     rank = 0
+    samples = 0.0
 
     def agree(self, status: int, *values: float, where: str = "") -> list[float]:
         return list(values)
@@ -87,11 +95,14 @@ class LocalComm:
     def counts(self, own: float, where: str = "") -> list[float]:
         return [own]
 
-    def reduce(self, model: Any) -> None:
+    def reduce(self, model: Any, scale: float) -> None:
         pass
 
     def no_sync(self, model: Any) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def most_samples(self, own: int) -> int:
+        return own
 
 
 class PeerOutOfMemory(torch.OutOfMemoryError):
@@ -103,6 +114,15 @@ _VALUES = 3
 
 class PeerFailed(MemfitError):
     """Another rank failed with an error other than running out of memory: this rank undoes its attempt and stops."""
+
+
+class PeerStopped(MemfitError):
+    """Another rank ran out of memory where no retry is possible: this rank undoes its attempt and stops with
+    :class:`memfit.OutOfMemory`. ``ranks`` are the ranks that stopped."""
+
+    def __init__(self, message: str, ranks: list[int]) -> None:
+        super().__init__(message)
+        self.ranks = ranks
 
 
 class CommTimeout(MemfitError):
@@ -120,51 +140,70 @@ class DistComm:
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self.timeout = timeout
+        self.samples = 0.0  # this rank's samples in the attempt under way: every exchange tells the others
+        self._samples_by_rank: list[float] | None = None  # as the last exchange told
         # Its own group: the agreement's tiny all-reduces never pair up with the model's collectives,
         # and a CPU backend (gloo), so that a flag costs no device synchronisation under NCCL.
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
 
     def agree(self, status: int, *values: float, where: str = "") -> list[float]:
-        return self._exchange(status, values, None, where)[:len(values)]
+        return self._exchange(status, values, where)[0][:len(values)]
 
     def counts(self, own: float, where: str = "") -> list[float]:
-        return self._exchange(OK, (), own, where)[_VALUES:]
+        self.samples = own
+        return self._exchange(OK, (), where)[1]
 
-    def _exchange(self, status: int, values: tuple[float, ...], own: float | None, where: str) -> list[float]:
+    def most_samples(self, own: int) -> int:
+        told = self._samples_by_rank
+        return max(own, int(max(told))) if told else own
+
+    def _exchange(self, status: int, values: tuple[float, ...], where: str) -> tuple[list[float], list[float]]:
         # One shape for every agreement, so that a failing rank's flag pairs with whatever its peers
-        # are at: [ran out of memory, failed, three sums, one slot per rank].
+        # are at: [three sums, each rank's samples, each rank's status].
         assert len(values) <= _VALUES, values
-        flags = torch.zeros(2 + _VALUES + self.world_size, dtype=torch.float64)
-        flags[0], flags[1] = float(status == OOM), float(status == FAILED)
-        flags[2:2 + len(values)] = torch.tensor(values, dtype=torch.float64)
-        if own is not None:
-            flags[2 + _VALUES + self.rank] = own
+        w = self.world_size
+        flags = torch.zeros(_VALUES + 2 * w, dtype=torch.float64)
+        flags[:len(values)] = torch.tensor(values, dtype=torch.float64)
+        flags[_VALUES + self.rank] = self.samples
+        flags[_VALUES + w + self.rank] = status
         try:
             dist.all_reduce(flags, group=self.group)
         except RuntimeError as exc:  # gloo's timeout, or a peer's connection closed: the run cannot go on
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CommTimeout(f"rank {self.rank}: no answer from the other ranks within {self.timeout:g} s at "
-                              f"{where or 'an agreement'}: one of them is stuck or has died (see its log); this "
-                              f"rank stops instead of waiting ({first})") from None
-        oom, failed, *sums = flags.tolist()
-        if status == OK and failed:
-            raise PeerFailed(f"another rank failed at {where or 'an agreement'} (see its log); rank {self.rank} "
-                             "undid its attempt and stops too")
-        if status == OK and oom:
-            raise PeerOutOfMemory(f"out of memory on {int(oom)} other rank(s) at {where or 'an agreement'}")
-        return sums
+            others = f"rank {1 - self.rank}" if w == 2 else f"one of the other {w - 1} ranks"
+            raise CommTimeout(f"rank {self.rank}: no answer from {others} within {self.timeout:g} s at "
+                              f"{where or 'an agreement'}: it is stuck or has died (see its log); this rank stops "
+                              f"instead of waiting (raise Trainer(timeout=) for slow steps; {first})") from None
+        values_out = flags[:_VALUES].tolist()
+        self._samples_by_rank = samples = flags[_VALUES:_VALUES + w].tolist()
+        statuses = [int(x) for x in flags[_VALUES + w:].tolist()]
+        if status == OK:
+            at = where or "an agreement"
+            for code, error in ((FAILED, PeerFailed), (STOP, PeerStopped), (OOM, PeerOutOfMemory)):
+                ranks = [r for r, x in enumerate(statuses) if x == code]
+                if not ranks:
+                    continue
+                who = ", ".join(str(r) for r in ranks)
+                if code == FAILED:
+                    raise PeerFailed(f"rank {who} failed (see its log) while rank {self.rank} was at {at}; "
+                                     f"rank {self.rank} undid its attempt and stops too")
+                if code == STOP:
+                    raise PeerStopped(f"rank {who} ran out of memory where no retry is possible (see its log) "
+                                      f"while rank {self.rank} was at {at}", ranks)
+                raise PeerOutOfMemory(f"out of memory on rank {who} (rank {self.rank} was at {at})")
+        return values_out, samples
 
     def signal(self, status: int) -> None:
-        """This rank failed (OOM or FAILED) before the update: its peers learn it at their next agreement."""
-        self._exchange(status, (), None, "a failure")
+        """This rank failed (OOM, FAILED or STOP): its peers learn it at their next agreement."""
+        self._exchange(status, (), "a failure")
 
     def no_sync(self, model: Any) -> contextlib.AbstractContextManager:
         return no_sync(model)
 
-    def reduce(self, model: Any) -> None:
+    def reduce(self, model: Any, scale: float) -> None:
         deferred = getattr(model, "_memfit_deferred", None)
         if deferred is not None:
-            deferred.reduce()
+            deferred.reduce(scale)
 
 
 def make_comm(strategy: str, timeout: float) -> Comm:

@@ -34,7 +34,7 @@ import torch
 from memfit import _torch_private, rng
 from memfit.checkpointing import blocks
 from memfit.config import Config, accumulation_steps
-from memfit.engine.comm import FAILED, OOM, CommTimeout, PeerFailed, PeerOutOfMemory
+from memfit.engine.comm import FAILED, OK, OOM, STOP, CommTimeout, PeerFailed, PeerOutOfMemory, PeerStopped
 from memfit.engine.probe import model_state_bytes, optimizer_state_tensors
 from memfit.engine.results import OOMEvent, StepResult
 from memfit.errors import OutOfMemory
@@ -80,12 +80,27 @@ class OOMGuard:
                 if isinstance(exc, OutOfMemory):  # memfit's own (a nested guard gave up): not retried here
                     self.abandon(restore, n, exc)
                     raise
-                if not attempt.agreed and not isinstance(exc, PeerOutOfMemory):
-                    attempt.comm.signal(OOM)  # the other ranks are waiting to agree: tell them to drop the attempt
                 message = str(exc).split("\n")[0]
+                # Past the update's agreement the other ranks apply (or have applied) the update: no retry of
+                # this rank alone could pair with them, so every rank stops (they learn it at their next agreement).
+                stop = attempt.agreed and attempt.comm.world_size > 1
+                if not isinstance(exc, PeerOutOfMemory) and (stop or not attempt.agreed):
+                    # The other ranks are waiting at an agreement: tell them to drop the attempt, or to stop.
+                    told = self._tell_peers(STOP if stop else OOM)
+                    if told is not None:  # they cannot be told: this rank's OOM first, then why it stops
+                        self.abandon(restore, n, exc, signalled=True)
+                        raise OutOfMemory(f"out of memory on rank {attempt.comm.rank} at step {t.step_count + 1} "
+                                          f"({message}); no retry: {told}", micro_batch=t.config.micro_batch,
+                                          retries=retries) from None
                 # The frames hold the attempt's activations: clear them before anything else.
                 traceback.clear_frames(exc.__traceback__)
                 del exc
+            except PeerStopped as exc:  # another rank ran out where no retry is possible: every rank stops
+                self.abandon(restore, n, exc)
+                raise OutOfMemory(f"{exc}; rank {attempt.comm.rank} undid its attempt at step {t.step_count + 1} "
+                                  "and stops too. If a rank's update was applied and another's was not, the ranks' "
+                                  "models differ: resume from the last save", micro_batch=t.config.micro_batch,
+                                  retries=retries) from None
             except BaseException as exc:  # any error, KeyboardInterrupt too: undo, then let it propagate
                 self.abandon(restore, n, exc)
                 raise
@@ -93,13 +108,24 @@ class OOMGuard:
                 t._count(n, result)
                 return dataclasses.replace(result, oom_events=tuple(events)) if events else result
             failed, phase, step = t.config, attempt.phase, t.step_count + 1
+            where = f" on rank {attempt.comm.rank}" if attempt.comm.world_size > 1 else ""
             if phase == "committed":  # the update was applied: the batch counts, nothing to redo
                 t._count(n, None)
                 t.model.zero_grad(set_to_none=True)
-                raise OutOfMemory(f"out of memory after optimizer.step() had updated the model at step "
+                raise OutOfMemory(f"out of memory{where} after optimizer.step() had updated the model at step "
                                   f"{t.step_count} ({message}); the batch counted and is not redone",
                                   micro_batch=failed.micro_batch, retries=retries, report=self.report(failed),
                                   events=event("raised")) from None
+            if stop:  # past the update's agreement on several ranks (the reduce, clipping, optimizer.step())
+                self.discard(restore)  # no rebuild: DDP's constructor is a collective the others will not join
+                untouched = _optimizer_untouched(restore)
+                raise OutOfMemory(
+                    f"out of memory{where} in the {phase} phase at step {step}, after the ranks had agreed on the "
+                    f"update ({message}); the other ranks " + ("apply it and stop at their next agreement: "
+                    "the ranks' models now differ by this step; resume from the last save" if untouched else
+                    "stop too; optimizer.step() had updated tensors in place here: resume from the last save"),
+                    micro_batch=failed.micro_batch, retries=retries, report=self.report(failed),
+                    events=event("raised")) from None
             self.discard(restore)
             t._rebuild()  # DDP's reducer or FSDP's gathered parameters, as a fresh step expects them
             t._probe.release_cached_memory()  # after an OOM only: hand cached blocks back before the retry
@@ -120,12 +146,12 @@ class OOMGuard:
                             "per-tensor optimizer implementation, which needs fewer temporaries", step, message)
                 continue
             # Every rank decides alike: from the most samples any rank had (each rank's own where unknown).
-            most = max(n, attempt.most_samples or n)
+            most = attempt.comm.most_samples(max(n, attempt.most_samples or n))
             if min(failed.micro_batch, most) == 1 or retries > t.max_retries:
                 why = "micro-batch 1 does not fit" if min(failed.micro_batch, most) == 1 else \
                     f"{t.max_retries} re-plans did not fit"
                 error = OutOfMemory(
-                    f"out of memory at step {step}: {why} ({message})",
+                    f"out of memory{where} at step {step} in the {phase} phase: {why} ({message})",
                     micro_batch=min(failed.micro_batch, n), retries=retries, report=self.report(failed),
                     fixes=self.fixes(failed), events=event("raised"),
                 )
@@ -139,11 +165,40 @@ class OOMGuard:
                 t.config.describe(), len(accumulation_steps(n, t.config.micro_batch)),
             )
 
-    def abandon(self, restore: dict[str, Any] | None, n: int, exc: BaseException) -> None:
-        """An exception other than a retried OOM left an attempt: put back what it changed, or count a committed step."""
+    def settle(self, where: str) -> None:
+        """Every rank reached ``where`` (the end of fit, a save): one that stopped after its last step's
+        agreement (out of memory in ``optimizer.step()``) tells the others here, who stop with OutOfMemory too."""
+        comm = self.trainer._attempt.comm
+        if comm.world_size == 1:
+            return
+        try:
+            comm.agree(OK, where=where)
+        except PeerStopped as exc:
+            raise OutOfMemory(f"{exc}; rank {comm.rank} stops too: the ranks' models may differ by the last step, "
+                              "resume from the last save", micro_batch=self.trainer.config.micro_batch,
+                              retries=0) from None
+
+    def _tell_peers(self, status: int) -> str | None:
+        """Signal ``status`` to the other ranks; None once told, else why they could not be (one died)."""
+        try:
+            self.trainer._attempt.comm.signal(status)
+        except CommTimeout as exc:
+            return str(exc)
+        return None
+
+    def abandon(self, restore: dict[str, Any] | None, n: int, exc: BaseException, *, signalled: bool = False) -> None:
+        """An exception other than a retried OOM left an attempt: put back what it changed, or count a committed step.
+
+        The other ranks are told at their next agreement: to stop (this rank failed), or nothing where they
+        told this one. This rank's own error stays the one raised; a peer that cannot be told is a note on it.
+        """
         t = self.trainer
-        if not t._attempt.agreed and not isinstance(exc, (PeerOutOfMemory, PeerFailed, CommTimeout)):
-            t._attempt.comm.signal(FAILED)  # the other ranks stop at their next agreement instead of waiting
+        attempt = t._attempt
+        peer = isinstance(exc, (PeerOutOfMemory, PeerFailed, PeerStopped, CommTimeout))
+        if not signalled and not peer and (not attempt.agreed or attempt.comm.world_size > 1):
+            why = self._tell_peers(FAILED)  # the other ranks stop at their next agreement instead of waiting
+            if why is not None and hasattr(exc, "add_note"):
+                exc.add_note(f"memfit: the other ranks could not be told of this error: {why}")
         if t._attempt.phase == "committed":  # optimizer.step() applied the update: the batch counts
             t._count(n, None)
             t.model.zero_grad(set_to_none=True)

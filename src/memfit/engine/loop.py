@@ -65,6 +65,7 @@ def run_fit(trainer: Any, loader: Iterable[Any], epochs: int, *, log_every: int,
                 trainer.batch_in_epoch = 0
                 continue
             break  # max_steps
+        trainer._guard.settle("the end of fit")  # a rank that stopped after its last step's agreement says so here
         if window.steps:
             logged = window.mean()
         if trained is not None and trainer.batch_in_epoch:

@@ -42,7 +42,7 @@ from memfit.engine.leak import LeakCheck
 from memfit.engine.probe import Probe
 from memfit.engine.results import StepResult
 from memfit.errors import MemfitError, NonFiniteLoss, NonFiniteLossWarning, UsageError, warn
-from memfit.sharding import issues_collectives
+from memfit.sharding import is_fsdp, issues_collectives
 from memfit.step import backward, forward, prepare, release_before_backward, update
 from memfit.strategies import Recipe
 
@@ -107,9 +107,11 @@ class TrainStep:
     def _attempt(self, batch: Any, n: int, config: Config, step: int, retries: int,
                  restore: dict[str, Any]) -> StepResult:
         comm = self.comm
-        ranks = _Ranks(comm, n, config.micro_batch, self.model) if comm.world_size > 1 else None
-        self.most_samples = ranks.most if ranks is not None else n  # a re-plan is the same on every rank
-        sizes = ranks.sizes if ranks is not None else accumulation_steps(n, config.micro_batch)
+        comm.samples = float(n)  # every exchange tells the others (a re-plan after a failure is alike on every rank)
+        ranks = _Ranks(comm, n, config, self.model) if comm.world_size > 1 else None
+        lockstep = ranks is not None and ranks.lockstep
+        self.most_samples = ranks.most if lockstep else n
+        sizes = ranks.sizes if lockstep else accumulation_steps(n, config.micro_batch)
         recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
         simulated = self.probe.sim is not None
         with self.probe.measure() as peak:
@@ -119,7 +121,7 @@ class TrainStep:
             last = len(sizes) - 1
             for i, size in enumerate(sizes):
                 if ranks is not None and i > 0 and ranks.forward_collectives:
-                    comm.agree(OK, where=f"micro-step {i + 1}'s forward")  # DDP's buffer broadcast, FSDP's gathers
+                    comm.agree(OK, where=f"micro-step {i + 1}'s forward")  # DDP's buffer broadcast
                 # Gradients are reduced across ranks once, after the last micro-batch (DDP decides in the
                 # forward whether its backward reduces: the whole micro-step runs in the context).
                 with comm.no_sync(self.model) if i < last and not config.sync_every_micro_step else _NO_CONTEXT:
@@ -130,12 +132,12 @@ class TrainStep:
                     if simulated:
                         micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
                     out = forward(self.loss, self.model, micro, recipe)
-                    token = ranks is not None and i == 0 and isinstance(out, (tuple, list)) and len(out) == 2
-                    if ranks is not None and (ranks.backward_collectives or token):
-                        # Before the backward's collectives (FSDP's gathers and reduce-scatters; DDP's are
-                        # deferred to the update), and the first token loss's items summed over the ranks.
-                        first = comm.agree(OK, float(out[1]) if token else 0.0,
-                                           where=f"micro-step {i + 1}'s backward")[0]
+                    _check_loss(out)
+                    token = lockstep and i == 0 and isinstance(out, (tuple, list))
+                    if token:
+                        # The first token loss's items summed over the ranks: the provisional scale, alike on
+                        # every rank (FSDP averages the gradients before the exact rescale).
+                        first = comm.agree(OK, float(out[1]), where=f"micro-step {i + 1}'s backward")[0]
                     if isinstance(out, torch.Tensor):
                         if token_scale is not None or out.dim() != 0:
                             raise _loss_error(out, mixed=token_scale is not None)
@@ -143,9 +145,17 @@ class TrainStep:
                             total = torch.zeros((), device=device, dtype=_accumulator(out))
                         # A mean over this micro-batch: its share of the logical batch's samples. Across ranks,
                         # DDP and FSDP average the gradients (divide by the world size): the share is multiplied back.
-                        share = size / n if ranks is None else size / ranks.total
-                        scaled = out * (share * comm.world_size)
-                        total += (out * share).detach() if ranks is not None else scaled.detach()
+                        if ranks is None:
+                            share = size / n
+                            scaled = out * share
+                            total += scaled.detach()
+                        elif lockstep:
+                            share = size / ranks.total
+                            scaled = out * (share * comm.world_size)
+                            total += (out * share).detach()
+                        else:  # the micro-batch's sum over a constant of every rank: the reduce divides by the total
+                            scaled = out * (size / config.micro_batch)
+                            total += (out * size).detach()
                     elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
                         if items is None and start != size:
                             raise _loss_error(out, mixed=True)
@@ -161,6 +171,8 @@ class TrainStep:
                             # the exact rescale): the first micro-batches' items summed over the ranks.
                             if ranks is None:
                                 token_scale = 1.0 / (n_items.clamp(min=1.0) * len(sizes))
+                            elif not lockstep:  # a constant of every rank: the reduce divides by the total
+                                token_scale = torch.tensor(1.0 / config.micro_batch, device=device, dtype=dtype)
                             else:
                                 token_scale = torch.tensor(comm.world_size / (max(first, 1.0) * len(sizes)),
                                                            device=device, dtype=dtype)
@@ -182,13 +194,24 @@ class TrainStep:
                     # Release this micro-batch's graph and inputs now: only the gradients carry over.
                     del out, scaled, micro
             # Every rank got here, or one ran out of memory: all of them learn which before anyone updates.
+            rescaled = False  # the reduce applied the exact token scale (no rescale of the gradients after it)
             if ranks is not None:
                 # The loss and the item counts of the whole logical batch (one sync, as on one device);
-                # then the gradients DDP left unreduced are averaged.
-                loss_all, items_all = comm.agree(OK, float(total), float(items) if items is not None else 0.0,
-                                                 where="the update")
+                # then the gradients DDP left unreduced are reduced.
+                loss_all, items_all, samples_all = comm.agree(OK, float(total), float(items) if items is not None
+                                                              else 0.0, float(n), where="the update")
                 self.agreed = True  # from here on a failure is this rank's alone: its peers are past the agreement
-                comm.reduce(self.model)
+                if lockstep:
+                    scale = 1.0 / comm.world_size  # DDP's own average (FSDP reduce-scattered already)
+                elif token_scale is None:  # the summed micro-batches' sums over the batch's samples
+                    scale = config.micro_batch / samples_all
+                    loss_all /= samples_all
+                else:  # the exact 1/items of the whole batch
+                    scale = config.micro_batch / items_all if items_all > 0 else 0.0
+                    rescaled = True
+                self.phase = "reduce"
+                comm.reduce(self.model, scale)
+                self.phase = "forward"
                 total = torch.tensor(loss_all, device=device, dtype=total.dtype)
                 if items is not None:
                     items = torch.tensor(items_all, device=device, dtype=items.dtype)
@@ -220,13 +243,13 @@ class TrainStep:
                 # needs 1/items: rescale once.
                 if fix is not None and ranks is not None:
                     fix = fix * comm.world_size
-                if fix is not None and len(sizes) > 1:  # one micro-batch: c was 1/total already
+                if fix is not None and len(sizes) > 1 and not rescaled:  # one micro-batch: c was 1/total already
                     for p in self.model.parameters():
                         if p.grad is not None:
                             p.grad.mul_(fix)
                 mean = total / items.clamp(min=1.0)
             else:
-                items = torch.tensor(float(n if ranks is None else ranks.total), device=device)
+                items = torch.tensor(float(n if ranks is None else samples_all), device=device)
                 mean = total
             if reason is None:
                 self.phase = "optimizer"
@@ -270,24 +293,48 @@ _NO_CONTEXT = contextlib.nullcontext()
 
 
 class _Ranks:
-    """A distributed attempt's shape: every rank's samples, agreed before the first forward.
+    """A distributed attempt's shape.
 
-    Every rank runs the same number of micro-steps (their collectives pair up): the most any
-    rank's own split needs, a rank with fewer samples spreading them evenly
-    (:func:`memfit.config.rank_micro_batches`). A mean loss is weighted by its micro-batch's share
-    of the samples of all ranks; gradients are averaged over the ranks by DDP and FSDP.
+    Where the wrapper issues collectives inside a micro-step (FSDP's gathers and reduce-scatters, DDP's
+    buffer broadcast), every rank runs the same number of micro-steps (their collectives pair up): the
+    ranks agree on every rank's samples before the first forward, and a rank with fewer samples spreads
+    them evenly (:func:`memfit.config.rank_micro_batches`); a mean loss is weighted by its micro-batch's
+    share of the samples of all ranks. Where it issues none (memfit's DDP, its reduction deferred, on a
+    model without buffers) there is nothing to agree on before the update: each rank splits its own
+    part, and the update's agreement gives the totals its reduce scales by.
     """
 
-    def __init__(self, comm: Comm, n: int, micro_batch: int, model: nn.Module) -> None:
-        # The agreements a micro-step needs: before the collectives its wrapper issues (an OOM on one rank
-        # must reach the others before they wait in one); where none, the update's agreement says it.
+    def __init__(self, comm: Comm, n: int, config: Config, model: nn.Module) -> None:
+        # The agreements a micro-step needs: before the collectives its wrapper issues that no agreement
+        # of their own precedes (an OOM on one rank must reach the others before they wait in one).
         self.forward_collectives = issues_collectives(model, "forward")
-        self.backward_collectives = issues_collectives(model, "backward")
-        counts = comm.counts(float(n), where="the start of the step")
-        self.total = int(sum(counts))
-        self.most = int(max(counts))
-        steps = max(-(-int(c) // micro_batch) for c in counts)
-        self.sizes = rank_micro_batches(n, micro_batch, steps)
+        # fp16 gradients (16-true, or 16-mixed's scaled loss) keep the mean's scale: a sum could overflow.
+        half = config.precision in ("16-true", "16-mixed")
+        self.lockstep = self.forward_collectives or issues_collectives(model, "backward") or is_fsdp(model) or half
+        if self.lockstep:
+            counts = comm.counts(float(n), where="the start of the step")
+            self.total = int(sum(counts))
+            self.most = int(max(counts))
+            steps = max(-(-int(c) // config.micro_batch) for c in counts)
+            self.sizes = rank_micro_batches(n, config.micro_batch, steps)
+
+
+def _check_loss(out: Any) -> None:
+    """The loss's output is a scalar that autograd can differentiate, or ``(loss_sum, n_items)`` with a count."""
+    loss = out[0] if isinstance(out, (tuple, list)) and len(out) == 2 else out
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        n_items = out[1]
+        if isinstance(n_items, bool) or not (isinstance(n_items, (int, float)) or (
+                isinstance(n_items, torch.Tensor) and n_items.dim() == 0 and not n_items.is_complex()
+                and n_items.dtype != torch.bool)):
+            bad = f"a tensor of shape {tuple(n_items.shape)}" if isinstance(n_items, torch.Tensor) else repr(n_items)
+            raise UsageError(f"the loss returned (loss_sum, n_items) with n_items = {bad}; n_items is the number "
+                             "of items loss_sum adds up: a Python number or a 0-dim tensor, e.g. "
+                             "(labels != -100).sum()")
+    if isinstance(loss, torch.Tensor) and not loss.requires_grad and torch.is_grad_enabled():
+        raise UsageError("the loss does not require grad (it was detached, computed under torch.no_grad(), or "
+                         "from parameters with requires_grad=False): return the loss tensor autograd built, "
+                         "not loss.item() or loss.detach()")
 
 
 def _accumulator(loss: torch.Tensor) -> torch.dtype:

@@ -65,8 +65,9 @@ class Trainer:
             count it and warn once (default), or ``"raise"`` :class:`memfit.NonFiniteLoss`
             after undoing the step. Checking reads the loss from the device: one sync a step.
         timeout: with ``strategy="ddp"`` or ``"fsdp"``, the seconds a rank waits for the others
-            at an agreement (before each micro-step, each backward, the update) before it ends
-            the run with an error instead of hanging.
+            at an agreement (before each collective a step issues, FSDP's own included, the update,
+            the end of fit, a save) before it ends the run with :class:`memfit.MemfitError` naming
+            where it waited instead of hanging (default 600 s: raise it for steps slower than that).
 
     ``Config(strategy="ddp")`` or ``"fsdp"``: one process per device under torchrun, the model wrapped
     per :mod:`memfit.sharding`; ``step(batch)`` takes this rank's part of the logical batch, the math is
@@ -319,7 +320,7 @@ class Trainer:
             self.nonfinite_steps += result.skip_reason == NONFINITE
 
     def _block_agreement(self, where: str) -> None:
-        """Before an FSDP block's forward (its all-gather) within a step: the ranks agree nothing failed."""
+        """Right before each collective FSDP issues within a step: the ranks agree nothing failed."""
         attempt = getattr(self, "_attempt", None)
         if attempt is not None and attempt.running:
             attempt.comm.agree(OK, where=where)

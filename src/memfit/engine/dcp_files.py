@@ -55,7 +55,8 @@ from memfit import statefile
 from memfit.errors import UsageError
 
 __all__ = ["SEAL", "METADATA", "rank_file", "sealed", "recover", "seal", "commit", "remove", "locate", "read_seal",
-           "payload_names", "hash_files", "manifest_of", "check_listing", "check_digests", "read_metadata", "MetadataUnpickler"]
+           "payload_names", "hash_files", "manifest_of", "check_listing", "check_digests", "read_metadata",
+           "MetadataUnpickler"]
 
 SEAL = "trainer-rank0.pt"
 """Rank 0's file, written last: it holds the manifest (``"manifest"``: name -> ``{"bytes", "sha256"}``)."""
@@ -85,7 +86,7 @@ def recover(path: str) -> None:
     """Step 1 of a save (rank 0): finish or clear what a killed save left; the only complete save is kept."""
     tmp, old = f"{path}.tmp", f"{path}.old"
     if not os.path.lexists(path):
-        for done in (tmp, old):  # the newer first: path.tmp is sealed only after path.old was path
+        for done in (tmp, old):  # a sealed path.tmp is the newer: its save renamed path to path.old after sealing it
             if sealed(done):
                 log.warning("memfit: %s was left by a save killed between its renames: it becomes %s", done, path)
                 os.rename(done, path)
@@ -106,7 +107,7 @@ def commit(path: str) -> None:
     if os.path.lexists(path):
         os.rename(path, f"{path}.old")
     os.rename(f"{path}.tmp", path)
-    _sync(os.path.dirname(os.path.abspath(path)))  # the renames reach the disk in their order
+    _sync(os.path.dirname(os.path.abspath(path)))  # the renames are on disk before path.old is removed
 
 
 def remove(path: str) -> None:
@@ -129,8 +130,7 @@ def locate(path: str, rank: int, world_size: int) -> str:
     if found is None and not os.path.lexists(path):
         found = next((d for d in (f"{path}.tmp", f"{path}.old") if sealed(d)), None)
         if found is not None:
-            log.warning("memfit: no %s (a save was killed between its renames): loading the complete save %s",
-                        path, found)
+            log.warning("memfit: no %s: loading %s, the complete save that a save killed midway left", path, found)
     if found is None or not os.path.isfile(rank_file(found, rank)):
         raise UsageError(f"{path} is not a save of this run's rank {rank}: a run on several ranks saves a "
                          f"directory with a trainer-rank<r>.pt per rank; load it with the same world size "
@@ -176,7 +176,8 @@ def manifest_of(directory: str, state: dict[str, Any]) -> dict[str, dict[str, An
     manifest = state.get("manifest")
     if not isinstance(manifest, dict) or not all(isinstance(v, dict) for v in manifest.values()):
         raise UsageError(f"{os.path.join(directory, SEAL)} has no manifest of the save's files, so they cannot be "
-                         f"verified; {_FIX} written by this memfit")
+                         "verified (saved before memfit sealed sharded saves, or not by memfit); nothing was loaded: "
+                         "resume with the memfit that wrote it, or from a save made by this one")
     return manifest
 
 
@@ -228,7 +229,8 @@ class MetadataUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _ALLOWED or dtype:
             return super().find_class(module, name)
         raise UsageError(f"{self.source} is not DCP's metadata: it names {module}.{name}, which a checkpoint's "
                          "metadata never holds; refused without running it (a tampered or foreign save): use "
@@ -245,7 +247,7 @@ def read_metadata(directory: str, manifest: dict[str, dict[str, Any]]) -> Any:
     where = os.path.join(directory, METADATA)
     with open(where, "rb") as f:
         data = f.read()
-    if METADATA not in manifest or manifest[METADATA] != {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}:
+    if manifest.get(METADATA) != {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}:
         raise UsageError(f"{where} is damaged: it differs from the save's manifest ({SEAL}); {_FIX}")
     try:
         metadata = MetadataUnpickler(io.BytesIO(data), where).load()
@@ -260,8 +262,8 @@ def read_metadata(directory: str, manifest: dict[str, dict[str, Any]]) -> Any:
     for index, info in storage.items():
         name = getattr(info, "relative_path", None)
         if name not in manifest or name in (METADATA, SEAL) or getattr(info, "transform_descriptors", None):
-            raise UsageError(f"{where} points {getattr(index, 'fqn', index)!r} at {name!r}, which is not a data file of "
-                             f"this save (or is transformed, which memfit never writes); {_FIX}")
+            raise UsageError(f"{where} points {getattr(index, 'fqn', index)!r} at {name!r}, which is not a data "
+                             f"file of this save (or is transformed, which memfit never writes); {_FIX}")
     _check_bytes_entries(directory, metadata)
     return metadata
 

@@ -25,8 +25,9 @@ Across ranks nothing waits alone: each step of a save or load ends with an agree
 own gloo group, under its timeout (``Trainer(timeout=...)``): a monitored barrier, which names a rank
 that does not arrive, then every rank's outcome; a rank that failed (a full disk, a damaged file) makes
 every rank raise the same :class:`CheckpointError` or :class:`memfit.UsageError`, naming the rank and
-the file. DCP's own collectives run on that group too; its ``CheckpointException`` (a ``BaseException``)
-becomes a :class:`CheckpointError`.
+the file. (What every rank reads alike before the first agreement, which directory, the world size and
+the files' names and sizes, every rank refuses alike, at once.) DCP's own collectives run on that
+group too; its ``CheckpointException`` (a ``BaseException``) becomes a :class:`CheckpointError`.
 ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` turns such a directory into one file.
 
 Known limitations: the world size must be the one saved (DCP can reshard, but the per-rank loader and
@@ -41,6 +42,7 @@ import errno
 import functools
 import io
 import os
+import re
 from typing import Any, Callable
 
 import torch
@@ -77,6 +79,10 @@ def load_state(trainer: Any, path: str | os.PathLike, *, weights_only: bool = Tr
 
 # ---------------------------------------------------------------- agreements
 
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+"""A full disk, or a full quota on it: the same fix."""
+
+
 def _outcome(fn: Callable[[], Any]) -> tuple[str | None, Any]:
     """``(None, fn())``, or ``(what failed, None)``: a failing rank says so at the next agreement instead of
     leaving its peers in a collective."""
@@ -86,7 +92,7 @@ def _outcome(fn: Callable[[], Any]) -> tuple[str | None, Any]:
         return str(exc), None
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        full = " (disk full: free space there or save elsewhere)" if exc.errno == errno.ENOSPC else ""
+        full = " (disk full: free space there or save elsewhere)" if exc.errno in _FULL else ""
         return f"{where}{exc.strerror or exc}{full}", None
     except Exception as exc:  # noqa: BLE001 - any failure is carried to every rank, then raised there
         return f"{type(exc).__name__}: {_first_line(exc)}", None
@@ -108,39 +114,45 @@ def _agree(comm: Any, problem: str | None, where: str, error: type[MemfitError],
         gathered: list[Any] = [None] * comm.world_size
         dist.all_gather_object(gathered, (problem, payload), group=comm.group)
     except RuntimeError as exc:  # gloo's timeout, or a peer's connection closed
-        raise CheckpointError(f"rank {comm.rank}: the other ranks did not all reach {where} within "
-                              f"{comm.timeout:g} s ({_first_line(exc)}); one is stuck or has died (see its log); "
-                              "this rank stops instead of waiting") from None
+        # Rank 0 hears who did not arrive: "Ranks 1, 3 failed to pass monitoredBarrier" (ProcessGroupGloo.cpp).
+        missing = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(exc))
+        if missing:
+            who = missing.group(1).strip()
+            raise CheckpointError(f"rank {comm.rank}: rank{'s' if ',' in who else ''} {who} did not reach {where} "
+                                  f"within {comm.timeout:g} s: it is stuck or has died (see its log); this rank stops "
+                                  "instead of waiting (for slow disks, raise Trainer(timeout=...))") from None
+        raise CheckpointError(f"rank {comm.rank}: no answer from the other ranks at {where} within {comm.timeout:g} s "
+                              f"({_first_line(exc)}); one is stuck or has died (see its log); this rank stops "
+                              "instead of waiting") from None
     by_problem: dict[str, list[int]] = {}
     for rank, (failed, _) in enumerate(gathered):
         if failed:
             by_problem.setdefault(failed, []).append(rank)
     if by_problem:
-        said = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {p}" for p, r in by_problem.items())
+        said = "; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {failed}"
+                         for failed, ranks in by_problem.items())
         raise error(f"{where} failed on {said}{then}")
     return [value for _, value in gathered]
 
 
-def _dcp_failure(exc: BaseException, comm: Any, doing: str, directory: str) -> CheckpointError:
+def _dcp_failure(exc: BaseException, comm: Any, doing: str, then: str) -> CheckpointError:
     """One line for DCP's ``CheckpointException`` (``failures``: rank -> (exception, traceback); api.py, torch
-    2.13) or gloo's error inside DCP's collectives."""
+    2.13: every rank gets it) or gloo's error inside DCP's collectives; ``then``: what that leaves."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
-        parts = []
+        parts, disk = [], False
         for rank, (cause, _) in sorted(failures.items()):
-            full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
-            parts.append(f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}" + (" (disk full)" if full else ""))
-        disk = any(isinstance(c, OSError) and c.errno == errno.ENOSPC for c, _ in failures.values())
-        fix = "free space on that disk or save elsewhere" if disk else "see that rank's log"
-        fix += "; the previous save is kept" if doing == "write" else ""
-        return CheckpointError(f"torch.distributed.checkpoint could not {doing} {directory}: {'; '.join(parts)}; {fix}")
+            full = isinstance(cause, OSError) and cause.errno in _FULL
+            disk |= full
+            parts.append(f"rank {rank}: {type(cause).__name__}: {_first_line(cause)}{' (disk full)' if full else ''}")
+        fix = "; free space on that disk or save elsewhere" if disk else ""
+        return CheckpointError(f"torch.distributed.checkpoint could not {doing}: {'; '.join(parts)}{fix}{then}")
     if isinstance(exc, RuntimeError):  # gloo's, from DCP's collectives: a timeout or a peer's closed connection
-        return CheckpointError(f"rank {comm.rank}: torch.distributed.checkpoint could not {doing} {directory}: no "
-                               f"answer from the other ranks within {comm.timeout:g} s ({_first_line(exc)}); one is "
-                               "stuck or has died (see its log)")
-    return CheckpointError(f"rank {comm.rank}: torch.distributed.checkpoint could not {doing} {directory} "
-                           f"({type(exc).__name__}: {_first_line(exc)}); the save is from another model, or changed "
-                           "while loading: use an earlier save")
+        return CheckpointError(f"rank {comm.rank}: torch.distributed.checkpoint could not {doing}: no answer from "
+                               f"the other ranks within {comm.timeout:g} s ({_first_line(exc)}); one is stuck or has "
+                               f"died (see its log){then}")
+    return CheckpointError(f"rank {comm.rank}: torch.distributed.checkpoint could not {doing} "
+                           f"({type(exc).__name__}: {_first_line(exc)}){then}")
 
 
 # ---------------------------------------------------------------- save
@@ -162,7 +174,7 @@ def save(trainer: Any, path: str | os.PathLike) -> None:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=dcp.FileSystemWriter(tmp),
                  process_group=comm.group)  # every rank learns of any rank's failure (DCP gathers them)
     except (dcp.CheckpointException, RuntimeError) as exc:
-        raise _dcp_failure(exc, comm, "write", tmp) from None
+        raise _dcp_failure(exc, comm, f"write {tmp}", kept) from None
     problem, rest = _outcome(lambda: {**trainer_state(trainer, weights=False), "world_size": world})
     if rank and problem is None:
         problem = _outcome(lambda: statefile.write(rest, dcp_files.rank_file(tmp, rank)))[0]
@@ -280,7 +292,9 @@ def load(trainer: Any, path: str | os.PathLike) -> None:
             reader, planner = _dcp_parts()
             dcp.load(state, storage_reader=reader(found, metadata), planner=planner(), process_group=comm.group)
         except (dcp.CheckpointException, Exception) as exc:  # noqa: BLE001 - DCP's errors, said in one line
-            raise _dcp_failure(exc, comm, "load the model and optimizer from", found) from None
+            raise _dcp_failure(exc, comm, f"load the model and optimizer from {found}", "; the save is from "
+                               "another model, or changed while loading: the model and optimizer may be partly "
+                               "loaded, load a good save again") from None
         set_state_dict(model, trainer.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 

@@ -164,7 +164,10 @@ def hash_files(directory: str, names: list[str], *, sync: bool = False) -> dict[
     out = {}
     for name in names:
         with open(os.path.join(directory, name), "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+            h = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 20), b""):  # 1 MiB at a time (hashlib.file_digest is 3.11+)
+                h.update(block)
+            digest = h.hexdigest()
             if sync:
                 os.fsync(f.fileno())
             out[name] = {"bytes": os.fstat(f.fileno()).st_size, "sha256": digest}

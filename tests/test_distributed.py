@@ -123,13 +123,28 @@ def test_the_fault_matrix_every_oom_is_an_exact_retry_or_a_clear_stop_on_every_r
                 assert "rank 1" in got["message"], what  # every rank names the rank that ran out
 
 
+@pytest.mark.parametrize("strategy,reshard", [("ddp", True), ("fsdp", True), ("fsdp", False)])
+def test_when_nothing_fits_on_one_rank_every_rank_stops_with_out_of_memory_within_30_s(strategy, reshard, tmp_path):
+    # Rank 1's device holds the model states but not micro-batch 1's step: it re-plans 4 -> 2 -> 1, then gives up,
+    # and rank 0, whose device is large, re-plans alike and gives up with it, naming the rank and the phase.
+    need = memfit.estimate(dist_worker.workload("token"), memfit.Config(micro_batch=1, strategy=strategy,
+                           reshard_after_forward=reshard), world_size=2).required
+    cells = [{"strategy": strategy, "loss": "token", "reshard": reshard, "budget": need // 2, "name": "small"}]
+    rank0, rank1 = run_ranks(dist_worker.matrix, 2, {"cells": cells, "sizes": SIZES}, tmp_path, timeout=120)
+    for got in (rank0[0], rank1[0]):
+        assert got.get("error") == "OutOfMemory" and got["seconds"] < 30, got
+        assert "micro-batch 1 does not fit" in got["message"], got["message"]
+    assert "on rank 1" in rank1[0]["message"] and "phase" in rank1[0]["message"]
+    assert "out of memory on rank 1" in rank0[0]["message"]  # rank 0 says whose memory ran out
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_an_error_on_one_rank_stops_every_rank_without_a_hang(strategy, tmp_path):
     case = {"strategy": strategy, "loss": "token", "micro_batch": 2, "sizes": SIZES, "timeout": 30,
             "inject": {"rank": 1, "phase": "loss error"}}
     ranks = run_ranks(dist_worker.train, 2, case, tmp_path, timeout=60)
     assert ranks[1]["error"] == "ValueError"  # the bug, on the rank that has it
-    assert ranks[0]["error"] == "PeerFailed" and "another rank failed" in ranks[0]["message"]
+    assert ranks[0]["error"] == "PeerFailed" and "rank 1 failed" in ranks[0]["message"]
 
 
 def test_fit_over_a_distributed_sampler_trains_as_one_process_and_saves_each_ranks_part(tmp_path):

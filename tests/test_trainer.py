@@ -2027,8 +2027,9 @@ _TWO_MICRO_STEPS = ["the start of the step", "micro-step 2's forward", "the upda
 
 @pytest.fixture
 def collectives(monkeypatch):
-    """The scripted ranks' model issues collectives in forward and backward, as FSDP's does."""
+    """The scripted ranks' model issues collectives in forward and backward, and averages gradients, as FSDP's does."""
     monkeypatch.setattr("memfit.engine.step.issues_collectives", lambda model, phase: True)
+    monkeypatch.setattr("memfit.engine.step.is_fsdp", lambda model: True)
 
 
 def test_without_collectives_in_a_micro_step_the_ranks_agree_at_the_update_only():

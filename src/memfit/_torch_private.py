@@ -22,7 +22,7 @@ __all__ = ["FakeTensorMode", "TorchDispatchMode", "in_backward", "is_fake", "fak
            "grad_scaler_state", "reset_grad_scaler_step", "data_dependent_errors", "quiet_fake_tensor_errors",
            "cpu_flash_attention", "cpu_flash_attention_backward", "has_cpu_flash_attention",
            "autocast_cpu_excluded", "autocast_cpu_ops", "drop_library",
-           "softmax_half_to_float", "fake_item_values", "reset_fsdp_iteration", "fsdp_agreed_comms", "record_memory_history",
+           "softmax_half_to_float", "fake_item_values", "reset_fsdp_iteration", "fsdp_agreed_comms", "ddp_rebuilds_buckets", "record_memory_history",
            "dump_memory_snapshot"]
 
 # Which autograd graph task runs on this thread, -1 outside backward. There is
@@ -202,47 +202,33 @@ def reset_fsdp_iteration(model: torch.nn.Module) -> bool:
     A backward that raises never runs FSDP2's root post-backward callback, which resets every
     state and parameter group (``_root_post_backward_final_callback``, torch/distributed/fsdp/
     _fully_shard/_fsdp_state.py), and leaves the flag saying the callback is queued set, so no
-    later step would be finalized. torch 2.13's public ``FSDPModule.reset_iter_state()`` undoes
-    that (waits for in-flight collectives, reshards, clears the trackers); older releases get
-    the same done by hand. Neither drops the gradients a ``no_sync`` micro-step accumulated on
-    the *unsharded* parameters (``FSDPParam._unsharded_param.grad``, or
-    ``unsharded_accumulated_grad`` under a reduce dtype): the next reduce-scatter would add the
-    failed attempt's gradients to the retry's (issue 25: biases off by 2e-3 after a retry at
-    micro-batch 2). They are dropped here. Checked on torch 2.13.
+    later step would be finalized. torch 2.13's public ``FSDPModule.reset_iter_state()`` (the
+    floor) undoes that: waits for in-flight collectives, reshards, clears the trackers. It does
+    not drop the gradients ``no_sync`` micro-steps accumulated on the *unsharded* parameters
+    (``FSDPParam._unsharded_param.grad``, or ``unsharded_accumulated_grad`` under a reduce
+    dtype): the next reduce-scatter would add the failed attempt's gradients to the retry's
+    (issue 25: biases off by 2e-3 after a retry at micro-batch 2). They are dropped here.
     """
     try:
-        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-
-        root = model._get_fsdp_state()
-        ctx = root._state_ctx
-        if hasattr(model, "reset_iter_state"):
-            model.reset_iter_state()
-        else:  # torch < 2.13: what reset_iter_state does
-            ctx.post_backward_final_callback_queued = False
-            ctx.iter_forward_root = None
-            for state in ctx.all_states:
-                state._training_state = TrainingState.IDLE
-                state._modules_to_run_forward.clear()
-                for group in state._fsdp_param_groups:
-                    group._training_state = TrainingState.IDLE
-                    group.finalize_backward()  # waits for and drops an all-gather left in flight
-                    group.reshard()
-                    comm = group.comm_ctx  # made lazily: its lists exist once a step has run
-                    if hasattr(comm, "post_forward_order"):
-                        comm.post_forward_order.clear()
-                        comm.reduce_scatter_states.clear()
-                        comm.all_gather_state = None
-        for state in ctx.all_states:
+        model.reset_iter_state()
+        for state in model._get_fsdp_state()._state_ctx.all_states:
             for group in state._fsdp_param_groups:
                 for param in group.fsdp_params:
                     unsharded = getattr(param, "_unsharded_param", None)
                     if unsharded is not None:
                         unsharded.grad = None
                     param.unsharded_accumulated_grad = None
-    except (AttributeError, ImportError) as exc:  # a torch release that moved these: say so, do not guess
+    except AttributeError as exc:  # a torch release that moved these: say so, do not guess
         logging.getLogger("memfit").warning("memfit: cannot reset FSDP's state after a failed step on torch %s (%s)", torch.__version__, exc)
         return False
     return True
+
+
+def ddp_rebuilds_buckets(model: torch.nn.Module) -> bool:
+    """True until a DDP wrapper's reducer has rebuilt its buckets: the first forward after its first backward
+    does, a collective (the ranks sync the bucket order: ``_pre_forward`` in torch/nn/parallel/distributed.py,
+    which sets ``_has_rebuilt_buckets``). Checked on torch 2.13; True (the safe answer) if the name moved."""
+    return not getattr(model, "_has_rebuilt_buckets", False)
 
 
 def fsdp_agreed_comms(agree, path: str) -> tuple[object, object] | None:

@@ -92,11 +92,14 @@ def issues_collectives(model: nn.Module, phase: str) -> bool:
     """Whether ``model`` (as :meth:`Sharding.apply` returned it) issues collectives in a micro-step's ``phase``
     (``"forward"`` or ``"backward"``) that no agreement of their own precedes: FSDP's gathers and
     reduce-scatters each agree first (:meth:`Sharding._agree_before_collectives`); DDP with its reduction
-    deferred (:class:`DeferredReduce`) issues none in backward, and in forward the broadcast of its buffers."""
+    deferred (:class:`DeferredReduce`) issues none in backward, and in forward the broadcast of its buffers
+    and, once per wrapper, the rebuild of its buckets."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         if phase == "backward":
             return getattr(model, "_memfit_deferred", None) is None
-        return bool(model.broadcast_buffers) and any(True for _ in model.module.buffers())
+        # The forward after a new wrapper's first backward rebuilds its buckets, in a collective.
+        return (bool(model.broadcast_buffers) and any(True for _ in model.module.buffers())) or \
+            _torch_private.ddp_rebuilds_buckets(model)
     return False
 
 

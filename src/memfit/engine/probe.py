@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit import _torch_private
 from memfit.budget import SimulatedBudget
 
 __all__ = ["Probe", "model_state_bytes", "optimizer_state_tensors"]
@@ -101,6 +102,7 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dic
         for t in ts:
             if t is None or t.device.type == "meta":
                 continue
+            t = _torch_private.local_tensor(t)  # an FSDP parameter, its gradient and state: this rank's shard
             key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)

@@ -104,12 +104,19 @@ class TrainStep:
         finally:
             self.running = False
 
+    def agree_while_running(self, where: str) -> None:
+        """Right before each collective FSDP issues (:class:`memfit.sharding.Sharding`'s ``agree``): within an
+        attempt the ranks agree that nobody failed; outside one (an evaluation forward) nothing is agreed."""
+        if self.running:
+            self.comm.agree(OK, where=where)
+
     def _attempt(self, batch: Any, n: int, config: Config, step: int, retries: int,
                  restore: dict[str, Any]) -> StepResult:
         comm = self.comm
         comm.samples = float(n)  # every exchange tells the others (a re-plan after a failure is alike on every rank)
         ranks = _Ranks(comm, n, config, self.model) if comm.world_size > 1 else None
         lockstep = ranks is not None and ranks.lockstep
+        summed = ranks is not None and ranks.summed  # each rank backpropagates sums; the reduce divides by the total
         self.most_samples = ranks.most if lockstep else n
         sizes = ranks.sizes if lockstep else accumulation_steps(n, config.micro_batch)
         recipe, scaler, device = self.recipe, self.recipe.scaler(), self.device
@@ -133,7 +140,7 @@ class TrainStep:
                         micro = map_tensors(micro, torch.clone)  # on a simulated device the micro-batch is a copy
                     out = forward(self.loss, self.model, micro, recipe)
                     _check_loss(out)
-                    token = lockstep and i == 0 and isinstance(out, (tuple, list))
+                    token = ranks is not None and not summed and i == 0 and isinstance(out, (tuple, list))
                     if token:
                         # The first token loss's items summed over the ranks: the provisional scale, alike on
                         # every rank (FSDP averages the gradients before the exact rescale).
@@ -149,7 +156,7 @@ class TrainStep:
                             share = size / n
                             scaled = out * share
                             total += scaled.detach()
-                        elif lockstep:
+                        elif not summed:
                             share = size / ranks.total
                             scaled = out * (share * comm.world_size)
                             total += (out * share).detach()
@@ -171,7 +178,7 @@ class TrainStep:
                             # the exact rescale): the first micro-batches' items summed over the ranks.
                             if ranks is None:
                                 token_scale = 1.0 / (n_items.clamp(min=1.0) * len(sizes))
-                            elif not lockstep:  # a constant of every rank: the reduce divides by the total
+                            elif summed:  # a constant of every rank: the reduce divides by the total
                                 token_scale = torch.tensor(1.0 / config.micro_batch, device=device, dtype=dtype)
                             else:
                                 token_scale = torch.tensor(comm.world_size / (max(first, 1.0) * len(sizes)),
@@ -201,7 +208,7 @@ class TrainStep:
                 loss_all, items_all, samples_all = comm.agree(OK, float(total), float(items) if items is not None
                                                               else 0.0, float(n), where="the update")
                 self.agreed = True  # from here on a failure is this rank's alone: its peers are past the agreement
-                if lockstep:
+                if not summed:
                     scale = 1.0 / comm.world_size  # DDP's own average (FSDP reduce-scattered already)
                 elif token_scale is None:  # the summed micro-batches' sums over the batch's samples
                     scale = config.micro_batch / samples_all
@@ -295,22 +302,30 @@ _NO_CONTEXT = contextlib.nullcontext()
 class _Ranks:
     """A distributed attempt's shape.
 
-    Where the wrapper issues collectives inside a micro-step (FSDP's gathers and reduce-scatters, DDP's
-    buffer broadcast), every rank runs the same number of micro-steps (their collectives pair up): the
-    ranks agree on every rank's samples before the first forward, and a rank with fewer samples spreads
-    them evenly (:func:`memfit.config.rank_micro_batches`); a mean loss is weighted by its micro-batch's
-    share of the samples of all ranks. Where it issues none (memfit's DDP, its reduction deferred, on a
-    model without buffers) there is nothing to agree on before the update: each rank splits its own
-    part, and the update's agreement gives the totals its reduce scales by.
+    Where the wrapper issues collectives inside a micro-step (FSDP's gathers and reduce-scatters; DDP's
+    buffer broadcast, and its bucket rebuild once per wrapper), every rank runs the same number of
+    micro-steps (their collectives pair up): the ranks agree on every rank's samples before the first
+    forward, and a rank with fewer samples spreads them evenly (:func:`memfit.config.rank_micro_batches`).
+    Where it issues none (memfit's DDP, its reduction deferred, on a model without buffers, once its
+    buckets are rebuilt) there is nothing to agree on before the update: each rank splits its own part.
+
+    The math: under FSDP (and for fp16 gradients) a mean loss is weighted by its micro-batch's share of
+    the samples of all ranks, the gradients averaged over the ranks; under DDP each rank backpropagates
+    its micro-batches' sums over the config's micro-batch (a constant of every rank), and the reduce
+    divides by the batch's total from the update's agreement: the same arithmetic in either shape, so a
+    resumed run (a new wrapper) steps bit for bit as the uninterrupted one where the ranks' parts split alike.
     """
 
     def __init__(self, comm: Comm, n: int, config: Config, model: nn.Module) -> None:
         # The agreements a micro-step needs: before the collectives its wrapper issues that no agreement
         # of their own precedes (an OOM on one rank must reach the others before they wait in one).
         self.forward_collectives = issues_collectives(model, "forward")
-        # fp16 gradients (16-true, or 16-mixed's scaled loss) keep the mean's scale: a sum could overflow.
+        # Each rank backpropagates the micro-batches' sums (over a constant of every rank) and the reduce divides
+        # by the batch's total, whatever the split: DDP, where its reduce is memfit's (FSDP's reduce-scatter
+        # averages), except for fp16 gradients (16-true, or 16-mixed's scaled loss): a sum could overflow.
         half = config.precision in ("16-true", "16-mixed")
-        self.lockstep = self.forward_collectives or issues_collectives(model, "backward") or is_fsdp(model) or half
+        self.summed = not is_fsdp(model) and not half
+        self.lockstep = self.forward_collectives or issues_collectives(model, "backward") or not self.summed
         if self.lockstep:
             counts = comm.counts(float(n), where="the start of the step")
             self.total = int(sum(counts))

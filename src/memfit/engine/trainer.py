@@ -31,7 +31,7 @@ from memfit.checkpointing import Checkpointing
 from memfit.checks import positive_int
 from memfit.config import Config
 from memfit.device import resolve_device
-from memfit.engine.comm import OK, make_comm
+from memfit.engine.comm import make_comm
 from memfit.engine.loop import run_fit
 from memfit.engine.results import FitResult, StepResult
 from memfit.engine import sharded
@@ -65,9 +65,8 @@ class Trainer:
             count it and warn once (default), or ``"raise"`` :class:`memfit.NonFiniteLoss`
             after undoing the step. Checking reads the loss from the device: one sync a step.
         timeout: with ``strategy="ddp"`` or ``"fsdp"``, the seconds a rank waits for the others
-            at an agreement (before each collective a step issues, FSDP's own included, the update,
-            the end of fit, a save) before it ends the run with :class:`memfit.MemfitError` naming
-            where it waited instead of hanging (default 600 s: raise it for steps slower than that).
+            at an agreement (before each collective a step issues, FSDP's included, the update, fit's
+            end, a save) before it stops with an error naming where, instead of hanging.
 
     ``Config(strategy="ddp")`` or ``"fsdp"``: one process per device under torchrun, the model wrapped
     per :mod:`memfit.sharding`; ``step(batch)`` takes this rank's part of the logical batch, the math is
@@ -108,7 +107,7 @@ class Trainer:
         # Cast before the optimizer exists, so its state is created in the model's dtype; shard before
         # it too: fully_shard replaces the parameters with sharded ones, which the optimizer must hold.
         model = cast(model.to(device), config.precision)
-        sharding = Sharding(config, device, agree=self._block_agreement)
+        sharding = Sharding(config, device, agree=lambda where: self._attempt.agree_while_running(where))
         wrapped = sharding.apply(model)
         optimizer = workload.optimizer(wrapped.parameters())
         assemble(self, model, optimizer, workload.loss, plan, config, device, budget, max_retries,
@@ -134,9 +133,8 @@ class Trainer:
     ) -> Trainer:
         """A Trainer over a model and optimizer you built. ``loss(model, batch)`` returns a mean or ``(loss_sum, n_items)``.
 
-        The model is moved to ``device`` (by default the model's own) and, for
-        ``*-true`` precisions, cast in place: parameters keep their identity, so
-        the optimizer stays valid (cast before the optimizer has state).
+        The model is moved to ``device`` (by default the model's own) and, for ``*-true`` precisions, cast
+        in place: parameters keep their identity, so the optimizer stays valid (cast before it has state).
         """
         check_parts(model, optimizer, loss)
         plan, config = plan_and_config(plan_or_config)
@@ -153,7 +151,7 @@ class Trainer:
         comm = make_comm(config.strategy, timeout)
         self = cls.__new__(cls)
         model = cast(model.to(device), config.precision)
-        sharding = Sharding(config, device, agree=self._block_agreement)  # DDP keeps the parameters
+        sharding = Sharding(config, device)  # DDP keeps the parameters (FSDP, refused above, would agree)
         assemble(self, model, optimizer, loss, plan, config, device, budget, max_retries, scheduler,
                     clip_grad_norm, on_nonfinite, comm=comm, sharding=sharding, wrapped=sharding.apply(model))
         return self
@@ -282,9 +280,9 @@ class Trainer:
         ``path`` is a directory each rank writes its part to (:mod:`memfit.engine.sharded`).
 
         Raises:
-            memfit.statefile.SaveError: the file could not be written (``"disk full"`` where the disk
-                had no room for it); no temporary file is left and a previous save at ``path`` is intact.
+            memfit.statefile.SaveError: not written (``"disk full"`` named); a previous save is intact.
         """
+        self._guard.settle("the save")  # a rank that stopped after its last update says so before any file is written
         sharded.save_state(self, path)
 
     def load(self, path: str | os.PathLike, *, weights_only: bool = True) -> None:
@@ -302,10 +300,8 @@ class Trainer:
         of a file :meth:`save` wrote (``torch.load(path)``) is accepted too, its checksum verified.
 
         The config in use becomes the saved run's micro-batch and checkpointed modules (what it
-        planned and re-planned to fit); the rest stays as this Trainer was built: its strategy and
-        their settings (a DDP save resumed under FSDP runs and reports FSDP), the optimizer's
-        implementation, when gradients are released. Precision and activation offload must be the
-        saved run's.
+        re-planned to fit); the rest stays as this Trainer was built (a DDP save resumed under FSDP
+        runs and reports FSDP). Precision and activation offload must be the saved run's.
         """
         load_trainer_state(self, state)
 
@@ -319,19 +315,12 @@ class Trainer:
             self.skipped_steps += 1
             self.nonfinite_steps += result.skip_reason == NONFINITE
 
-    def _block_agreement(self, where: str) -> None:
-        """Right before each collective FSDP issues within a step: the ranks agree nothing failed."""
-        attempt = getattr(self, "_attempt", None)
-        if attempt is not None and attempt.running:
-            attempt.comm.agree(OK, where=where)
-
     def _rebuild(self) -> None:
         """After a failed attempt: the wrapper as a fresh step expects it (DDP's reducer, FSDP's resharded blocks)."""
         self._attempt.model = self._sharding.rebuilt(self._attempt.model)
 
     def use(self, config: Config) -> None:
-        """Switch to ``config`` between steps: another micro-batch or checkpoint set (precision and offload
-        stay as built)."""
+        """Switch to ``config`` between steps: another micro-batch or checkpoints (precision, offload as built)."""
         if config.checkpoint != self._config.checkpoint:
             Checkpointing.remove(self.model, self._checkpointed)
             self._checkpointed = Checkpointing(config.checkpoint).apply(self.model)

@@ -101,9 +101,10 @@ class InjectOOM(TorchDispatchMode):
     optimizer), counting only ops named ``op`` where given (FSDP's ``all_gather_copy_in``, the all-gather's
     copy into its buffer; ``chunk_cat``, the reduce-scatter's)."""
 
-    def __init__(self, trainer, phase: str, at: int, op: str | None = None) -> None:
+    def __init__(self, trainer, phase: str, at: int, op: str | None = None, kill: bool = False) -> None:
         super().__init__()
         self.trainer, self.phase, self.at, self.op, self.seen, self.fired = trainer, phase, at, op, 0, False
+        self.kill = kill  # this process dies there instead (SIGKILL, as a pre-empted or OOM-killed job does)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         attempt = self.trainer._attempt
@@ -112,6 +113,10 @@ class InjectOOM(TorchDispatchMode):
             self.seen += 1
             if self.seen == self.at:
                 self.fired = True
+                if self.kill:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected on one rank)")
         return func(*args, **(kwargs or {}))
 
@@ -285,7 +290,7 @@ def matrix(rank: int, world: int, port: int, case: dict, out: str) -> None:
                 start = time.monotonic()
                 try:
                     if inject:
-                        with InjectOOM(trainer, cell["phase"], cell["at"], cell.get("op")) as mode:
+                        with InjectOOM(trainer, cell["phase"], cell["at"], cell.get("op"), cell.get("kill", False)) as mode:
                             retries.append(trainer.step(part).retries)
                         assert mode.fired, f"the injected OOM never fired: {cell}"
                     else:

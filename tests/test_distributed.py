@@ -138,6 +138,26 @@ def test_when_nothing_fits_on_one_rank_every_rank_stops_with_out_of_memory_withi
     assert "out of memory on rank 1" in rank0[0]["message"]  # rank 0 says whose memory ran out
 
 
+@pytest.mark.parametrize("strategy,fault", [("ddp", "forward"), ("fsdp", "backward-prefetch all-gather")])
+def test_a_rank_killed_mid_step_makes_the_other_stop_naming_it_within_the_timeout(strategy, fault, tmp_path):
+    cells = [{"strategy": strategy, "loss": "token", "reshard": True, "name": fault, "timeout": 5, "kill": True,
+              **FAULTS[fault][0]}]
+    ctx = mp.start_processes(dist_worker.matrix, args=(2, _free_port(), {"cells": cells, "sizes": SIZES},
+                             str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    try:
+        ctx.processes[0].join(timeout=60)
+        ctx.processes[1].join(timeout=5)
+        assert ctx.processes[1].exitcode == -9, "rank 1 kills itself mid-step"
+        assert ctx.processes[0].exitcode == 0, "rank 0 stops with an error it reports, not a hang or a crash"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)[0]
+    assert got["error"] == "CommTimeout" and got["seconds"] < 5 + 10, got
+    assert "no answer from rank 1 within 5 s" in got["message"], got["message"]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_an_error_on_one_rank_stops_every_rank_without_a_hang(strategy, tmp_path):
     case = {"strategy": strategy, "loss": "token", "micro_batch": 2, "sizes": SIZES, "timeout": 30,

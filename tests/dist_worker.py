@@ -284,9 +284,9 @@ def matrix(rank: int, world: int, port: int, case: dict, out: str) -> None:
             budget = cell.get("budget") if rank == 1 else None  # rank 1's device is smaller
             trainer = memfit.Trainer(workload, config, device="cpu", timeout=cell.get("timeout", 20), budget=budget)
             retries, outcome = [], None
-            for i, batch in enumerate(batches(case["sizes"])):
+            for i, batch in enumerate(batches(cell.get("sizes", case["sizes"]))):
                 part = rank_part(batch, rank, world)
-                inject = i == 0 and rank == 1 and "phase" in cell
+                inject = i == cell.get("step", 0) and rank == 1 and "phase" in cell
                 start = time.monotonic()
                 try:
                     if inject:

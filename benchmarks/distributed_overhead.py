@@ -6,6 +6,16 @@ memfit's adds the ranks' agreements and defers DDP's all-reduce until they agree
 times its steps after a warm-up; the slower rank's median counts; the median ratio over 5 launches
 (both loops in each) is the last line: ``ratio: memfit DDP step / hand-written DDP step = X (...)``.
 
+What the difference is (issue 25, on this 2-core machine): DDP's all-reduce runs after the ranks agree,
+not overlapped with backward (about 3 ms of a 30 ms step here), and the agreement itself is one gloo
+round trip (0.7 ms for 7 floats between two local processes here; tens of microseconds on a GPU node,
+beside steps of hundreds of milliseconds). memfit's DDP no longer agrees at the start of a step (each rank
+splits its own part), which took 1.11-1.26x to 1.11-1.13x. Tried and left out: overlapping the all-reduce
+with backward after an agreement before it (1.25x: two agreements a step, and a Python hook's futures
+contending with backward on 2 cores); starting the all-reduces beside the update's agreement, a failed
+rank launching its own so that its peers' complete (1.03x), which leaves all-reduces waiting on the
+peers of a rank that stopped after its update, for the next collective of the default group to pair with.
+
 Run: ``.venv/bin/python benchmarks/distributed_overhead.py``
 """
 

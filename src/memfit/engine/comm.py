@@ -8,28 +8,34 @@ costs a Python call. A distributed run (DDP, FSDP2 over ``torch.distributed``) u
 
 What the step asks:
 
-* ``agree(status, *values)``: the ranks' agreement. Every rank calls it at the same points
-  of a step (at its start, before each micro-step's forward and backward where the wrapper
-  issues collectives there, before the update, and under FSDP around each block's
-  collectives): ``status`` says whether this rank ran out of
-  memory or failed, ``values`` are summed over the ranks (samples, loss items, the loss).
-  A rank that fails between two points tells the others at their next one, in place of
-  its own: the ranks never issue different collectives, so nobody waits on a peer that
-  left (Composer's lesson: the flag is agreed before every collective the step issues).
-  The agreement runs on a process group of its own (gloo, CPU tensors), with a timeout:
-  a rank that neither answers nor fails (stuck, or killed) ends the others' wait with
-  :class:`memfit.MemfitError` after ``timeout`` seconds instead of a hang.
+* ``agree(status, *values)``: the ranks' agreement. Every rank calls it at the same points:
+  right before every collective a step issues (under FSDP inside each all-gather and
+  reduce-scatter FSDP issues by itself, its prefetches included: :mod:`memfit.sharding`;
+  under DDP before its buffer broadcast and its one bucket rebuild), before the update, at
+  the end of fit and before a save. ``status`` says whether this rank got through, ran out
+  of memory (every rank retries), failed (every rank stops) or ran out where no retry is
+  possible (``STOP``: every rank stops with :class:`memfit.OutOfMemory`); ``values`` are
+  summed over the ranks (samples, loss items, the loss); each rank's samples and status
+  travel too, so that messages name the rank and a re-plan is alike everywhere. A rank that
+  fails between two points tells the others at their next one, in place of its own: the
+  ranks never issue different collectives, so nobody waits on a peer that left (Composer's
+  lesson: the flag is agreed before every collective the step issues). The agreement runs
+  on a process group of its own (gloo, CPU tensors), with a timeout: a rank that neither
+  answers nor fails (stuck, or killed) ends the others' wait with :class:`CommTimeout`
+  naming it after ``timeout`` seconds instead of a hang.
 * ``no_sync(model)``: the context the micro-batches before the last run in
   (:func:`memfit.sharding.no_sync`: FSDP2's ``set_requires_gradient_sync(False)``; nothing
   under memfit's DDP, whose reduction is deferred anyway): gradients are reduced once per
   logical batch, not per micro-batch.
-* ``reduce(model)``: gradients reduced after the agreement; see :mod:`memfit.sharding`
+* ``reduce(model, scale)``: gradients reduced after the agreement; see :mod:`memfit.sharding`
   for why DDP's reduction is deferred until every rank has said it got through backward.
 
-Known limitations: a rank that runs out of memory inside FSDP's backward, between the
-collectives FSDP issues there, leaves its peers in a collective that will not complete:
-they end with the process group's timeout (the run stops, it does not hang). An OOM
-inside ``optimizer.step()`` on one rank (after the last agreement) ends the run likewise.
+Known limitations: a failure after the update's agreement on one rank (the reduce, clipping,
+``optimizer.step()``) cannot be retried by that rank alone: every rank stops (``STOP``), and
+the ranks' models may then differ by that step. An OOM inside a collective itself (NCCL's
+own buffers) is the communication library's error. Clipping under FSDP reduces the norm in
+a collective of DTensor's after the update's agreement: a rank that fails between them
+leaves its peers to the process group's timeout.
 """
 
 from __future__ import annotations

@@ -236,6 +236,12 @@ def test_the_per_rank_estimate_equals_the_peak_each_rank_measures(tmp_path):
         assert est.peak == least["peak"], case
         assert all(min(m["peak"] for m in rank) <= est.peak for rank in runs), case
         held = est.report.peak_by_category.get("communication", 0)  # the most such buffers alive at once
+        if case["strategy"] == "ddp":
+            # DDP's bucket rebuild in the second forward syncs the bucket order in int32 tensors its C++ reducer
+            # makes (Reducer::sync_bucket_indices, torch/csrc/distributed/c10d/reducer.cpp: every parameter's
+            # index, the bucket count and sizes) that gloo's thread may still hold on a loaded machine: 4 bytes
+            # over the estimate were seen (issue 32). Bounded by those tensors, one bucket here.
+            held += 4 * (sum(1 for _ in dist_worker.model().parameters()) + 2 + 1)
         assert max(m["peak"] for rank in runs for m in rank) <= est.peak + held, case
         if case["strategy"] == "fsdp":  # DDP's rebuilt buckets are temporaries to the tracker of a real run
             assert est.at_peak == least["at_peak"], case

@@ -287,6 +287,8 @@ def matrix(rank: int, world: int, port: int, case: dict, out: str) -> None:
             for i, batch in enumerate(batches(cell.get("sizes", case["sizes"]))):
                 part = rank_part(batch, rank, world)
                 inject = i == cell.get("step", 0) and rank == 1 and "phase" in cell
+                if i == 0 and rank == 0 and cell.get("bug_on_rank0"):  # a bug in rank 0's loss, as rank 1 dies
+                    trainer._attempt.loss = _broken
                 start = time.monotonic()
                 try:
                     if inject:
@@ -297,7 +299,7 @@ def matrix(rank: int, world: int, port: int, case: dict, out: str) -> None:
                         retries.append(trainer.step(part).retries)
                 except Exception as exc:  # noqa: BLE001 - what the parent checks (any type: a raw one fails it)
                     outcome = {"error": type(exc).__name__, "message": str(exc), "seconds": time.monotonic() - start,
-                               "oom": isinstance(exc, torch.OutOfMemoryError)}
+                               "oom": isinstance(exc, torch.OutOfMemoryError), "notes": getattr(exc, "__notes__", [])}
                     break
             if outcome is None:
                 try:  # a rank that stopped after its peers' last agreement is met here, as fit meets it

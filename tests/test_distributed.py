@@ -167,6 +167,26 @@ def test_a_rank_killed_mid_step_makes_the_other_stop_naming_it_within_the_timeou
     assert "no answer from rank 1 within 5 s" in got["message"], got["message"]
 
 
+def test_a_ranks_own_error_comes_first_when_its_peer_died(tmp_path):
+    # Rank 0's loss has a bug while rank 1 is killed in the same step: rank 0 raises its own ValueError, with a
+    # note that the other ranks could not be told (it used to raise a timeout 'at a failure' and lose the bug).
+    cells = [{"strategy": "ddp", "loss": "token", "phase": "forward", "op": "tanh", "at": 1, "kill": True,
+              "bug_on_rank0": True, "timeout": 5}]
+    ctx = mp.start_processes(dist_worker.matrix, args=(2, _free_port(), {"cells": cells, "sizes": SIZES},
+                             str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    try:
+        for p in ctx.processes:
+            p.join(timeout=60)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    got = torch.load(tmp_path / "rank0.pt", weights_only=False)[0]
+    assert got["error"] == "ValueError" and got["message"] == "a bug in this rank's loss", got
+    assert any("the other ranks could not be told of this error: rank 0: no answer from rank 1" in note
+               for note in got["notes"]), got["notes"]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_an_error_on_one_rank_stops_every_rank_without_a_hang(strategy, tmp_path):
     case = {"strategy": strategy, "loss": "token", "micro_batch": 2, "sizes": SIZES, "timeout": 30,

@@ -2298,3 +2298,20 @@ def test_a_save_to_a_full_disk_is_one_line_and_the_previous_save_still_resumes(t
     again, _ = _fresh()
     again.load(path)
     assert again.step_count == 3
+
+
+@pytest.mark.parametrize("loss,match", [
+    (lambda m, b: (F.cross_entropy(m(b[0]), b[1], reduction="sum"), "8"), r"n_items = '8'.*a Python number or a 0-dim"),
+    (lambda m, b: (F.cross_entropy(m(b[0]), b[1], reduction="sum"), torch.ones(2)),
+     r"n_items = a tensor of shape \(2,\)"),
+    (lambda m, b: F.cross_entropy(m(b[0]), b[1]).detach(), r"the loss does not require grad .*not loss.item\(\) or"),
+    (lambda m, b: (F.cross_entropy(m(b[0]), b[1], reduction="sum").detach(), 8), r"the loss does not require grad"),
+])
+def test_a_loss_of_the_wrong_form_is_one_clear_error_and_the_step_is_undone(loss, match):
+    model = mlp()
+    before = copy.deepcopy(model)
+    trainer = Trainer.from_parts(model, torch.optim.SGD(model.parameters(), lr=0.1), loss, Config(micro_batch=4))
+    with pytest.raises(memfit.UsageError, match=match):
+        trainer.step(classification_batches(1, 8)[0])
+    assert trainer.step_count == 0
+    assert_same_weights(model, before, 0.0)

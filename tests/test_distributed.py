@@ -94,6 +94,8 @@ FAULTS = {
     "reduce-scatter copy-in": ({"phase": "backward", "op": "chunk_cat", "at": 2}, RETRY),
     "DDP's bucket all-reduce": ({"phase": "reduce", "op": "mul_", "at": 1}, STOP),
     "optimizer step": ({"phase": "optimizer", "at": 2}, STOP),
+    # In the last batch: the other rank has no next step; it learns at the end of the run (fit's, or a save).
+    "optimizer step, last batch": ({"phase": "optimizer", "at": 2, "step": 2}, STOP),
     # Later in the run: DDP has rebuilt its buckets (a collective in the forward after a new wrapper's first
     # backward) and the ranks split their parts alone, agreeing at the update only.
     "forward, later": ({"phase": "forward", "op": "tanh", "at": 5, "step": 3, "sizes": SIZES * 2}, RETRY),
@@ -104,7 +106,7 @@ CELLS = {
     "fsdp": [(f, r) for r in (True, False) for f in FAULTS
              if "DDP" not in f and "later" not in f and (r or f != "backward-prefetch all-gather")],
     "ddp": [(f, True) for f in ("forward", "backward", "DDP's bucket all-reduce", "optimizer step",
-                                "forward, later", "backward, later")],
+                                "optimizer step, last batch", "forward, later", "backward, later")],
 }
 
 

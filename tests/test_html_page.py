@@ -358,7 +358,7 @@ def test_a_full_disk_leaves_no_half_page_and_an_old_page_as_it_was(tmp_path, tra
     import errno
     import os
 
-    from memfit.memory_viz import WriteError
+    from memfit import WriteError
 
     old = tmp_path / "old.html"
     old.write_text("<p>old</p>", encoding="utf-8")

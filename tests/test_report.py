@@ -188,6 +188,6 @@ def test_memory_viz_to_a_bad_path_is_refused_before_any_work_and_a_full_disk_lea
         assert err.rstrip().endswith("the file already there is as it was" if name == "old.pickle"
                                      else "nothing was written")
     assert os.listdir(tmp_path) == ["old.pickle"] and (tmp_path / "old.pickle").read_bytes() == b"old"
-    with pytest.raises(memory_viz.WriteError, match="disk full") as caught:
+    with pytest.raises(memfit.WriteError, match="disk full") as caught:
         memory_viz.write_atomically(tmp_path / "x.bin", b"1234", "the test file")
     assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)

@@ -12,7 +12,7 @@ import torch
 
 import memfit
 from memfit import statefile
-from memfit.statefile import SaveError
+from memfit.statefile import WriteError
 
 
 def _state(fill: float = 1.0) -> dict:
@@ -49,7 +49,7 @@ def test_a_save_to_a_full_disk_says_disk_full_naming_the_file_and_keeps_the_prev
     message = (rf"^cannot save the training state to {path}: disk full \(.*the state needs about 1\.00 KiB.*\); free "
                r"space there or save to another disk, e\.g\. trainer\.save\('/other/disk/run\.pt'\); the previous save "
                r"there is intact$")
-    with pytest.raises(SaveError, match=message) as info:
+    with pytest.raises(WriteError, match=message) as info:
         statefile.write(_state(2.0), path)
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, (memfit.MemfitError, OSError))
     assert "\n" not in str(info.value)
@@ -68,14 +68,14 @@ def test_torchs_own_writer_error_on_a_disk_without_room_is_disk_full_and_removes
     monkeypatch.setattr(torch, "save", fails_midway)
     usage = shutil.disk_usage(path.parent)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1023))  # one byte short of the tensor
-    with pytest.raises(SaveError, match=rf"^cannot save the training state to {path}: disk full \(1023 B free on "
+    with pytest.raises(WriteError, match=rf"^cannot save the training state to {path}: disk full \(1023 B free on "
                                         rf"{path.parent}, the state needs about 1\.00 KiB; RuntimeError: \[enforce "
                                         r"fail at inline_container\.cc:672\] \. unexpected pos 64 vs 0\)") as info:
         statefile.write(_state(2.0), path)
     assert info.value.errno == errno.ENOSPC
     _assert_kept(path, data)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1024))  # room enough: another failure
-    with pytest.raises(SaveError, match=rf"^cannot save the training state to {path} \(RuntimeError: \[enforce fail"
+    with pytest.raises(WriteError, match=rf"^cannot save the training state to {path} \(RuntimeError: \[enforce fail"
                                         rf".*\); check that {path.parent} exists, is writable and has room; the "
                                         r"previous save there is intact$") as info:
         statefile.write(_state(2.0), path)
@@ -90,7 +90,7 @@ def test_a_full_disk_reported_only_by_fsync_is_disk_full(previous, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_room)
-    with pytest.raises(SaveError, match=rf"^cannot save the training state to {path}: disk full .*OSError: \[Errno "
+    with pytest.raises(WriteError, match=rf"^cannot save the training state to {path}: disk full .*OSError: \[Errno "
                                         r"28\] No space left on device\)"):
         statefile.write(_state(2.0), path)
     _assert_kept(path, data)
@@ -98,7 +98,7 @@ def test_a_full_disk_reported_only_by_fsync_is_disk_full(previous, monkeypatch):
 
 def test_a_save_into_a_missing_directory_names_it_and_writes_nothing(tmp_path):
     path = tmp_path / "missing" / "run.pt"
-    with pytest.raises(SaveError, match=rf"^cannot save the training state to {path} \(FileNotFoundError: .*\); check "
+    with pytest.raises(WriteError, match=rf"^cannot save the training state to {path} \(FileNotFoundError: .*\); check "
                                         rf"that {path.parent} exists, is writable and has room; nothing was written$"):
         statefile.write(_state(), path)
 
@@ -114,7 +114,7 @@ def test_ctrl_c_or_an_unsaveable_value_removes_the_temporary_file_and_is_not_wra
     monkeypatch.setattr(torch, "save", interrupted)
     with pytest.raises(type(stop) if isinstance(stop, Exception) else stop) as info:
         statefile.write(_state(2.0), path)
-    assert not isinstance(info.value, SaveError)
+    assert not isinstance(info.value, WriteError)
     _assert_kept(path, data)
 
 

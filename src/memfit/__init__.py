@@ -16,7 +16,7 @@ from memfit.budget import simulate_budget
 from memfit.config import PRECISIONS, Config
 from memfit.devices import DeviceProfile, calibrate
 from memfit.errors import (LeakWarning, MemfitError, NonFiniteLoss, NonFiniteLossWarning, OutOfMemory, ResumeWarning,
-                           UsageError)
+                           UsageError, WriteError)
 from memfit.engine import FitResult, OOMEvent, StepResult, Trainer
 from memfit.estimator import Estimate, estimate
 from memfit.explain import Explanation, explain
@@ -56,6 +56,7 @@ __all__ = [
     "NonFiniteLossWarning",
     "OOMEvent",
     "OutOfMemory",
+    "WriteError",
     "ResumeWarning",
     "StepResult",
     "Trainer",

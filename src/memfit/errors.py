@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+
 from typing import Any
 
 import torch
 
-__all__ = ["user_frame", "warn", "Explained", "MemfitError", "UsageError", "OutOfMemory", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
+__all__ = ["user_frame", "warn", "Explained", "MemfitError", "UsageError", "OutOfMemory", "WriteError", "DISK_FULL", "NotEnoughMemory", "NonFiniteLoss", "LeakWarning", "NonFiniteLossWarning",
            "ResumeWarning"]
 
 
@@ -44,6 +46,20 @@ class Explained:
 
                 logging.getLogger("memfit").debug("memfit: no explanation of the error: %s", exc)
         return self._explanation
+
+
+class WriteError(MemfitError, OSError):
+    """A file memfit writes (a trainer's save, an exported page or memory snapshot) could not be written: a
+    full disk, a folder missing or read-only.
+
+    An ``OSError`` too, with the failure's ``errno`` where one was known, so handlers of file errors
+    still see it. Nothing partial is left: the temporary file is removed and a file already at the path
+    (a previous save) is as it was.
+    """
+
+
+DISK_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+"""The ``errno`` values of a full disk, or of a full quota on it: the same fix."""
 
 
 class OutOfMemory(Explained, MemfitError, torch.OutOfMemoryError):

@@ -89,7 +89,7 @@ def write(path: str | Path, *, title: str, report: Any = None, estimate: Any = N
     Raises:
         UsageError: a file name not ending in .html or .htm, or a path that cannot be written (a missing or
             read-only folder, a directory), before the page is made.
-        memfit.memory_viz.WriteError: the write failed (a full disk); nothing partial is left at ``path``.
+        memfit.WriteError: the write failed (a full disk); nothing partial is left at ``path``.
     """
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):

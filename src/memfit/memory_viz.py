@@ -34,10 +34,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from memfit.errors import MemfitError, UsageError
+from memfit.errors import DISK_FULL, UsageError, WriteError
 from memfit.units import format_bytes
 
-__all__ = ["snapshot", "write", "trace_peak", "WriteError", "check_writable", "write_atomically"]
+__all__ = ["snapshot", "write", "trace_peak", "check_writable", "write_atomically"]
 
 _BASE = 0x7F0000000000  # where the synthetic addresses start (a CUDA-like range)
 _ALIGN = 512
@@ -103,21 +103,9 @@ def write(history: Any, path: str | os.PathLike) -> str:
     return write_atomically(path, pickle.dumps(snapshot(history)), "the memory snapshot")
 
 
-class WriteError(MemfitError, OSError):
-    """A file memfit exports could not be written (a full disk, a folder made read-only meanwhile).
-
-    An ``OSError`` too, with the failure's ``errno``. Nothing partial is left: the temporary file is
-    removed and a file already at the path is as it was.
-    """
-
-
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-"""A full disk, or a full quota on it: the same fix."""
-
-
 def _reason(exc: OSError) -> str:
     """Why a write failed, in words: "disk full" for ENOSPC (and a full quota), else the system's."""
-    if exc.errno in _FULL:
+    if exc.errno in DISK_FULL:
         return "disk full"
     if exc.errno == errno.EROFS:
         return "read-only file system"
@@ -176,7 +164,7 @@ def write_atomically(path: str | os.PathLike, data: bytes, what: str) -> str:
         if not isinstance(exc, OSError):
             raise  # Ctrl-C, SystemExit, a bug: not a failed write
         left = "the file already there is as it was" if existed else "nothing was written"
-        if exc.errno in _FULL:
+        if exc.errno in DISK_FULL:
             try:
                 room = f"{format_bytes(shutil.disk_usage(folder).free)} free on {folder}, "
             except OSError:

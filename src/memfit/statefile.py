@@ -7,7 +7,7 @@ their content (every tensor's dtype, shape and bytes, and every other value),
 computed before writing and checked after reading, and are written to a
 temporary file renamed over the old one, so a run killed while saving keeps the
 previous save. A save that fails (a full disk, a read-only directory) removes its
-temporary file and raises :class:`SaveError`, naming the file and the fix.
+temporary file and raises :class:`WriteError`, naming the file and the fix.
 
 Files hold tensors, numbers, strings, lists and dicts only, and load with
 ``torch.load(path, weights_only=True)`` (no pickled code runs).
@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from memfit._tree import tensors
-from memfit.errors import MemfitError, UsageError
+from memfit.errors import DISK_FULL, UsageError, WriteError
 from memfit.units import format_bytes
 
-__all__ = ["FORMAT", "SaveError", "digest", "write", "read", "verify"]
+__all__ = ["FORMAT", "digest", "write", "read", "verify"]
 
 FORMAT = "memfit.trainer/1"
 
@@ -60,24 +60,11 @@ def _update(h, obj: Any) -> None:
         h.update(f"V{type(obj).__name__}:{obj!r};".encode())
 
 
-class SaveError(MemfitError, OSError):
-    """A state could not be written (a full disk, a directory that is missing or read-only).
-
-    An ``OSError`` too, with the ``errno`` of the failure where one was known, so handlers of
-    file errors still see it. Nothing is left behind: the temporary file is removed and a
-    previous save at the path is as it was.
-    """
-
-
-_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-"""A full disk, or a full quota on it: the same fix."""
-
-
 def write(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``state`` with its digest to ``path`` atomically (a temporary file beside it, renamed over it).
 
     Raises:
-        SaveError: the file could not be written (``"disk full"`` where the disk had no room); the
+        WriteError: the file could not be written (``"disk full"`` where the disk had no room); the
             temporary file is removed and a file already at ``path`` is left as it was.
     """
     path = os.fspath(path)
@@ -102,7 +89,7 @@ def write(state: dict[str, Any], path: str | os.PathLike) -> None:
         raise _save_error(exc, state, path) from exc
 
 
-def _save_error(exc: Exception, state: Any, path: str) -> SaveError:
+def _save_error(exc: Exception, state: Any, path: str) -> WriteError:
     """The one-line error for a failed :func:`write` of ``state`` to ``path``: a full disk said as such."""
     code = _errno(exc)
     folder = os.path.dirname(os.path.abspath(path))
@@ -114,15 +101,15 @@ def _save_error(exc: Exception, state: Any, path: str) -> SaveError:
         free = None
     previous = "the previous save there is intact" if os.path.exists(path) else "nothing was written"
     detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}"
-    if code in _FULL or (code is None and free is not None and free < needed):
+    if code in DISK_FULL or (code is None and free is not None and free < needed):
         # torch's own writer raises without an errno: the free space tells a full disk from other failures.
         room = f"{format_bytes(free)} free on {folder}, " if free is not None else ""
-        error = SaveError(f"cannot save the training state to {path}: disk full ({room}the state needs about "
+        error = WriteError(f"cannot save the training state to {path}: disk full ({room}the state needs about "
                           f"{format_bytes(needed)}; {detail}); free space there or save to another disk, e.g. "
                           f"trainer.save('/other/disk/run.pt'); {previous}")
         error.errno = code if code is not None else errno.ENOSPC
     else:
-        error = SaveError(f"cannot save the training state to {path} ({detail}); check that {folder} exists, "
+        error = WriteError(f"cannot save the training state to {path} ({detail}); check that {folder} exists, "
                           f"is writable and has room; {previous}")
         error.errno = code
     return error

@@ -280,7 +280,7 @@ class Trainer:
         ``path`` is a directory each rank writes its part to (:mod:`memfit.engine.sharded`).
 
         Raises:
-            memfit.statefile.SaveError: not written (``"disk full"`` named); a previous save is intact.
+            memfit.WriteError: not written (``"disk full"`` named); a previous save is intact.
         """
         self._guard.settle("the save")  # a rank that stopped after its last update says so before any file is written
         sharded.save_state(self, path)

@@ -191,3 +191,19 @@ def test_memory_viz_to_a_bad_path_is_refused_before_any_work_and_a_full_disk_lea
     with pytest.raises(memfit.WriteError, match="disk full") as caught:
         memory_viz.write_atomically(tmp_path / "x.bin", b"1234", "the test file")
     assert caught.value.errno == errno.ENOSPC and isinstance(caught.value, OSError)
+
+
+def test_a_plot_to_a_full_disk_is_a_write_error_and_leaves_the_old_plot(report, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "timeline.png"
+    path.write_bytes(b"the plot before")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(memfit.WriteError, match=f"cannot write the plot to {path}: disk full .*the file already there"):
+        report.plot(path)
+    assert path.read_bytes() == b"the plot before" and os.listdir(tmp_path) == ["timeline.png"]  # no temporary file

@@ -173,7 +173,10 @@ def render_plan(plan: Any, *, width: int = 100) -> str:
 def plot_report(report: Any, path: str | Path) -> Path:
     """A :class:`memfit.MemoryReport`'s categories stacked over the op timeline, the peak marked, modules labelled.
 
-    The format follows the suffix: ``.png``, ``.svg`` or ``.pdf``.
+    The format follows the suffix: ``.png``, ``.svg`` or ``.pdf``. Written atomically.
+
+    Raises:
+        memfit.WriteError: the write failed ("disk full" named); a file already at ``path`` is as it was.
     """
     path = Path(path)
     if path.suffix.lower() not in PLOT_SUFFIXES:
@@ -215,9 +218,13 @@ def plot_report(report: Any, path: str | Path) -> Path:
         ax.margins(x=0)
         ax.legend(loc="upper left", fontsize=8, ncol=4)
         fig.tight_layout()
-        fig.savefig(path)
+        image = io.BytesIO()
+        fig.savefig(image, format=path.suffix.lower()[1:])
     finally:
         plt.close(fig)
+    from memfit.memory_viz import write_atomically
+
+    write_atomically(path, image.getvalue(), "the plot")  # a full disk leaves no half image
     return path
 
 

@@ -289,7 +289,8 @@ def test_the_help_is_what_the_readme_and_users_rely_on(capsys, monkeypatch):
 
 
 def test_gpus_and_budget_take_up_to_their_bounds():
-    from memfit.cli import MAX_GPUS, build_parser
+    from memfit.cli import build_parser
+    from memfit.config import MAX_WORLD_SIZE as MAX_GPUS
 
     args = build_parser().parse_args(["plan", "gpt2-tiny", "-b", "2", "--budget", "1B", "--gpus", str(MAX_GPUS)])
     assert (args.gpus, args.budget) == (MAX_GPUS, "1B")  # the last GPU count and the smallest budget taken

@@ -71,6 +71,11 @@ def test_bad_world_sizes_and_strategies_are_refused_with_the_fix():
     for bad in (0, True, 1.5):
         with pytest.raises(UsageError, match=r"world_size must be a positive int"):
             memfit.estimate(dist_worker.workload(), _config("fsdp"), world_size=bad)
+    # A world past any job's size: one clear line, not torch's TypeError from inside the fake process group.
+    with pytest.raises(UsageError, match=r"world_size takes 1 to 1,048,576 ranks \(GPUs\), got 9,223,372,036,854,775,808"):
+        memfit.estimate(dist_worker.workload(), _config("fsdp"), world_size=2**63)
+    with pytest.raises(UsageError, match=r"world_size takes 1 to 1,048,576 ranks"):
+        memfit.plan(dist_worker.workload(), budget="1GiB", batch_size=2**64, world_size=2**63)
     with pytest.raises(UsageError, match=r"has none \(no ModuleList or Sequential of blocks\): only the root would "
                                          r"be sharded, all 6,399 parameters"):
         memfit.estimate(memfit.Workload(model=lambda: torch.nn.Linear(80, 79), batch=lambda n: torch.randn(n, 80),

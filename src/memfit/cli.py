@@ -51,14 +51,12 @@ def _positive_int(flag: str):
     return parse
 
 
-MAX_GPUS = 1 << 20
-"""The most ranks --gpus takes: past any job's size (torch's process group takes a C int; 2**63 was a TypeError)."""
-
-
 def _gpus(text: str) -> int:
+    from memfit.config import MAX_WORLD_SIZE
+
     value = _positive_int("--gpus")(text)
-    if value > MAX_GPUS:
-        raise argparse.ArgumentTypeError(f"--gpus takes 1 to {MAX_GPUS:,} GPUs (ranks), got {text!r}")
+    if value > MAX_WORLD_SIZE:
+        raise argparse.ArgumentTypeError(f"--gpus takes 1 to {MAX_WORLD_SIZE:,} GPUs (ranks), got {text!r}")
     return value
 
 

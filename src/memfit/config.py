@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from memfit.checks import positive_int
 from memfit.errors import UsageError
 
-__all__ = ["Config", "PRECISIONS", "OPTIMIZER_IMPLS", "ZERO_GRADS", "STRATEGIES", "MAX_STEPS", "check_precision",
+__all__ = ["Config", "PRECISIONS", "OPTIMIZER_IMPLS", "ZERO_GRADS", "STRATEGIES", "MAX_STEPS", "MAX_WORLD_SIZE", "check_world_size", "check_precision",
            "check_strategy", "accumulation_steps", "balanced_micro_batch", "rank_micro_batches"]
 
 MAX_STEPS = 1000
 """The most training steps measure() and estimate() run: the second shows the steady state, later ones repeat it."""
+
+
+MAX_WORLD_SIZE = 1 << 20
+"""The most ranks a world may have: past any job's size (torch's process group takes a C int; 2**63 was a
+TypeError from deep inside torch)."""
+
+
+def check_world_size(world_size: Any, what: str = "world_size") -> int:
+    """``world_size`` if it is a whole number of ranks from 1 to :data:`MAX_WORLD_SIZE`; else a UsageError."""
+    positive_int(world_size, what, hint="the ranks (GPUs) trained on")
+    if world_size > MAX_WORLD_SIZE:
+        raise UsageError(f"{what} takes 1 to {MAX_WORLD_SIZE:,} ranks (GPUs), got {world_size:,}")
+    return world_size
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 """Precision names, as Lightning spells them: ``*-mixed`` keeps fp32 weights and runs

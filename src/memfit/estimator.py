@@ -39,7 +39,7 @@ from memfit import _torch_private
 from memfit.allocator import AllocatorEstimate, simulate_caching_allocator
 from memfit.categories import PHASES
 from memfit.checks import positive_int
-from memfit.config import MAX_STEPS, Config
+from memfit.config import MAX_STEPS, Config, check_world_size
 from memfit.devices import DeviceProfile, default_profile, load_profile
 from memfit.errors import MemfitError, UsageError, user_frame
 from memfit.checkpointing import Checkpointing
@@ -212,7 +212,7 @@ def estimate(
         raise UsageError(f"estimate() takes a memfit.Workload, got {type(workload).__name__}")
     if not isinstance(config, Config):
         raise UsageError(f"estimate() takes a memfit.Config, got {type(config).__name__}")
-    positive_int(world_size, "world_size", hint="the ranks (GPUs) the model is trained on")
+    check_world_size(world_size)
     if config.strategy == "single" and world_size > 1:
         raise UsageError(f"world_size={world_size} needs a strategy that runs on several ranks: "
                          "Config(strategy='ddp') or Config(strategy='fsdp'); 'single' is one process")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memfit.checks import positive_int
-from memfit.config import Config, check_strategy
+from memfit.config import Config, check_strategy, check_world_size
 from memfit.errors import UsageError
 
 __all__ = ["strategy_variants", "ranks_reason"]
@@ -18,7 +17,7 @@ __all__ = ["strategy_variants", "ranks_reason"]
 
 def strategy_variants(world_size: int, strategies, batch_size: int) -> list[dict[str, Any]]:
     """The Config fields of each strategy the plan may use over ``world_size`` ranks, least memory last."""
-    positive_int(world_size, "world_size", hint="the GPUs (ranks) trained on")
+    check_world_size(world_size)
     if isinstance(strategies, str):
         strategies = (strategies,)
     if world_size == 1:

@@ -150,8 +150,9 @@ class TrainStep:
                             raise _loss_error(out, mixed=token_scale is not None)
                         if total is None:
                             total = torch.zeros((), device=device, dtype=_accumulator(out))
-                        # A mean over this micro-batch: its share of the logical batch's samples. Across ranks,
-                        # DDP and FSDP average the gradients (divide by the world size): the share is multiplied back.
+                        # A mean over this micro-batch: its share of the logical batch's samples. Across ranks
+                        # FSDP averages the gradients (divides by the world size): the share is multiplied back;
+                        # under DDP each rank backpropagates sums and the reduce divides by the total (_Ranks).
                         if ranks is None:
                             share = size / n
                             scaled = out * share

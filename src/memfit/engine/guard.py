@@ -77,6 +77,7 @@ class OOMGuard(OOMAdvice):
                     self.abandon(restore, n, exc)
                     raise
                 message = str(exc).split("\n")[0]
+                own = not isinstance(exc, PeerOutOfMemory)  # a peer's message says whose memory ran out
                 # Past the update's agreement the other ranks apply (or have applied) the update: no retry of
                 # this rank alone could pair with them, so every rank stops (they learn it at their next agreement).
                 stop = attempt.agreed and attempt.comm.world_size > 1
@@ -104,7 +105,6 @@ class OOMGuard(OOMAdvice):
                 t._count(n, result)
                 return dataclasses.replace(result, oom_events=tuple(events)) if events else result
             failed, phase, step = t.config, attempt.phase, t.step_count + 1
-            own = not message.startswith("out of memory on rank")  # a peer's says whose it was
             where = f" on rank {attempt.comm.rank}" if attempt.comm.world_size > 1 and own else ""
             if phase == "committed":  # the update was applied: the batch counts, nothing to redo
                 t._count(n, None)
@@ -192,7 +192,7 @@ class OOMGuard(OOMAdvice):
         t = self.trainer
         attempt = t._attempt
         peer = isinstance(exc, (PeerOutOfMemory, PeerFailed, PeerStopped, CommTimeout))
-        if not signalled and not peer and (not attempt.agreed or attempt.comm.world_size > 1):
+        if not signalled and not peer:  # one process: signal is a no-op
             why = self._tell_peers(FAILED)  # the other ranks stop at their next agreement instead of waiting
             if why is not None and hasattr(exc, "add_note"):
                 exc.add_note(f"memfit: the other ranks could not be told of this error: {why}")
